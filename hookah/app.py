@@ -1,0 +1,110 @@
+"""
+Assemble a running Hookah from a ``Config``: storage, outgoing client,
+dispatcher, core and the web site, started in an order that never accepts a
+request storage cannot keep.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+
+from hookah.config import Config
+from hookah.dispatcher import Dispatcher
+from hookah.http import HTTPClient, pooled_treq
+from hookah.ids import IdGenerator
+from hookah.metrics import Metrics
+from hookah.service import HookahCore
+from hookah.storage.interface import IStore
+from hookah.web.common import make_site
+from hookah.web.dispatch import DispatchResource
+
+log = Logger()
+
+
+def open_store(storage: str, reactor: Any) -> IStore:
+    if storage == "memory:":
+        from hookah.storage.memory import MemoryStore
+
+        return MemoryStore(reactor)
+    from hookah.storage.sqlite import SQLiteStore
+
+    return SQLiteStore(storage[len("sqlite:"):], reactor)
+
+
+def build_root(core: HookahCore, config: Config) -> Resource:
+    root = Resource()
+    root.putChild(b"dispatch", DispatchResource(core))
+    return root
+
+
+class HookahService(MultiService):
+    """Opens storage first, then the dispatcher, then the listening port."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.store = open_store(config.storage, reactor)
+        treq_client, self.pool = pooled_treq(reactor, config.host_concurrency)
+        self.client = HTTPClient(treq_client, reactor)
+        self.new_id = IdGenerator(reactor.seconds)
+        self.metrics = Metrics()
+        self.dispatcher = Dispatcher(
+            self.store,
+            self.client,
+            reactor,
+            self.new_id,
+            config.retry_schedule,
+            timeout=config.timeout,
+            concurrency=config.concurrency,
+            metrics=self.metrics,
+        )
+        self.core = HookahCore(
+            self.store,
+            self.dispatcher,
+            reactor,
+            self.new_id,
+            idempotency_window=config.idempotency_window,
+            history_count=config.history_count,
+            history_age=config.history_age,
+            metrics=self.metrics,
+        )
+        self.site = make_site(build_root(self.core, config), config.max_body)
+        self.web = strports.service(config.listen, self.site, reactor=reactor)
+        self._opened: Optional[Deferred] = None
+
+    def startService(self) -> None:
+        # Storage opens before anything can accept or claim work.
+        Service.startService(self)
+        self._opened = self.store.open()
+        self._opened.addCallback(lambda _: self.store.release_claims())
+        self._opened.addCallback(lambda _: self._start_children())
+        self._opened.addErrback(self._failed_to_start)
+
+    def _start_children(self) -> None:
+        self.dispatcher.setServiceParent(self)
+        self.web.setServiceParent(self)
+        log.info("hookah listening on {listen}, storage {storage}", listen=self.config.listen, storage=self.config.storage)
+
+    def _failed_to_start(self, failure: Any) -> None:
+        log.failure("hookah could not start", failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self) -> Deferred:
+        async def stop() -> None:
+            if self._opened is not None:
+                await self._opened
+            # Stop listening first, then let attempts in flight record their
+            # outcome, then close storage after its last write.
+            await MultiService.stopService(self)
+            await self.pool.closeCachedConnections()
+            await self.store.close()
+
+        return ensureDeferred(stop())

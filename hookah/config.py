@@ -1,0 +1,256 @@
+"""
+One ``Config`` from defaults, a TOML file, ``HOOKAH_*`` variables and the
+command line, in that order of precedence (command line wins).
+
+Every value is parsed and checked here, so that a bad value stops start-up
+with one sentence naming the option, before anything listens or writes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
+
+import attr
+
+from hookah.retry import DEFAULT_SCHEDULE
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.9/3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration value that Hookah cannot run with; the message says which."""
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Config:
+    listen: str = "tcp:8080"
+    storage: str = "sqlite:hookah.db"
+    allow_private_targets: bool = False
+    allowed_networks: Tuple[str, ...] = ()
+    retry_schedule: Tuple[float, ...] = DEFAULT_SCHEDULE
+    timeout: float = 30.0
+    keepalive: float = 30.0
+    public_url: Optional[str] = None
+    signing_secrets: Tuple[str, ...] = ()
+    lease_bounds: Tuple[int, int, int] = (60, 864000, 2592000)
+    max_body: int = 1024 * 1024
+    concurrency: int = 256
+    host_concurrency: int = 16
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 60.0
+    history_count: int = 1000
+    history_age: float = 7 * 86400.0
+    idempotency_window: float = 86400.0
+    topic_allow: Tuple[str, ...] = ()
+    publisher_tokens: Tuple[str, ...] = ()
+    admin_tokens: Tuple[str, ...] = ()
+    stream_buffer: int = 1024 * 1024
+    log_format: str = "text"
+
+
+def _positive_number(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{name} must be a number of seconds, not {value!r}")
+    if not number > 0 or number != number or number == float("inf"):
+        raise ConfigError(f"--{name} must be a positive number, not {value!r}")
+    return number
+
+
+def _non_negative_number(name: str, value: Any) -> float:
+    if value in (0, "0"):
+        return 0.0
+    return _positive_number(name, value)
+
+
+def _integer(name: str, value: Any, minimum: int = 0, maximum: int = 2**31) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"--{name} must be a whole number, not {value!r}")
+    if not minimum <= number <= maximum:
+        raise ConfigError(f"--{name} must be between {minimum} and {maximum}, not {number}")
+    return number
+
+
+def _listing(value: Any) -> Tuple[str, ...]:
+    """A TOML array, or a comma- or space-separated string."""
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v).strip() for v in value if str(v).strip())
+    return tuple(v for v in str(value).replace(",", " ").split() if v)
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"--{name} must be true or false, not {value!r}")
+
+
+def _port(name: str, value: Any) -> int:
+    return _integer(name, value, 0, 65535)
+
+
+def _storage(name: str, value: Any) -> str:
+    text = str(value)
+    if text == "memory:" or (text.startswith("sqlite:") and len(text) > len("sqlite:")):
+        return text
+    if text.startswith(("postgresql:", "postgres:")):
+        raise ConfigError(
+            "--storage postgresql:// is not supported by this version of Hookah; "
+            "use sqlite:<path> or memory:"
+        )
+    raise ConfigError(f"--storage must be memory: or sqlite:<path>, not {text!r}")
+
+
+def _schedule(name: str, value: Any) -> Tuple[float, ...]:
+    steps = _listing(value)
+    if not steps:
+        raise ConfigError(f"--{name} needs at least one interval in seconds")
+    return tuple(_non_negative_number(name, step) for step in steps)
+
+
+def _public_url(name: str, value: Any) -> str:
+    text = str(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"--{name} must be an absolute http(s) URL, not {text!r}")
+    return text
+
+
+def _lease_bounds(name: str, value: Any) -> Tuple[int, int, int]:
+    numbers = tuple(_integer(name, v, 1) for v in _listing(value))
+    if len(numbers) != 3 or not numbers[0] <= numbers[1] <= numbers[2]:
+        raise ConfigError(f"--{name} must be three seconds minimum,default,maximum in order, not {value!r}")
+    return numbers  # type: ignore[return-value]
+
+
+def _networks(name: str, value: Any) -> Tuple[str, ...]:
+    networks = _listing(value)
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"--{name}: {network!r} is not a network such as 10.0.0.0/8")
+    return networks
+
+
+def _log_format(name: str, value: Any) -> str:
+    if value not in ("text", "json"):
+        raise ConfigError(f"--{name} must be text or json, not {value!r}")
+    return str(value)
+
+
+def _secrets(name: str, value: Any) -> Tuple[str, ...]:
+    return tuple(str(v) for v in (value if isinstance(value, list) else str(value).split()))
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Setting:
+    name: str  # the option's name on the command line
+    field: str  # the Config attribute
+    parse: Callable[[str, Any], Any]
+    help: str
+    flag: bool = False
+    short: Optional[str] = None
+
+
+SETTINGS: Sequence[Setting] = (
+    Setting("port", "port", _port, "TCP port to listen on [default: 8080]", short="p"),
+    Setting("interface", "interface", lambda n, v: str(v), "address to listen on [default: all]"),
+    Setting("listen", "listen", lambda n, v: str(v), "a full endpoint string, e.g. tcp:8080:interface=127.0.0.1 (overrides --port)"),
+    Setting("storage", "storage", _storage, "memory:, or sqlite:<path> [default: sqlite:hookah.db]"),
+    Setting("allow-private-targets", "allow_private_targets", _boolean, "allow deliveries to loopback and private addresses", flag=True),
+    Setting("allowed-networks", "allowed_networks", _networks, "networks deliveries may reach despite the SSRF guard, comma-separated"),
+    Setting("retry-schedule", "retry_schedule", _schedule, "seconds between attempts, comma-separated [default: about a day]"),
+    Setting("timeout", "timeout", _positive_number, "seconds per delivery attempt [default: 30]"),
+    Setting("keepalive", "keepalive", _positive_number, "seconds between stream keep-alives [default: 30]"),
+    Setting("public-url", "public_url", _public_url, "this hub's public base URL, for Link: rel=\"hub\""),
+    Setting("signing-secret", "signing_secrets", _secrets, "Standard Webhooks secret(s), space-separated, to sign /dispatch deliveries"),
+    Setting("lease-bounds", "lease_bounds", _lease_bounds, "WebSub lease seconds min,default,max [default: 60,864000,2592000]"),
+    Setting("max-body", "max_body", lambda n, v: _integer(n, v, 1), "largest request body in bytes [default: 1048576]"),
+    Setting("concurrency", "concurrency", lambda n, v: _integer(n, v, 1, 100000), "delivery attempts in flight at once [default: 256]"),
+    Setting("host-concurrency", "host_concurrency", lambda n, v: _integer(n, v, 1, 100000), "attempts in flight to one host [default: 16]"),
+    Setting("breaker-threshold", "breaker_threshold", lambda n, v: _integer(n, v, 1), "consecutive failures that pause a host [default: 5]"),
+    Setting("breaker-cooldown", "breaker_cooldown", _positive_number, "seconds a paused host rests before a probe [default: 60]"),
+    Setting("history-count", "history_count", lambda n, v: _integer(n, v, 0), "events kept per topic [default: 1000]"),
+    Setting("history-age", "history_age", _positive_number, "seconds events are kept [default: 604800]"),
+    Setting("idempotency-window", "idempotency_window", _positive_number, "seconds an Idempotency-Key is remembered [default: 86400]"),
+    Setting("topic-allow", "topic_allow", lambda n, v: _listing(v), "topic URL prefixes the hub accepts (all when empty)"),
+    Setting("publisher-token", "publisher_tokens", _secrets, "bearer token(s) for /dispatch and publish, space-separated"),
+    Setting("admin-token", "admin_tokens", _secrets, "bearer token(s) for the admin endpoints, space-separated"),
+    Setting("stream-buffer", "stream_buffer", lambda n, v: _integer(n, v, 1024), "bytes a slow stream may lag before it is closed [default: 1048576]"),
+    Setting("log-format", "log_format", _log_format, "text or json [default: text]"),
+)
+_BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+def read_toml(path: str) -> Dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}")
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}")
+    table = data.get("hookah", data)
+    values: Dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("_", "-")
+        if name not in _BY_NAME:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+        values[name] = value
+    return values
+
+
+def from_environment(environ: Mapping[str, str]) -> Dict[str, Any]:
+    values: Dict[str, Any] = {}
+    for name in _BY_NAME:
+        key = "HOOKAH_" + name.upper().replace("-", "_")
+        if key in environ:
+            values[name] = environ[key]
+    return values
+
+
+def build_config(
+    command_line: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config_path: Optional[str] = None,
+) -> Config:
+    """
+    Merge the sources into one checked ``Config``. ``command_line`` holds
+    only the options actually given (``None`` values are ignored).
+    """
+    path = config_path or environ.get("HOOKAH_CONFIG")
+    merged: Dict[str, Any] = {}
+    if path:
+        merged.update(read_toml(path))
+    merged.update(from_environment(environ))
+    merged.update({k: v for k, v in command_line.items() if v is not None})
+    fields: Dict[str, Any] = {}
+    port, interface = 8080, ""
+    for name, raw in merged.items():
+        setting = _BY_NAME[name]
+        value = setting.parse(name, raw)
+        if name == "port":
+            port = value
+        elif name == "interface":
+            interface = value
+        else:
+            fields[setting.field] = value
+    if "listen" not in fields:
+        fields["listen"] = f"tcp:{port}" + (
+            ":interface=" + interface.replace(":", "\\:") if interface else ""
+        )
+    return Config(**fields)

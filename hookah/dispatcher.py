@@ -1,0 +1,323 @@
+"""
+The dispatcher: claims due deliveries, sends them, and records what came of it.
+
+It owns the delivery lifecycle after storage has accepted a delivery:
+attempts, the retry decision (``hookah.retry``), and the follow-up reports
+(errback on final failure, callback with the target's response on success),
+which are deliveries of their own. It keeps no queue in memory: storage is
+the queue, so a killed process loses nothing but the attempts in flight,
+whose claims expire and are taken up again.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
+
+import attr
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from hookah.http import HTTPClient, Response, describe_failure
+from hookah.metrics import Metrics, result_class
+from hookah.model import (
+    DELIVERED,
+    DELIVERING,
+    FAILED,
+    KIND_CALLBACK,
+    KIND_DISPATCH,
+    KIND_ERRBACK,
+    SCHEDULED,
+    Attempt,
+    Delivery,
+)
+from hookah.retry import decide
+from hookah.storage.interface import IStore
+
+log = Logger()
+
+# How long a claim lasts beyond an attempt's own timeout: a process killed
+# mid-attempt leaves claims that expire this long after, and are retried.
+CLAIM_MARGIN = 60.0
+
+
+class Dispatcher(Service):
+    """
+    Delivers what storage holds. ``submit`` is the fast path for deliveries
+    due now: they are stored already claimed and sent as soon as the write
+    commits, with no round trip through the due-queue.
+    """
+
+    name = "dispatcher"
+
+    def __init__(
+        self,
+        store: IStore,
+        client: HTTPClient,
+        clock: IReactorTime,
+        new_id: Callable[[], str],
+        schedule: Sequence[float],
+        timeout: float = 30.0,
+        concurrency: int = 256,
+        poll_interval: float = 5.0,
+        sign: Optional[Callable[[Delivery, float], List[Any]]] = None,
+        rand: Callable[[], float] = random.random,
+        metrics: Optional[Metrics] = None,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.clock = clock
+        self.new_id = new_id
+        self.schedule = tuple(schedule)
+        self.timeout = timeout
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.sign = sign
+        self.rand = rand
+        self.metrics = metrics or Metrics()
+        self._in_flight: Dict[str, Deferred] = {}
+        self._timer: Optional[IDelayedCall] = None
+        self._polling = False
+        self._poll_again = False
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._wake()
+
+    def stopService(self) -> Deferred:
+        """Stop claiming; let attempts in flight finish and record their outcome."""
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        return DeferredList(list(self._in_flight.values()), consumeErrors=True).addCallback(
+            lambda _: None
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def _lease(self, delivery: Delivery) -> float:
+        return self.clock.seconds() + (delivery.timeout or self.timeout) + CLAIM_MARGIN
+
+    # -- intake ----------------------------------------------------------------
+
+    def submit(self, deliveries: Sequence[Delivery], write: Optional[Callable[[List[Delivery]], Deferred]] = None) -> Deferred:
+        """
+        Store ``deliveries`` (with ``write``, e.g. an event's atomic insert;
+        ``store.add_deliveries`` by default) and start those due now, within
+        the concurrency limit. Deferred[List[Delivery]] fired once durable.
+        """
+        now = self.clock.seconds()
+        room = self.concurrency - len(self._in_flight) if self.running else 0
+        stored: List[Delivery] = []
+        start_now: List[Delivery] = []
+        for delivery in deliveries:
+            due = delivery.next_attempt_at is None or delivery.next_attempt_at <= now
+            if due and room > 0 and delivery.status == SCHEDULED:
+                delivery = attr.evolve(delivery, status=DELIVERING, claimed_until=self._lease(delivery))
+                start_now.append(delivery)
+                room -= 1
+            stored.append(delivery)
+        reserved = [self._reserve(d.id) for d in start_now]
+        d = (write or self.store.add_deliveries)(stored)
+
+        def committed(_: object) -> List[Delivery]:
+            for delivery, slot in zip(start_now, reserved):
+                self._send(delivery, slot)
+            if len(start_now) < len(stored):
+                self._wake()
+            return stored
+
+        def rejected(failure: Failure) -> Failure:
+            for delivery, slot in zip(start_now, reserved):
+                self._release(delivery.id, slot)
+            return failure
+
+        return d.addCallbacks(committed, rejected)
+
+    def _reserve(self, delivery_id: str) -> Deferred:
+        slot: Deferred = Deferred()
+        self._in_flight[delivery_id] = slot
+        return slot
+
+    def _release(self, delivery_id: str, slot: Deferred) -> None:
+        if self._in_flight.get(delivery_id) is slot:
+            del self._in_flight[delivery_id]
+        slot.callback(None)
+        self._wake()
+
+    # -- the claim loop --------------------------------------------------------
+
+    def _wake(self) -> None:
+        """Look for due work soon; many wake-ups in one turn make one poll."""
+        self._set_timer(self.clock.seconds())
+
+    def _set_timer(self, at: float) -> None:
+        if not self.running:
+            return
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= at:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(max(0.0, at - self.clock.seconds()), self._poll)
+
+    def _poll(self) -> None:
+        self._timer = None
+        if self._polling:
+            self._poll_again = True
+            return
+        room = self.concurrency - len(self._in_flight)
+        if not self.running or room <= 0:
+            return
+        self._polling = True
+        now = self.clock.seconds()
+        d = self.store.claim_due(now, room, now + self.timeout + CLAIM_MARGIN)
+        d.addCallback(self._claimed, room)
+        d.addErrback(lambda f: log.failure("claiming due deliveries failed", f))
+        d.addBoth(self._polled)
+
+    def _claimed(self, deliveries: List[Delivery], room: int) -> Deferred:
+        for delivery in deliveries:
+            if delivery.id in self._in_flight:
+                # Our own claim expired while we still hold it: an attempt
+                # that outlived its lease; let the running one finish.
+                continue
+            self._send(delivery, self._reserve(delivery.id))
+        if len(deliveries) >= room:
+            return succeed(None)
+        return self.store.next_due().addCallback(self._sleep_until)
+
+    def _sleep_until(self, due: Optional[float]) -> None:
+        at = self.clock.seconds() + self.poll_interval
+        if due is not None:
+            at = min(at, due)
+        self._set_timer(at)
+
+    def _polled(self, _: object) -> None:
+        self._polling = False
+        if self._poll_again:
+            self._poll_again = False
+            self._wake()
+        elif self.running and self._timer is None and len(self._in_flight) < self.concurrency:
+            self._set_timer(self.clock.seconds() + self.poll_interval)
+
+    # -- one attempt -----------------------------------------------------------
+
+    def _send(self, delivery: Delivery, slot: Deferred) -> None:
+        timeout = delivery.timeout or self.timeout
+        started = self.clock.seconds()
+        headers: List[Any] = []
+        if delivery.content_type:
+            headers.append(("Content-Type", delivery.content_type))
+        headers.extend(delivery.headers)
+        if self.sign is not None and delivery.kind == KIND_DISPATCH:
+            headers.extend(self.sign(delivery, started))
+        d = self.client.request("POST", delivery.url, headers, delivery.body, timeout)
+        d.addBoth(self._attempted, delivery, started, timeout)
+        d.addErrback(lambda f: log.failure("recording an attempt of {id} failed", f, id=delivery.id))
+        d.addBoth(lambda _: self._release(delivery.id, slot))
+
+    def _attempted(self, outcome: Any, delivery: Delivery, started: float, timeout: float) -> Deferred:
+        now = self.clock.seconds()
+        duration_ms = int(round((now - started) * 1000))
+        if isinstance(outcome, Failure):
+            response = None
+            attempt = Attempt(started, None, describe_failure(outcome, timeout), duration_ms)
+        else:
+            response = outcome
+            error = None if 200 <= response.code < 300 else f"HTTP {response.code}"
+            attempt = Attempt(started, response.code, error, duration_ms)
+        retries = delivery.retries if delivery.retries is not None else len(self.schedule)
+        decision = decide(
+            status_code=attempt.status_code,
+            retry_after=response.header("Retry-After") if response is not None else None,
+            attempts_made=len(delivery.current_attempts) + 1,
+            retries=retries,
+            schedule=self.schedule,
+            now=now,
+            rand=self.rand,
+        )
+        self.metrics.attempts.labels(result_class(attempt.status_code)).inc()
+        self.metrics.attempt_seconds.observe(now - started)
+        if decision.final:
+            self.metrics.deliveries.labels(decision.status).inc()
+        log.info(
+            "attempt of {id} to {url}: {outcome} in {ms}ms, now {status}",
+            id=delivery.id,
+            url=delivery.url,
+            outcome=attempt.status_code or attempt.error,
+            ms=duration_ms,
+            status=decision.status,
+        )
+        finished = attr.evolve(delivery, attempts=delivery.attempts + (attempt,), status=decision.status)
+        d = self.store.finish_attempt(delivery.id, attempt, decision.status, decision.next_attempt_at)
+        if decision.status == DELIVERED and delivery.callback and response is not None:
+            d.addCallback(lambda _: self._report(self._callback_delivery(finished, response)))
+        elif decision.status == FAILED and delivery.errback:
+            d.addCallback(lambda _: self._report(self._errback_delivery(finished, decision.reason)))
+        return d
+
+    # -- reports: errback and callback -----------------------------------------
+
+    def _report(self, delivery: Delivery) -> Deferred:
+        return self.submit([delivery])
+
+    def _follow_up(self, parent: Delivery, kind: str, url: str, body: bytes, content_type: str, headers: Sequence[Any]) -> Delivery:
+        return Delivery(
+            id=self.new_id(),
+            url=url,
+            body=body,
+            content_type=content_type,
+            headers=tuple(headers) + (("X-Hookah-Delivery-Id", parent.id),),
+            created_at=self.clock.seconds(),
+            kind=kind,
+            parent_id=parent.id,
+            timeout=parent.timeout,
+        )
+
+    def _errback_delivery(self, failed: Delivery, reason: str) -> Delivery:
+        report = {
+            "id": failed.id,
+            "url": failed.url,
+            "status": FAILED,
+            "reason": reason,
+            "kind": failed.kind,
+            "topic": failed.topic,
+            "event_id": failed.event_id,
+            "attempts": [a.to_json() for a in failed.attempts],
+        }
+        body = json.dumps(report).encode()
+        return self._follow_up(failed, KIND_ERRBACK, failed.errback or "", body, "application/json", ())
+
+    def _callback_delivery(self, delivered: Delivery, response: Response) -> Delivery:
+        """
+        The target's response as JSON: its content type is a field, and the
+        body travels as text when it is UTF-8 and as base64 otherwise, so any
+        response reaches the callback intact and self-describing.
+        """
+        try:
+            body, encoding = response.body.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            body, encoding = base64.b64encode(response.body).decode("ascii"), "base64"
+        report = {
+            "id": delivered.id,
+            "url": delivered.url,
+            "status_code": response.code,
+            "headers": [list(h) for h in response.headers],
+            "content_type": response.header("Content-Type"),
+            "body": body,
+            "encoding": encoding,
+            "truncated": response.truncated,
+        }
+        return self._follow_up(
+            delivered, KIND_CALLBACK, delivered.callback or "", json.dumps(report).encode(), "application/json", ()
+        )

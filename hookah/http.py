@@ -1,0 +1,196 @@
+"""
+The outgoing HTTP client every delivery, verification and fetch goes through.
+
+One place owns the connection pool, the per-request deadline (which covers
+the response body too, so a target that trickles bytes cannot hold a slot
+forever), the cap on how much of a response is kept, and the
+``User-Agent``. Redirects are never followed here; the one caller that
+wants them (fetching a published topic) follows them itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import attr
+from twisted.internet import error as neterror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web import client as webclient
+from twisted.web.http_headers import Headers
+
+from hookah import __version__
+
+USER_AGENT = f"hookah/{__version__}"
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class Response:
+    """What a target answered, with at most ``max_body`` bytes of its body."""
+
+    code: int
+    headers: Tuple[Tuple[str, str], ...]
+    body: bytes
+    truncated: bool = False
+
+    def header(self, name: str) -> Optional[str]:
+        lowered = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lowered:
+                return value
+        return None
+
+
+class TimedOut(Exception):
+    """The request, body included, did not finish within its timeout."""
+
+
+class _Collector(Protocol):
+    def __init__(self, finished: Deferred, limit: int) -> None:
+        self._finished = finished
+        self._limit = limit
+        self._chunks: List[bytes] = []
+        self._size = 0
+        self.truncated = False
+
+    def dataReceived(self, data: bytes) -> None:
+        room = self._limit - self._size
+        if len(data) > room:
+            self.truncated = True
+            data = data[:room]
+        if data:
+            self._chunks.append(data)
+            self._size += len(data)
+        if self.truncated:
+            # Keeping the rest would cost memory and time for bytes nobody
+            # reads: drop the connection instead of draining it.
+            self.transport.stopProducing()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = neterror.ConnectionDone()) -> None:  # type: ignore[override]
+        if self._finished.called:
+            return
+        body = b"".join(self._chunks)
+        if self.truncated or reason.check(webclient.ResponseDone, webclient.PotentialDataLoss):
+            self._finished.callback((body, self.truncated))
+        else:
+            self._finished.errback(reason)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+def read_body(response: Any, limit: int) -> Deferred:
+    """Deferred[(bytes, truncated)]; cancelling it drops the connection."""
+    collector: _Collector
+
+    def cancel(d: Deferred) -> None:
+        collector.abort()
+
+    finished: Deferred = Deferred(cancel)
+    collector = _Collector(finished, limit)
+    response.deliverBody(collector)
+    return finished
+
+
+def describe_failure(failure: Failure, timeout: float) -> str:
+    """One short sentence for an attempt's ``error`` field."""
+    if failure.check(TimedOut, CancelledError, neterror.TimeoutError):
+        return f"timed out after {timeout:g}s"
+    if failure.check(neterror.ConnectionRefusedError):
+        return "connection refused"
+    if failure.check(neterror.DNSLookupError):
+        return "DNS lookup failed"
+    if failure.check(webclient.ResponseNeverReceived, webclient.RequestTransmissionFailed):
+        inner = failure.value.reasons[0] if getattr(failure.value, "reasons", None) else None
+        if inner is not None and inner.check(CancelledError):
+            return f"timed out after {timeout:g}s"
+        return "connection closed before a response"
+    if failure.check(webclient.ResponseFailed):
+        return "connection lost while reading the response"
+    message = str(failure.value) or failure.type.__name__
+    return message[:300]
+
+
+class HTTPClient:
+    """
+    Requests with a deadline over a shared treq-style client (``treq``'s
+    ``HTTPClient`` in production, ``StubTreq`` in tests).
+    """
+
+    def __init__(
+        self,
+        treq_client: Any,
+        clock: IReactorTime,
+        max_response_body: int = 1024 * 1024,
+        user_agent: str = USER_AGENT,
+    ) -> None:
+        self._treq = treq_client
+        self._clock = clock
+        self._max_body = max_response_body
+        self._user_agent = user_agent
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: Sequence[Tuple[str, str]] = (),
+        body: Optional[bytes] = None,
+        timeout: float = 30.0,
+    ) -> Deferred:
+        """Deferred[Response]; fails with ``TimedOut`` past ``timeout`` seconds."""
+        raw = Headers()
+        raw.addRawHeader(b"User-Agent", self._user_agent.encode())
+        for name, value in headers:
+            raw.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        timed_out = []
+
+        def expire() -> None:
+            timed_out.append(True)
+            result.cancel()
+
+        result: Deferred = self._treq.request(method, url, headers=raw, data=body)
+        result.addCallback(self._read)
+        timer = self._clock.callLater(timeout, expire)
+
+        def finish(outcome: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if timed_out and isinstance(outcome, Failure):
+                return Failure(TimedOut(f"timed out after {timeout:g}s"))
+            return outcome
+
+        result.addBoth(finish)
+        return result
+
+    def _read(self, response: Any) -> Deferred:
+        def build(collected: Tuple[bytes, bool]) -> Response:
+            body, truncated = collected
+            headers = tuple(
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, values in response.headers.getAllRawHeaders()
+                for value in values
+            )
+            return Response(response.code, headers, body, truncated)
+
+        return read_body(response, self._max_body).addCallback(build)
+
+
+class _QuietFactory(webclient._HTTP11ClientFactory):
+    """The pool's connection factory, without a log line per connection."""
+
+    noisy = False
+
+
+def pooled_treq(reactor: Any, pool_size: int, connect_timeout: float = 10.0) -> Tuple[Any, webclient.HTTPConnectionPool]:
+    """A treq client over one persistent connection pool, and that pool (close it on stop)."""
+    import treq.client
+
+    pool = webclient.HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietFactory
+    pool.maxPersistentPerHost = pool_size
+    pool.cachedConnectionTimeout = 120
+    agent = webclient.Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+    return treq.client.HTTPClient(agent), pool

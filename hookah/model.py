@@ -1,0 +1,138 @@
+"""
+The records Hookah keeps: deliveries with their attempts, events, subscriptions.
+
+They are frozen so that a record handed to storage, to the dispatcher and to
+the web layer is the same value everywhere; a change is a new record
+(``attr.evolve``), never a mutation that one layer would miss.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import attr
+
+SCHEDULED = "scheduled"
+DELIVERING = "delivering"
+DELIVERED = "delivered"
+FAILED = "failed"
+STATUSES = (SCHEDULED, DELIVERING, DELIVERED, FAILED)
+
+# What a delivery is for; errbacks and callbacks never spawn errbacks of
+# their own, so a failing report cannot recurse.
+KIND_DISPATCH = "dispatch"
+KIND_ERRBACK = "errback"
+KIND_CALLBACK = "callback"
+KIND_WEBSUB = "websub"
+
+Headers = Tuple[Tuple[str, str], ...]
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class Attempt:
+    """One try at delivering: when, and what came of it."""
+
+    at: float
+    status_code: Optional[int] = None
+    error: Optional[str] = None
+    duration_ms: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "at": self.at,
+            "status_code": self.status_code,
+            "error": self.error,
+            "duration_ms": self.duration_ms,
+        }
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class Delivery:
+    """
+    One POST to one URL, retried until it succeeds or gives up.
+
+    ``retry_from`` is the index in ``attempts`` where the current retry budget
+    began: a manual retry starts a fresh budget without forgetting history.
+    ``claimed_until`` is the lease of whoever is delivering it; a lease that
+    ran out (a killed process) makes the delivery claimable again.
+    """
+
+    id: str
+    url: str
+    body: bytes
+    content_type: Optional[str] = None
+    headers: Headers = ()
+    status: str = SCHEDULED
+    created_at: float = 0.0
+    next_attempt_at: Optional[float] = None
+    attempts: Tuple[Attempt, ...] = ()
+    retries: Optional[int] = None
+    timeout: Optional[float] = None
+    errback: Optional[str] = None
+    callback: Optional[str] = None
+    kind: str = KIND_DISPATCH
+    topic: Optional[str] = None
+    event_id: Optional[str] = None
+    parent_id: Optional[str] = None
+    idempotency_key: Optional[str] = None
+    retry_from: int = 0
+    claimed_until: Optional[float] = None
+
+    @property
+    def current_attempts(self) -> Tuple[Attempt, ...]:
+        """The attempts that count against the current retry budget."""
+        return self.attempts[self.retry_from :]
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "url": self.url,
+            "status": self.status,
+            "kind": self.kind,
+            "content_type": self.content_type,
+            "created_at": self.created_at,
+            "next_attempt_at": self.next_attempt_at,
+            "attempts": [a.to_json() for a in self.attempts],
+            "retries": self.retries,
+            "timeout": self.timeout,
+            "errback": self.errback,
+            "callback": self.callback,
+            "topic": self.topic,
+            "event_id": self.event_id,
+            "parent_id": self.parent_id,
+        }
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class Event:
+    """Something published on a topic, kept in the topic's bounded history."""
+
+    id: str
+    topic: str
+    body: bytes
+    content_type: Optional[str] = None
+    headers: Headers = ()
+    created_at: float = 0.0
+    idempotency_key: Optional[str] = None
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class Subscription:
+    """A verified WebSub subscription: one per (topic, callback)."""
+
+    topic: str
+    callback: str
+    secret: Optional[str] = None
+    lease_seconds: int = 0
+    created_at: float = 0.0
+    expires_at: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "topic": self.topic,
+            "callback": self.callback,
+            "lease_seconds": self.lease_seconds,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "has_secret": self.secret is not None,
+        }

@@ -1,0 +1,186 @@
+"""
+The core the web layer talks to: turn accepted requests into stored
+deliveries and events, and assemble the running service from a ``Config``.
+
+``HookahCore`` holds the rules that are not HTTP (idempotency, topic fan-out
+into deliveries); ``HookahService`` owns start-up order: storage opens
+before the dispatcher claims work and before the port accepts requests.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from urllib.parse import quote
+
+import attr
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from hookah.dispatcher import Dispatcher
+from hookah.metrics import Metrics
+from hookah.model import KIND_WEBSUB, SCHEDULED, Delivery, Event, Headers
+
+log = Logger()
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class DispatchRequest:
+    """A checked ``/dispatch`` request: exactly one of ``url`` and ``topic``."""
+
+    url: Optional[str]
+    topic: Optional[str]
+    body: bytes
+    content_type: Optional[str]
+    headers: Headers = ()
+    errback: Optional[str] = None
+    callback: Optional[str] = None
+    retries: Optional[int] = None
+    delay: float = 0.0
+    timeout: Optional[float] = None
+    idempotency_key: Optional[str] = None
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Accepted:
+    id: str
+    location: str
+    subscribers: Optional[int] = None
+    duplicate: bool = False
+
+
+class HookahCore:
+    def __init__(
+        self,
+        store: Any,
+        dispatcher: Dispatcher,
+        clock: IReactorTime,
+        new_id: Callable[[], str],
+        idempotency_window: float = 86400.0,
+        history_count: int = 1000,
+        history_age: float = 7 * 86400.0,
+        metrics: Optional[Metrics] = None,
+    ) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.new_id = new_id
+        self.idempotency_window = idempotency_window
+        self.history_count = history_count
+        self.history_age = history_age
+        self.metrics = metrics or Metrics()
+        # Requests whose idempotency key is being stored right now: a
+        # concurrent repeat waits for the first instead of queueing twice.
+        self._pending_keys: Dict[str, List[Deferred]] = {}
+        # Called with each stored event: live streams, other nodes.
+        self.event_listeners: List[Callable[[Event], None]] = []
+        # Turns an event and a topic's subscriptions into deliveries (WebSub).
+        self.distribution: Optional[Callable[[Event, float], Deferred]] = None
+
+    async def dispatch(self, request: DispatchRequest) -> Accepted:
+        key = request.idempotency_key
+        if key is None:
+            return await self._accept(request)
+        if key not in self._pending_keys:
+            since = self.clock.seconds() - self.idempotency_window
+            existing = await self.store.find_idempotency_key(key, since)
+            if existing is not None:
+                return Accepted(existing, _location(request, existing), duplicate=True)
+        if key in self._pending_keys:
+            waiter: Deferred = Deferred()
+            self._pending_keys[key].append(waiter)
+            first = await waiter
+            return attr.evolve(first, duplicate=True)
+        self._pending_keys[key] = []
+        try:
+            accepted = await self._accept(request)
+        except BaseException:
+            for waiter in self._pending_keys.pop(key):
+                waiter.errback()
+            raise
+        for waiter in self._pending_keys.pop(key):
+            waiter.callback(accepted)
+        return accepted
+
+    async def _accept(self, request: DispatchRequest) -> Accepted:
+        now = self.clock.seconds()
+        self.metrics.dispatches.labels("topic" if request.topic is not None else "url").inc()
+        if request.topic is not None:
+            return await self._publish(request, now)
+        delivery = Delivery(
+            id=self.new_id(),
+            url=request.url or "",
+            body=request.body,
+            content_type=request.content_type,
+            headers=request.headers,
+            status=SCHEDULED,
+            created_at=now,
+            next_attempt_at=now + request.delay,
+            retries=request.retries,
+            timeout=request.timeout,
+            errback=request.errback,
+            callback=request.callback,
+            idempotency_key=request.idempotency_key,
+        )
+        await self.dispatcher.submit([delivery])
+        return Accepted(delivery.id, f"/dispatch/{delivery.id}")
+
+    async def _publish(self, request: DispatchRequest, now: float) -> Accepted:
+        event = Event(
+            id=self.new_id(),
+            topic=request.topic or "",
+            body=request.body,
+            content_type=request.content_type,
+            headers=request.headers,
+            created_at=now,
+            idempotency_key=request.idempotency_key,
+        )
+        deliveries = await self.publish(event, request)
+        return Accepted(event.id, _location(request, event.id), subscribers=len(deliveries))
+
+    async def publish(self, event: Event, request: Optional[DispatchRequest] = None) -> List[Delivery]:
+        """
+        Store ``event`` in its topic's history together with one delivery per
+        active subscriber (atomically), then hand it to live listeners.
+        """
+        deliveries: List[Delivery] = []
+        if self.distribution is not None:
+            deliveries = await self.distribution(event, self.clock.seconds())
+        if request is not None:
+            deliveries = [
+                attr.evolve(
+                    d,
+                    retries=request.retries,
+                    timeout=request.timeout,
+                    errback=request.errback,
+                    callback=request.callback,
+                    next_attempt_at=event.created_at + request.delay,
+                )
+                for d in deliveries
+            ]
+        keep_after = event.created_at - self.history_age
+
+        def write(ds: List[Delivery]) -> Deferred:
+            return self.store.add_event(event, ds, self.history_count, keep_after)
+
+        await self.dispatcher.submit(deliveries, write=write)
+        self.metrics.events.inc()
+        for listener in list(self.event_listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.failure("event listener failed for {id}", id=event.id)
+        return deliveries
+
+    async def retry(self, delivery_id: str) -> Optional[Delivery]:
+        delivery = await self.store.requeue(delivery_id, self.clock.seconds())
+        if delivery is not None:
+            self.dispatcher._wake()
+        return delivery
+
+
+def _location(request: DispatchRequest, id_: str) -> str:
+    if request.topic is not None:
+        return f"/topics/{quote(request.topic, safe='')}/events"
+    return f"/dispatch/{id_}"

@@ -1,0 +1,152 @@
+"""
+The storage seam: everything Hookah must not lose goes through ``IStore``.
+
+Every method returns a Deferred, and a write's Deferred fires only once the
+write is durable (for a durable provider): the web layer answers ``202`` on
+that signal. The web layer and the dispatcher never know which provider
+they run on; one contract suite (``tests/storecontract.py``) holds every
+provider to the same behaviour.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Interface
+
+
+class IStore(Interface):
+    def open():  # type: ignore[misc]
+        """Make the store usable (create schema, start threads). Deferred[None]."""
+
+    def close():  # type: ignore[misc]
+        """Finish pending writes and release resources. Deferred[None]."""
+
+    def ping():  # type: ignore[misc]
+        """Round-trip to the storage, for health checks. Deferred[None]."""
+
+    # -- deliveries ---------------------------------------------------------
+
+    def add_deliveries(deliveries):  # type: ignore[misc]
+        """
+        Store new deliveries atomically, as given (status and claim included,
+        so a caller may insert a delivery already claimed by itself).
+        Deferred[None], fired when durable.
+        """
+
+    def get_delivery(delivery_id):  # type: ignore[misc]
+        """Deferred[Optional[Delivery]] with its attempts, oldest first."""
+
+    def list_deliveries(status, limit, after):  # type: ignore[misc]
+        """
+        A page of deliveries ordered by id ascending, with ids greater than
+        ``after`` (or from the start when ``None``), filtered by ``status``
+        when it is not ``None``. Deferred[List[Delivery]].
+        """
+
+    def claim_due(now, limit, lease_until):  # type: ignore[misc]
+        """
+        Claim up to ``limit`` deliveries that are due: ``scheduled`` with
+        ``next_attempt_at <= now``, or ``delivering`` with an expired claim
+        (``claimed_until <= now``: its deliverer died). Earliest first.
+        Claimed ones become ``delivering`` with ``claimed_until=lease_until``.
+        Deferred[List[Delivery]].
+        """
+
+    def finish_attempt(delivery_id, attempt, status, next_attempt_at):  # type: ignore[misc]
+        """
+        Append ``attempt`` and move the delivery to ``status`` (``scheduled``
+        with ``next_attempt_at`` for a retry, or ``delivered``/``failed``),
+        releasing its claim. Deferred[None].
+        """
+
+    def release_claims():  # type: ignore[misc]
+        """
+        Make every ``delivering`` delivery ``scheduled`` (keeping its
+        ``next_attempt_at``), so it is due at once. Called at start-up by the
+        one process that uses a single-node store: whoever held those claims
+        is gone, and waiting for the leases to expire would only delay
+        delivery. Deferred[int]: how many were released.
+        """
+
+    def reschedule(delivery_id, next_attempt_at):  # type: ignore[misc]
+        """
+        Put a claimed delivery back to ``scheduled`` without an attempt
+        (host paused, service stopping). Deferred[None].
+        """
+
+    def requeue(delivery_id, now):  # type: ignore[misc]
+        """
+        Make a finished (``delivered`` or ``failed``) delivery ``scheduled``
+        at ``now`` with a fresh retry budget (``retry_from`` = number of
+        attempts so far). Deferred[Optional[Delivery]]: the updated delivery,
+        or ``None`` when there is no such delivery or it is not finished.
+        """
+
+    def next_due():  # type: ignore[misc]
+        """
+        The earliest time at which some delivery becomes claimable (a
+        scheduled one's ``next_attempt_at`` or a claim's expiry), or ``None``.
+        Deferred[Optional[float]].
+        """
+
+    def count_deliveries():  # type: ignore[misc]
+        """Deferred[Dict[str, int]]: number of deliveries per status."""
+
+    def find_idempotency_key(key, since):  # type: ignore[misc]
+        """
+        The id of the delivery or event created with idempotency ``key`` at or
+        after time ``since``, or ``None``. Deferred[Optional[str]].
+        """
+
+    # -- events (topic history) ----------------------------------------------
+
+    def add_event(event, deliveries, keep_count, keep_after):  # type: ignore[misc]
+        """
+        Store ``event`` and its ``deliveries`` (one per subscriber) in one
+        transaction, then trim the event's topic history to at most
+        ``keep_count`` events and to events created after ``keep_after``.
+        Deferred[None], fired when durable.
+        """
+
+    def get_event(event_id):  # type: ignore[misc]
+        """Deferred[Optional[Event]]."""
+
+    def events_after(topics, after, limit):  # type: ignore[misc]
+        """
+        Events on any of ``topics`` with id greater than ``after`` (all when
+        ``None``), oldest first, at most ``limit``. Deferred[List[Event]].
+        """
+
+    def last_events(topics, count):  # type: ignore[misc]
+        """
+        The newest ``count`` events across ``topics``, returned oldest first.
+        Deferred[List[Event]].
+        """
+
+    def list_topics():  # type: ignore[misc]
+        """
+        Deferred[List[Tuple[str, int, int]]]: (topic, events in history,
+        active subscriptions) for every topic that has either.
+        """
+
+    # -- subscriptions ---------------------------------------------------------
+
+    def put_subscription(subscription):  # type: ignore[misc]
+        """
+        Create or replace the subscription keyed by (topic, callback): there
+        is never more than one per pair. Deferred[None].
+        """
+
+    def remove_subscription(topic, callback):  # type: ignore[misc]
+        """Deferred[bool]: whether one was removed."""
+
+    def get_subscription(topic, callback):  # type: ignore[misc]
+        """Deferred[Optional[Subscription]]."""
+
+    def active_subscriptions(topic, now):  # type: ignore[misc]
+        """Subscriptions to ``topic`` whose lease has not expired. Deferred[List[Subscription]]."""
+
+    def list_subscriptions(topic):  # type: ignore[misc]
+        """All subscriptions, or those of ``topic`` when not ``None``. Deferred[List[Subscription]]."""
+
+    def purge_expired(now):  # type: ignore[misc]
+        """Delete subscriptions whose lease ended at or before ``now``. Deferred[int]: how many."""

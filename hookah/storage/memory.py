@@ -1,0 +1,269 @@
+"""
+``MemoryStore``: ``IStore`` in process memory, for tests and ``--storage memory:``.
+
+Nothing survives a restart, so a ``202`` from a memory-backed Hookah promises
+delivery only while the process lives. Lookups that the dispatcher does per
+delivery use a heap, so cost stays flat as the queue grows.
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import bisect_right, insort
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import attr
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from hookah.model import (
+    DELIVERED,
+    DELIVERING,
+    FAILED,
+    SCHEDULED,
+    STATUSES,
+    Attempt,
+    Delivery,
+    Event,
+    Subscription,
+)
+from hookah.storage.interface import IStore
+
+
+@implementer(IStore)
+class MemoryStore:
+    def __init__(self, reactor: object = None) -> None:
+        self._deliveries: Dict[str, Delivery] = {}
+        self._ids: List[str] = []
+        # (time, id) of every claimable moment; stale entries are skipped lazily.
+        self._due: List[Tuple[float, str]] = []
+        self._events: Dict[str, Event] = {}
+        self._topic_events: Dict[str, List[str]] = {}
+        self._subscriptions: Dict[Tuple[str, str], Subscription] = {}
+        self._topic_subscribers: Dict[str, Dict[str, Subscription]] = {}
+
+    def open(self) -> Deferred:
+        return succeed(None)
+
+    def close(self) -> Deferred:
+        return succeed(None)
+
+    def ping(self) -> Deferred:
+        return succeed(None)
+
+    # -- deliveries ---------------------------------------------------------
+
+    def _put(self, delivery: Delivery) -> None:
+        self._deliveries[delivery.id] = delivery
+        when = self._claimable_at(delivery)
+        if when is not None:
+            heapq.heappush(self._due, (when, delivery.id))
+
+    @staticmethod
+    def _claimable_at(delivery: Delivery) -> Optional[float]:
+        if delivery.status == SCHEDULED:
+            return delivery.next_attempt_at if delivery.next_attempt_at is not None else 0.0
+        if delivery.status == DELIVERING and delivery.claimed_until is not None:
+            return delivery.claimed_until
+        return None
+
+    def _duplicates(self, deliveries: Sequence[Delivery]) -> bool:
+        ids = [d.id for d in deliveries]
+        return len(set(ids)) != len(ids) or any(i in self._deliveries for i in ids)
+
+    def add_deliveries(self, deliveries: Sequence[Delivery]) -> Deferred:
+        if self._duplicates(deliveries):
+            return fail(ValueError("duplicate delivery id"))
+        for delivery in deliveries:
+            insort(self._ids, delivery.id)
+            self._put(delivery)
+        return succeed(None)
+
+    def get_delivery(self, delivery_id: str) -> Deferred:
+        return succeed(self._deliveries.get(delivery_id))
+
+    def list_deliveries(self, status: Optional[str], limit: int, after: Optional[str]) -> Deferred:
+        start = bisect_right(self._ids, after) if after is not None else 0
+        page: List[Delivery] = []
+        for delivery_id in self._ids[start:]:
+            delivery = self._deliveries[delivery_id]
+            if status is None or delivery.status == status:
+                page.append(delivery)
+                if len(page) >= limit:
+                    break
+        return succeed(page)
+
+    def _pop_due(self, now: float) -> Optional[Delivery]:
+        while self._due and self._due[0][0] <= now:
+            when, delivery_id = heapq.heappop(self._due)
+            delivery = self._deliveries.get(delivery_id)
+            if delivery is not None and self._claimable_at(delivery) == when:
+                return delivery
+        return None
+
+    def claim_due(self, now: float, limit: int, lease_until: float) -> Deferred:
+        claimed: List[Delivery] = []
+        while len(claimed) < limit:
+            delivery = self._pop_due(now)
+            if delivery is None:
+                break
+            delivery = attr.evolve(delivery, status=DELIVERING, claimed_until=lease_until)
+            self._put(delivery)
+            claimed.append(delivery)
+        return succeed(claimed)
+
+    def finish_attempt(
+        self, delivery_id: str, attempt: Attempt, status: str, next_attempt_at: Optional[float]
+    ) -> Deferred:
+        delivery = self._deliveries.get(delivery_id)
+        if delivery is not None:
+            self._put(
+                attr.evolve(
+                    delivery,
+                    attempts=delivery.attempts + (attempt,),
+                    status=status,
+                    next_attempt_at=next_attempt_at,
+                    claimed_until=None,
+                )
+            )
+        return succeed(None)
+
+    def release_claims(self) -> Deferred:
+        claimed = [d for d in self._deliveries.values() if d.status == DELIVERING]
+        for delivery in claimed:
+            self._put(attr.evolve(delivery, status=SCHEDULED, claimed_until=None))
+        return succeed(len(claimed))
+
+    def reschedule(self, delivery_id: str, next_attempt_at: float) -> Deferred:
+        delivery = self._deliveries.get(delivery_id)
+        if delivery is not None:
+            self._put(
+                attr.evolve(
+                    delivery, status=SCHEDULED, next_attempt_at=next_attempt_at, claimed_until=None
+                )
+            )
+        return succeed(None)
+
+    def requeue(self, delivery_id: str, now: float) -> Deferred:
+        delivery = self._deliveries.get(delivery_id)
+        if delivery is None or delivery.status not in (DELIVERED, FAILED):
+            return succeed(None)
+        delivery = attr.evolve(
+            delivery,
+            status=SCHEDULED,
+            next_attempt_at=now,
+            retry_from=len(delivery.attempts),
+            claimed_until=None,
+        )
+        self._put(delivery)
+        return succeed(delivery)
+
+    def next_due(self) -> Deferred:
+        while self._due:
+            when, delivery_id = self._due[0]
+            delivery = self._deliveries.get(delivery_id)
+            if delivery is not None and self._claimable_at(delivery) == when:
+                return succeed(when)
+            heapq.heappop(self._due)
+        return succeed(None)
+
+    def count_deliveries(self) -> Deferred:
+        counts = dict.fromkeys(STATUSES, 0)
+        for delivery in self._deliveries.values():
+            counts[delivery.status] += 1
+        return succeed(counts)
+
+    def find_idempotency_key(self, key: str, since: float) -> Deferred:
+        found: Optional[str] = None
+        for record in list(self._deliveries.values()) + list(self._events.values()):
+            if record.idempotency_key == key and record.created_at >= since:
+                found = record.id
+                break
+        return succeed(found)
+
+    # -- events ---------------------------------------------------------------
+
+    def add_event(
+        self, event: Event, deliveries: Sequence[Delivery], keep_count: int, keep_after: float
+    ) -> Deferred:
+        if event.id in self._events or self._duplicates(deliveries):
+            return fail(ValueError("duplicate event or delivery id"))
+        self.add_deliveries(deliveries)
+        self._events[event.id] = event
+        history = self._topic_events.setdefault(event.topic, [])
+        insort(history, event.id)
+        while history and (
+            len(history) > keep_count or self._events[history[0]].created_at <= keep_after
+        ):
+            del self._events[history.pop(0)]
+        if not history:
+            del self._topic_events[event.topic]
+        return succeed(None)
+
+    def get_event(self, event_id: str) -> Deferred:
+        return succeed(self._events.get(event_id))
+
+    def _history(self, topics: Sequence[str]) -> List[str]:
+        ids: List[str] = []
+        for topic in set(topics):
+            ids.extend(self._topic_events.get(topic, ()))
+        ids.sort()
+        return ids
+
+    def events_after(self, topics: Sequence[str], after: Optional[str], limit: int) -> Deferred:
+        ids = self._history(topics)
+        start = bisect_right(ids, after) if after is not None else 0
+        return succeed([self._events[i] for i in ids[start : start + limit]])
+
+    def last_events(self, topics: Sequence[str], count: int) -> Deferred:
+        ids = self._history(topics)
+        return succeed([self._events[i] for i in ids[max(0, len(ids) - count) :]] if count > 0 else [])
+
+    def list_topics(self) -> Deferred:
+        names = set(self._topic_events) | set(self._topic_subscribers)
+        return succeed(
+            [
+                (
+                    name,
+                    len(self._topic_events.get(name, ())),
+                    len(self._topic_subscribers.get(name, {})),
+                )
+                for name in sorted(names)
+            ]
+        )
+
+    # -- subscriptions --------------------------------------------------------
+
+    def put_subscription(self, subscription: Subscription) -> Deferred:
+        key = (subscription.topic, subscription.callback)
+        self._subscriptions[key] = subscription
+        self._topic_subscribers.setdefault(subscription.topic, {})[subscription.callback] = subscription
+        return succeed(None)
+
+    def remove_subscription(self, topic: str, callback: str) -> Deferred:
+        removed = self._subscriptions.pop((topic, callback), None)
+        if removed is not None:
+            subscribers = self._topic_subscribers[topic]
+            del subscribers[callback]
+            if not subscribers:
+                del self._topic_subscribers[topic]
+        return succeed(removed is not None)
+
+    def get_subscription(self, topic: str, callback: str) -> Deferred:
+        return succeed(self._subscriptions.get((topic, callback)))
+
+    def active_subscriptions(self, topic: str, now: float) -> Deferred:
+        return succeed(
+            [s for s in self._topic_subscribers.get(topic, {}).values() if s.expires_at > now]
+        )
+
+    def list_subscriptions(self, topic: Optional[str]) -> Deferred:
+        if topic is None:
+            return succeed(list(self._subscriptions.values()))
+        return succeed(list(self._topic_subscribers.get(topic, {}).values()))
+
+    def purge_expired(self, now: float) -> Deferred:
+        expired = [s for s in self._subscriptions.values() if s.expires_at <= now]
+        for subscription in expired:
+            self.remove_subscription(subscription.topic, subscription.callback)
+        return succeed(len(expired))

@@ -1,0 +1,58 @@
+"""
+``twistd hookah``: the command-line ``Options`` and ``makeService``.
+
+Options are read as plain strings and checked by ``hookah.config``, so a bad
+value ends start-up with one sentence (exit status 2) instead of twistd's
+usage dump or a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Dict, Optional
+
+from twisted.python import usage
+
+from hookah.config import SETTINGS, Config, ConfigError, build_config
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Hookah, the HTTP event engine: durable outgoing webhooks (/dispatch), "
+        "a WebSub hub (/hub) and live streams (/stream). Every option can also "
+        "be set in a TOML file (--config) or as HOOKAH_<OPTION>; the command line wins."
+    )
+    optFlags = [[s.name, s.short, s.help] for s in SETTINGS if s.flag]
+    optParameters = [[s.name, s.short, None, s.help] for s in SETTINGS if not s.flag] + [
+        ["config", "c", None, "TOML configuration file"]
+    ]
+
+    config: Config
+
+    def postOptions(self) -> None:
+        given: Dict[str, Any] = {}
+        for setting in SETTINGS:
+            value = self[setting.name]
+            if setting.flag:
+                given[setting.name] = True if value else None
+            else:
+                given[setting.name] = value
+        try:
+            self.config = build_config(given, os.environ, self["config"])
+        except ConfigError as e:
+            sys.stderr.write(f"hookah: {e}\n")
+            raise SystemExit(2)
+
+
+def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
+    from hookah.app import HookahService
+    from hookah.logs import configure_logging
+
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    configure_logging(options.config.log_format)
+    return HookahService(options.config, reactor)

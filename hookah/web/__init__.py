@@ -1,0 +1,1 @@
+"""The HTTP face of Hookah: ``twisted.web`` resources over the core services."""

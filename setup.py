@@ -1,0 +1,40 @@
+from setuptools import find_packages, setup
+
+with open("README.md", encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="hookah",
+    version="0.1.0",
+    description="Hookah, the HTTP event engine: durable webhooks, a WebSub hub and streams",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    # twisted.plugins is a namespace without __init__.py: find_packages()
+    # would drop it silently, and twistd would never see the hookah plugin.
+    packages=find_packages(include=["hookah", "hookah.*"]) + ["twisted.plugins"],
+    package_data={"hookah": ["storage/schema/*.sql", "web/static/*"]},
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls]>=23.10",
+        "treq>=23.11",
+        "attrs>=22.2",
+        "zope.interface>=6.0",
+        "prometheus_client>=0.17",
+        "tomli>=2.0; python_version < '3.11'",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6.80",
+            "standardwebhooks>=1.0",
+            "mypy>=1.8",
+            "mypy-zope>=1.0",
+        ],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+    ],
+)
