@@ -6,7 +6,7 @@ request storage cannot keep.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
@@ -75,9 +75,19 @@ class HookahService(MultiService):
             history_age=config.history_age,
             metrics=self.metrics,
         )
-        self.site = make_site(build_root(self.core, config), config.max_body)
+        self.site = make_site(build_root(self.core, config), config.max_body, reactor)
         self.web = strports.service(config.listen, self.site, reactor=reactor)
         self._opened: Optional[Deferred] = None
+        self._listening: List[Deferred] = []
+
+    def listening(self) -> Deferred:
+        """Deferred[IListeningPort] once the web port listens (tests use port 0)."""
+        d: Deferred = Deferred()
+        if getattr(self.web, "_waitingForPort", None) is not None:
+            self.web._waitingForPort.addCallback(lambda port: (d.callback(port), port)[1])
+        else:
+            self._listening.append(d)
+        return d
 
     def startService(self) -> None:
         # Storage opens before anything can accept or claim work.
@@ -90,6 +100,9 @@ class HookahService(MultiService):
     def _start_children(self) -> None:
         self.dispatcher.setServiceParent(self)
         self.web.setServiceParent(self)
+        waiting, self._listening = self._listening, []
+        for d in waiting:
+            self.web._waitingForPort.addCallback(lambda port, d=d: (d.callback(port), port)[1])
         log.info("hookah listening on {listen}, storage {storage}", listen=self.config.listen, storage=self.config.storage)
 
     def _failed_to_start(self, failure: Any) -> None:
@@ -104,6 +117,7 @@ class HookahService(MultiService):
             # Stop listening first, then let attempts in flight record their
             # outcome, then close storage after its last write.
             await MultiService.stopService(self)
+            await self.site.close_connections()
             await self.pool.closeCachedConnections()
             await self.store.close()
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Awaitable, Callable, Dict, Optional, Union
+from typing import Any, Awaitable, Callable, Dict, Optional, Set, Union
 
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -137,11 +138,46 @@ class HookahRequest(server.Request):
         super().process()
 
 
-def make_site(root: Any, max_body: int) -> server.Site:
+class HookahSite(server.Site):
+    """
+    A Site that knows its open connections, so that stopping the service
+    can close them (idle keep-alive connections and open streams alike)
+    instead of leaving them to time out.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections: Set[Any] = set()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        if protocol is None:
+            return None
+        connections = self.connections
+        lost = protocol.connectionLost
+
+        def connectionLost(reason: Any) -> None:
+            connections.discard(protocol)
+            lost(reason)
+
+        protocol.connectionLost = connectionLost
+        connections.add(protocol)
+        return protocol
+
+    def close_connections(self) -> Deferred:
+        """Close every open connection; fires once the reactor has seen them go."""
+        for protocol in list(self.connections):
+            channel = getattr(protocol, "_channel", protocol)
+            if channel.transport is not None:
+                channel.transport.abortConnection()
+        return deferLater(self.reactor, 0, lambda: None)
+
+
+def make_site(root: Any, max_body: int, reactor: Any = None) -> HookahSite:
     # Twisted would otherwise parse every form body into request.args and
     # build an email message per request to read the Content-Type: that
     # halves throughput, and hookah.payload parses bodies itself.
-    site = server.Site(root, requestFactory=HookahRequest, parsePOSTFormSubmission=False)
+    site = HookahSite(root, requestFactory=HookahRequest, parsePOSTFormSubmission=False, reactor=reactor)
     site.max_body = max_body  # type: ignore[attr-defined]
     site.displayTracebacks = False
     site.noisy = False
