@@ -67,6 +67,8 @@ def parse_dispatch(request: server.Request) -> DispatchRequest:
         raise ApiError(400, "bad_payload", str(e))
     values: Dict[str, str] = {}
     for name, value in controls + list(payload.controls):
+        if name == "_charset_":  # RFC 7578: browsers add it to forms; not ours to forward
+            continue
         if name not in CONTROLS:
             raise ApiError(400, "unknown_parameter", f"Unknown control parameter {name}; known ones are {', '.join(CONTROLS)}.")
         if name in values and values[name] != value:
