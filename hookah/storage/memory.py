@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 from bisect import bisect_right, insort
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import attr
 from twisted.internet.defer import Deferred, fail, succeed
@@ -32,7 +32,8 @@ from hookah.storage.interface import IStore
 
 @implementer(IStore)
 class MemoryStore:
-    def __init__(self, reactor: object = None) -> None:
+    def __init__(self, reactor: Any) -> None:
+        self._clock = reactor
         self._deliveries: Dict[str, Delivery] = {}
         self._ids: List[str] = []
         # (time, id) of every claimable moment; stale entries are skipped lazily.
@@ -116,16 +117,17 @@ class MemoryStore:
         self, delivery_id: str, attempt: Attempt, status: str, next_attempt_at: Optional[float]
     ) -> Deferred:
         delivery = self._deliveries.get(delivery_id)
-        if delivery is not None:
-            self._put(
-                attr.evolve(
-                    delivery,
-                    attempts=delivery.attempts + (attempt,),
-                    status=status,
-                    next_attempt_at=next_attempt_at,
-                    claimed_until=None,
-                )
+        if delivery is None:
+            return fail(KeyError(delivery_id))
+        self._put(
+            attr.evolve(
+                delivery,
+                attempts=delivery.attempts + (attempt,),
+                status=status,
+                next_attempt_at=next_attempt_at,
+                claimed_until=None,
             )
+        )
         return succeed(None)
 
     def release_claims(self) -> Deferred:
@@ -136,7 +138,7 @@ class MemoryStore:
 
     def reschedule(self, delivery_id: str, next_attempt_at: float) -> Deferred:
         delivery = self._deliveries.get(delivery_id)
-        if delivery is not None:
+        if delivery is not None and delivery.status == DELIVERING:
             self._put(
                 attr.evolve(
                     delivery, status=SCHEDULED, next_attempt_at=next_attempt_at, claimed_until=None
@@ -220,16 +222,14 @@ class MemoryStore:
         return succeed([self._events[i] for i in ids[max(0, len(ids) - count) :]] if count > 0 else [])
 
     def list_topics(self) -> Deferred:
-        names = set(self._topic_events) | set(self._topic_subscribers)
+        now = self._clock.seconds()
+        active = {
+            topic: sum(1 for s in subscribers.values() if s.expires_at > now)
+            for topic, subscribers in self._topic_subscribers.items()
+        }
+        names = set(self._topic_events) | {t for t, n in active.items() if n}
         return succeed(
-            [
-                (
-                    name,
-                    len(self._topic_events.get(name, ())),
-                    len(self._topic_subscribers.get(name, {})),
-                )
-                for name in sorted(names)
-            ]
+            [(name, len(self._topic_events.get(name, ())), active.get(name, 0)) for name in sorted(names)]
         )
 
     # -- subscriptions --------------------------------------------------------

@@ -1,0 +1,644 @@
+"""
+The ``IStore`` contract: one suite that every storage provider must pass.
+
+A provider's test module mixes ``StoreContractMixin`` into a trial
+``TestCase`` and implements ``make_store``; the web layer and the dispatcher
+rely on exactly what is asserted here, whatever the provider.
+
+Times are explicit arguments (around ``T0``) except where the interface gives
+no ``now`` (``list_topics``); there the leases are far in the past or far in
+the future so that a ``Clock`` at zero and the wall clock agree.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Generator, List
+
+import attr
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from zope.interface.verify import verifyObject
+
+from hookah.ids import IdGenerator
+from hookah.model import (
+    DELIVERED,
+    DELIVERING,
+    FAILED,
+    KIND_WEBSUB,
+    SCHEDULED,
+    Attempt,
+    Delivery,
+    Event,
+    Subscription,
+)
+from hookah.storage.interface import IStore
+
+if TYPE_CHECKING:
+    from twisted.trial.unittest import TestCase as _Base
+else:
+    _Base = object
+
+T0 = 1_700_000_000.0
+FAR_FUTURE = 1e12
+LONG_AGO = 0.0
+
+_Gen = Generator[Deferred[Any], Any, None]
+
+
+class StoreContractMixin(_Base):
+    """Mix into a ``twisted.trial.unittest.TestCase``; provide ``make_store``."""
+
+    store: Any
+
+    def make_store(self) -> Any:
+        """An ``IStore`` provider, not yet opened, or a Deferred of one."""
+        raise NotImplementedError("a provider's test case says how to build it")
+
+    @inlineCallbacks
+    def setUp(self) -> _Gen:  # type: ignore[override]
+        store = yield maybeDeferred(self.make_store)
+        yield store.open()
+        self.addCleanup(store.close)
+        self.store = store
+        self.newId = IdGenerator(lambda: T0)
+
+    # -- helpers -------------------------------------------------------------
+
+    def delivery(self, **fields: Any) -> Delivery:
+        """A plain scheduled delivery with a fresh, ascending id."""
+        fields.setdefault("id", self.newId())
+        fields.setdefault("url", "https://example.com/hook")
+        fields.setdefault("body", b"payload")
+        fields.setdefault("created_at", T0)
+        return Delivery(**fields)
+
+    def event(self, topic: str, **fields: Any) -> Event:
+        fields.setdefault("id", self.newId())
+        fields.setdefault("body", b"event")
+        fields.setdefault("created_at", T0)
+        return Event(topic=topic, **fields)
+
+    def subscription(self, topic: str, callback: str, **fields: Any) -> Subscription:
+        fields.setdefault("expires_at", FAR_FUTURE)
+        return Subscription(topic=topic, callback=callback, **fields)
+
+    @inlineCallbacks
+    def publish(self, *events: Event, keep_count: int = 1000, keep_after: float = 0.0) -> _Gen:
+        for event in events:
+            yield self.store.add_event(event, [], keep_count, keep_after)
+
+    @inlineCallbacks
+    def history(self, topic: str) -> Generator[Deferred[Any], Any, List[str]]:
+        events = yield self.store.events_after([topic], None, 10_000)
+        return [e.id for e in events]
+
+    # -- basics ----------------------------------------------------------------
+
+    def test_provides_istore(self) -> None:
+        self.assertTrue(verifyObject(IStore, self.store))
+
+    @inlineCallbacks
+    def test_ping(self) -> _Gen:
+        result = yield self.store.ping()
+        self.assertIsNone(result)
+
+    # -- deliveries ------------------------------------------------------------
+
+    @inlineCallbacks
+    def test_delivery_roundtrip_keeps_every_field(self) -> _Gen:
+        d = Delivery(
+            id=self.newId(),
+            url="https://example.com/hook?x=1&y=é",
+            body=b"\x00binary\x00\xff\xfe body \x00",
+            content_type="application/octet-stream",
+            headers=(("X-B", "2"), ("X-A", "1"), ("X-B", "ünï"), ("x-a", "")),
+            status=DELIVERING,
+            created_at=T0 + 0.123456,
+            next_attempt_at=T0 + 10.5,
+            attempts=(
+                Attempt(at=T0 + 1, status_code=500, error=None, duration_ms=12),
+                Attempt(at=T0 + 2, status_code=None, error="timeout", duration_ms=30000),
+                Attempt(at=T0 + 3, status_code=429, error="slow down", duration_ms=7),
+            ),
+            retries=5,
+            timeout=2.5,
+            errback="https://example.com/errback",
+            callback="https://example.com/callback",
+            kind=KIND_WEBSUB,
+            topic="news",
+            event_id="01EVENT",
+            parent_id="01PARENT",
+            idempotency_key="key-1",
+            retry_from=2,
+            claimed_until=T0 + 60,
+        )
+        yield self.store.add_deliveries([d])
+        got = yield self.store.get_delivery(d.id)
+        self.assertEqual(got, d)
+        self.assertIsInstance(got.body, bytes)
+        self.assertIsInstance(got.headers, tuple)
+        self.assertIsInstance(got.attempts, tuple)
+
+    @inlineCallbacks
+    def test_delivery_roundtrip_of_defaults(self) -> _Gen:
+        d = Delivery(id=self.newId(), url="https://example.com/", body=b"")
+        yield self.store.add_deliveries([d])
+        got = yield self.store.get_delivery(d.id)
+        self.assertEqual(got, d)
+
+    @inlineCallbacks
+    def test_get_missing_delivery(self) -> _Gen:
+        got = yield self.store.get_delivery("01NOSUCHDELIVERY")
+        self.assertIsNone(got)
+
+    @inlineCallbacks
+    def test_add_deliveries_is_atomic(self) -> _Gen:
+        """A batch with one bad delivery (a duplicate id) stores none of them."""
+        first = self.delivery()
+        yield self.store.add_deliveries([first])
+        fresh = self.delivery()
+        yield self.assertFailure(
+            self.store.add_deliveries([fresh, attr.evolve(first, url="https://other/")]),
+            Exception,
+        )
+        self.assertIsNone((yield self.store.get_delivery(fresh.id)))
+        self.assertEqual((yield self.store.get_delivery(first.id)), first)
+
+    @inlineCallbacks
+    def test_list_deliveries_pages_by_id(self) -> _Gen:
+        statuses = [SCHEDULED, FAILED, DELIVERED, FAILED, SCHEDULED, FAILED, DELIVERING]
+        ds = [
+            self.delivery(status=s, attempts=(Attempt(at=T0, status_code=500),))
+            for s in statuses
+        ]
+        # Inserted out of order: the order is the ids', not insertion's.
+        yield self.store.add_deliveries(ds[3:])
+        yield self.store.add_deliveries(ds[:3])
+
+        page = yield self.store.list_deliveries(None, 3, None)
+        self.assertEqual(page, ds[:3])
+        page = yield self.store.list_deliveries(None, 3, ds[2].id)
+        self.assertEqual(page, ds[3:6])
+        page = yield self.store.list_deliveries(None, 3, ds[5].id)
+        self.assertEqual(page, ds[6:])
+        page = yield self.store.list_deliveries(None, 3, ds[6].id)
+        self.assertEqual(page, [])
+
+        failed = [d for d in ds if d.status == FAILED]
+        page = yield self.store.list_deliveries(FAILED, 2, None)
+        self.assertEqual(page, failed[:2])
+        page = yield self.store.list_deliveries(FAILED, 2, failed[1].id)
+        self.assertEqual(page, failed[2:])
+        page = yield self.store.list_deliveries(DELIVERED, 10, ds[2].id)
+        self.assertEqual(page, [])
+
+    @inlineCallbacks
+    def test_count_deliveries(self) -> _Gen:
+        statuses = [SCHEDULED, SCHEDULED, DELIVERING, FAILED, FAILED, FAILED]
+        yield self.store.add_deliveries([self.delivery(status=s) for s in statuses])
+        counts = yield self.store.count_deliveries()
+        self.assertEqual(
+            {status: n for status, n in counts.items() if n},
+            {SCHEDULED: 2, DELIVERING: 1, FAILED: 3},
+        )
+
+    @inlineCallbacks
+    def test_count_deliveries_when_empty(self) -> _Gen:
+        counts = yield self.store.count_deliveries()
+        self.assertEqual(sum(counts.values()), 0)
+
+    # -- claiming ----------------------------------------------------------------
+
+    @inlineCallbacks
+    def test_claim_due_takes_only_due_deliveries(self) -> _Gen:
+        due = self.delivery(next_attempt_at=T0)
+        exactly_now = self.delivery(next_attempt_at=T0 + 10)
+        later = self.delivery(next_attempt_at=T0 + 11)
+        done = self.delivery(status=DELIVERED, next_attempt_at=T0 - 100)
+        gave_up = self.delivery(status=FAILED, next_attempt_at=T0 - 100)
+        held = self.delivery(status=DELIVERING, next_attempt_at=T0 - 100,
+                             claimed_until=T0 + 30)
+        yield self.store.add_deliveries([due, exactly_now, later, done, gave_up, held])
+
+        claimed = yield self.store.claim_due(T0 + 10, 100, T0 + 70)
+        self.assertEqual(
+            claimed,
+            [attr.evolve(d, status=DELIVERING, claimed_until=T0 + 70)
+             for d in (due, exactly_now)],
+        )
+        for d in claimed:
+            self.assertEqual((yield self.store.get_delivery(d.id)), d)
+        self.assertEqual((yield self.store.get_delivery(later.id)), later)
+        self.assertEqual((yield self.store.get_delivery(held.id)), held)
+
+    @inlineCallbacks
+    def test_claim_due_earliest_first_and_limit(self) -> _Gen:
+        times = [T0 + 5, T0 + 1, T0 + 4, T0 + 2, T0 + 3]
+        ds = [self.delivery(next_attempt_at=t) for t in times]
+        yield self.store.add_deliveries(ds)
+        claimed = yield self.store.claim_due(T0 + 10, 3, T0 + 100)
+        self.assertEqual([d.next_attempt_at for d in claimed], [T0 + 1, T0 + 2, T0 + 3])
+        claimed = yield self.store.claim_due(T0 + 10, 3, T0 + 100)
+        self.assertEqual([d.next_attempt_at for d in claimed], [T0 + 4, T0 + 5])
+        claimed = yield self.store.claim_due(T0 + 10, 3, T0 + 100)
+        self.assertEqual(claimed, [])
+
+    @inlineCallbacks
+    def test_claimed_not_claimed_again_before_lease_expiry(self) -> _Gen:
+        d = self.delivery(next_attempt_at=T0)
+        yield self.store.add_deliveries([d])
+        first = yield self.store.claim_due(T0, 10, T0 + 60)
+        self.assertEqual([c.id for c in first], [d.id])
+        self.assertEqual((yield self.store.claim_due(T0, 10, T0 + 60)), [])
+        self.assertEqual((yield self.store.claim_due(T0 + 59.9, 10, T0 + 120)), [])
+
+    @inlineCallbacks
+    def test_expired_claim_is_claimable_again(self) -> _Gen:
+        """Crash recovery: a lease that ran out frees the delivery for another."""
+        d = self.delivery(next_attempt_at=T0, attempts=(Attempt(at=T0 - 5, status_code=503),))
+        yield self.store.add_deliveries([d])
+        yield self.store.claim_due(T0, 10, T0 + 60)
+        again = yield self.store.claim_due(T0 + 60, 10, T0 + 120)
+        self.assertEqual(again, [attr.evolve(d, status=DELIVERING, claimed_until=T0 + 120)])
+        self.assertEqual((yield self.store.get_delivery(d.id)), again[0])
+
+    @inlineCallbacks
+    def test_claim_due_inserted_already_claimed(self) -> _Gen:
+        """A caller may insert a delivery claimed by itself; it is not up for grabs."""
+        d = self.delivery(status=DELIVERING, next_attempt_at=T0, claimed_until=T0 + 30)
+        yield self.store.add_deliveries([d])
+        self.assertEqual((yield self.store.claim_due(T0 + 29, 10, T0 + 90)), [])
+        claimed = yield self.store.claim_due(T0 + 30, 10, T0 + 90)
+        self.assertEqual([c.id for c in claimed], [d.id])
+
+    @inlineCallbacks
+    def test_claim_due_orders_expired_claims_and_scheduled_together(self) -> _Gen:
+        scheduled_late = self.delivery(next_attempt_at=T0 + 10)
+        lapsed = self.delivery(status=DELIVERING, next_attempt_at=T0 - 50,
+                               claimed_until=T0 + 5)
+        scheduled_early = self.delivery(next_attempt_at=T0 + 1)
+        yield self.store.add_deliveries([scheduled_late, lapsed, scheduled_early])
+        claimed = yield self.store.claim_due(T0 + 20, 2, T0 + 80)
+        self.assertEqual([d.id for d in claimed], [scheduled_early.id, lapsed.id])
+        claimed = yield self.store.claim_due(T0 + 20, 2, T0 + 80)
+        self.assertEqual([d.id for d in claimed], [scheduled_late.id])
+
+    @inlineCallbacks
+    def test_scheduled_without_time_is_due_at_once(self) -> _Gen:
+        untimed = self.delivery(next_attempt_at=None)
+        timed = self.delivery(next_attempt_at=T0)
+        yield self.store.add_deliveries([timed, untimed])
+        due = yield self.store.next_due()
+        self.assertIsNotNone(due)
+        self.assertLessEqual(due, T0)
+        claimed = yield self.store.claim_due(T0, 10, T0 + 60)
+        self.assertEqual([d.id for d in claimed], [untimed.id, timed.id])
+
+    @inlineCallbacks
+    def test_release_claims(self) -> _Gen:
+        """Start-up of a single node: every claim is released, due at once."""
+        a = self.delivery(next_attempt_at=T0)
+        b = self.delivery(next_attempt_at=T0 + 1)
+        inserted_claimed = self.delivery(status=DELIVERING, next_attempt_at=T0 + 2,
+                                         claimed_until=T0 + 1000)
+        waiting = self.delivery(next_attempt_at=T0 + 500)
+        done = self.delivery(status=DELIVERED, next_attempt_at=T0)
+        yield self.store.add_deliveries([a, b, inserted_claimed, waiting, done])
+        yield self.store.claim_due(T0 + 1, 10, T0 + 60)
+
+        released = yield self.store.release_claims()
+        self.assertEqual(released, 3)
+        for d in (a, b, inserted_claimed):
+            got = yield self.store.get_delivery(d.id)
+            self.assertEqual(got, attr.evolve(d, status=SCHEDULED, claimed_until=None))
+        self.assertEqual((yield self.store.get_delivery(waiting.id)), waiting)
+        self.assertEqual((yield self.store.get_delivery(done.id)), done)
+        self.assertEqual((yield self.store.next_due()), T0)
+        claimed = yield self.store.claim_due(T0 + 2, 10, T0 + 60)
+        self.assertEqual([d.id for d in claimed], [a.id, b.id, inserted_claimed.id])
+        self.assertEqual((yield self.store.release_claims()), 3)
+        self.assertEqual((yield self.store.release_claims()), 0)
+
+    # -- finishing and rescheduling --------------------------------------------
+
+    @inlineCallbacks
+    def test_finish_attempt_with_retry(self) -> _Gen:
+        d = self.delivery(next_attempt_at=T0)
+        yield self.store.add_deliveries([d])
+        yield self.store.claim_due(T0, 10, T0 + 60)
+        first = Attempt(at=T0 + 1, status_code=500, duration_ms=40)
+        yield self.store.finish_attempt(d.id, first, SCHEDULED, T0 + 30)
+        got = yield self.store.get_delivery(d.id)
+        self.assertEqual(
+            got,
+            attr.evolve(d, status=SCHEDULED, next_attempt_at=T0 + 30,
+                        attempts=(first,), claimed_until=None),
+        )
+        self.assertEqual((yield self.store.claim_due(T0 + 29, 10, T0 + 90)), [])
+        self.assertEqual(len((yield self.store.claim_due(T0 + 30, 10, T0 + 90))), 1)
+
+        second = Attempt(at=T0 + 31, error="connection refused", duration_ms=3)
+        yield self.store.finish_attempt(d.id, second, SCHEDULED, T0 + 300)
+        third = Attempt(at=T0 + 301, status_code=200, duration_ms=9)
+        yield self.store.claim_due(T0 + 300, 10, T0 + 360)
+        yield self.store.finish_attempt(d.id, third, DELIVERED, None)
+        got = yield self.store.get_delivery(d.id)
+        self.assertEqual(got.attempts, (first, second, third))
+        self.assertEqual(got.status, DELIVERED)
+        self.assertIsNone(got.claimed_until)
+        self.assertEqual((yield self.store.claim_due(T0 + 10_000, 10, T0 + 10_060)), [])
+
+    @inlineCallbacks
+    def test_finish_attempt_failed(self) -> _Gen:
+        d = self.delivery(next_attempt_at=T0)
+        yield self.store.add_deliveries([d])
+        yield self.store.claim_due(T0, 10, T0 + 60)
+        gone = Attempt(at=T0 + 1, status_code=410)
+        yield self.store.finish_attempt(d.id, gone, FAILED, None)
+        got = yield self.store.get_delivery(d.id)
+        self.assertEqual((got.status, got.attempts, got.claimed_until), (FAILED, (gone,), None))
+        self.assertEqual((yield self.store.next_due()), None)
+
+    @inlineCallbacks
+    def test_reschedule_releases_claim_without_attempt(self) -> _Gen:
+        d = self.delivery(next_attempt_at=T0, attempts=(Attempt(at=T0 - 1, status_code=502),))
+        yield self.store.add_deliveries([d])
+        yield self.store.claim_due(T0, 10, T0 + 60)
+        yield self.store.reschedule(d.id, T0 + 100)
+        got = yield self.store.get_delivery(d.id)
+        self.assertEqual(got, attr.evolve(d, next_attempt_at=T0 + 100))
+        self.assertEqual((yield self.store.claim_due(T0 + 99, 10, T0 + 200)), [])
+        claimed = yield self.store.claim_due(T0 + 100, 10, T0 + 200)
+        self.assertEqual([c.id for c in claimed], [d.id])
+
+    @inlineCallbacks
+    def test_requeue_finished(self) -> _Gen:
+        attempts = (Attempt(at=T0, status_code=500), Attempt(at=T0 + 5, status_code=500))
+        failed = self.delivery(status=FAILED, attempts=attempts, retry_from=1)
+        delivered = self.delivery(status=DELIVERED, attempts=attempts[:1])
+        yield self.store.add_deliveries([failed, delivered])
+
+        requeued = yield self.store.requeue(failed.id, T0 + 1000)
+        expected = attr.evolve(failed, status=SCHEDULED, next_attempt_at=T0 + 1000,
+                               retry_from=2)
+        self.assertEqual(requeued, expected)
+        self.assertEqual(requeued.current_attempts, ())
+        self.assertEqual((yield self.store.get_delivery(failed.id)), expected)
+
+        requeued = yield self.store.requeue(delivered.id, T0 + 1000)
+        self.assertEqual(
+            requeued,
+            attr.evolve(delivered, status=SCHEDULED, next_attempt_at=T0 + 1000, retry_from=1),
+        )
+        claimed = yield self.store.claim_due(T0 + 1000, 10, T0 + 1060)
+        self.assertEqual({c.id for c in claimed}, {failed.id, delivered.id})
+
+    @inlineCallbacks
+    def test_requeue_refuses_unfinished_and_unknown(self) -> _Gen:
+        scheduled = self.delivery(next_attempt_at=T0 + 50)
+        delivering = self.delivery(status=DELIVERING, claimed_until=T0 + 50)
+        yield self.store.add_deliveries([scheduled, delivering])
+        for d in (scheduled, delivering):
+            self.assertIsNone((yield self.store.requeue(d.id, T0)))
+            self.assertEqual((yield self.store.get_delivery(d.id)), d)
+        self.assertIsNone((yield self.store.requeue("01NOSUCHDELIVERY", T0)))
+
+    # -- next_due ----------------------------------------------------------------
+
+    @inlineCallbacks
+    def test_next_due_when_nothing(self) -> _Gen:
+        self.assertIsNone((yield self.store.next_due()))
+        yield self.store.add_deliveries(
+            [self.delivery(status=DELIVERED, next_attempt_at=T0),
+             self.delivery(status=FAILED, next_attempt_at=T0)]
+        )
+        self.assertIsNone((yield self.store.next_due()))
+
+    @inlineCallbacks
+    def test_next_due_sees_schedules_and_claim_expiries(self) -> _Gen:
+        scheduled = self.delivery(next_attempt_at=T0 + 50)
+        # A claimed delivery is due when its claim lapses, whatever its old
+        # next_attempt_at said.
+        claimed = self.delivery(status=DELIVERING, next_attempt_at=T0 + 1,
+                                claimed_until=T0 + 30)
+        yield self.store.add_deliveries([scheduled, claimed])
+        self.assertEqual((yield self.store.next_due()), T0 + 30)
+        yield self.store.finish_attempt(claimed.id, Attempt(at=T0 + 2, status_code=200),
+                                        DELIVERED, None)
+        self.assertEqual((yield self.store.next_due()), T0 + 50)
+        yield self.store.add_deliveries([self.delivery(next_attempt_at=T0 + 7)])
+        self.assertEqual((yield self.store.next_due()), T0 + 7)
+
+    # -- idempotency keys --------------------------------------------------------
+
+    @inlineCallbacks
+    def test_find_idempotency_key(self) -> _Gen:
+        d = self.delivery(idempotency_key="order-1", created_at=T0)
+        yield self.store.add_deliveries([d, self.delivery(idempotency_key="other")])
+        e = self.event("news", idempotency_key="order-2", created_at=T0 + 10)
+        yield self.store.add_event(e, [], 100, 0.0)
+
+        self.assertEqual((yield self.store.find_idempotency_key("order-1", T0 - 60)), d.id)
+        self.assertEqual((yield self.store.find_idempotency_key("order-1", T0)), d.id)
+        self.assertIsNone((yield self.store.find_idempotency_key("order-1", T0 + 0.001)))
+        self.assertEqual((yield self.store.find_idempotency_key("order-2", T0)), e.id)
+        self.assertIsNone((yield self.store.find_idempotency_key("order-2", T0 + 11)))
+        self.assertIsNone((yield self.store.find_idempotency_key("unknown", 0.0)))
+
+    @inlineCallbacks
+    def test_idempotency_key_reused_after_window(self) -> _Gen:
+        old = self.delivery(idempotency_key="k", created_at=T0)
+        new = self.delivery(idempotency_key="k", created_at=T0 + 86_400)
+        yield self.store.add_deliveries([old])
+        yield self.store.add_deliveries([new])
+        self.assertEqual((yield self.store.find_idempotency_key("k", T0 + 3600)), new.id)
+
+    # -- events --------------------------------------------------------------------
+
+    @inlineCallbacks
+    def test_add_event_with_deliveries(self) -> _Gen:
+        e = self.event(
+            "news",
+            body=b"\x00{}\x00",
+            content_type="application/json",
+            headers=(("X-Z", "1"), ("X-A", "2")),
+            created_at=T0 + 0.25,
+            idempotency_key="publish-1",
+        )
+        ds = [
+            self.delivery(kind=KIND_WEBSUB, topic="news", event_id=e.id,
+                          url=f"https://sub{i}.example/", next_attempt_at=T0)
+            for i in range(3)
+        ]
+        yield self.store.add_event(e, ds, 100, 0.0)
+        self.assertEqual((yield self.store.get_event(e.id)), e)
+        for d in ds:
+            self.assertEqual((yield self.store.get_delivery(d.id)), d)
+        self.assertEqual(len((yield self.store.claim_due(T0, 10, T0 + 60))), 3)
+
+    @inlineCallbacks
+    def test_add_event_is_atomic(self) -> _Gen:
+        existing = self.delivery()
+        yield self.store.add_deliveries([existing])
+        e = self.event("news")
+        fresh = self.delivery(topic="news", event_id=e.id)
+        yield self.assertFailure(
+            self.store.add_event(e, [fresh, attr.evolve(existing, topic="news")], 100, 0.0),
+            Exception,
+        )
+        self.assertIsNone((yield self.store.get_event(e.id)))
+        self.assertIsNone((yield self.store.get_delivery(fresh.id)))
+        self.assertEqual((yield self.history("news")), [])
+
+    @inlineCallbacks
+    def test_get_missing_event(self) -> _Gen:
+        self.assertIsNone((yield self.store.get_event("01NOSUCHEVENT")))
+
+    @inlineCallbacks
+    def test_add_event_trims_by_count(self) -> _Gen:
+        other = self.event("other")
+        yield self.publish(other)
+        news = [self.event("news", created_at=T0 + i) for i in range(5)]
+        yield self.publish(*news, keep_count=3)
+        self.assertEqual((yield self.history("news")), [e.id for e in news[2:]])
+        self.assertEqual((yield self.history("other")), [other.id])
+        self.assertIsNone((yield self.store.get_event(news[0].id)))
+
+    @inlineCallbacks
+    def test_add_event_trims_by_age(self) -> _Gen:
+        other = self.event("other", created_at=T0 - 1000)
+        yield self.publish(other)
+        news = [self.event("news", created_at=T0 + 10 * i) for i in range(4)]
+        yield self.publish(*news[:3])
+        yield self.store.add_event(news[3], [], 1000, T0 + 10)
+        # Kept: created strictly after keep_after; the one at T0 + 10 goes.
+        self.assertEqual((yield self.history("news")), [news[2].id, news[3].id])
+        self.assertEqual((yield self.history("other")), [other.id])
+
+    @inlineCallbacks
+    def test_events_after_across_topics(self) -> _Gen:
+        events = [self.event(topic) for topic in "abcabcab"]
+        yield self.publish(*events)
+        a_or_b = [e for e in events if e.topic in ("a", "b")]
+
+        self.assertEqual((yield self.store.events_after(["b", "a"], None, 100)), a_or_b)
+        self.assertEqual((yield self.store.events_after(["a", "b"], None, 3)), a_or_b[:3])
+        self.assertEqual(
+            (yield self.store.events_after(["a", "b"], a_or_b[2].id, 100)), a_or_b[3:]
+        )
+        self.assertEqual(
+            (yield self.store.events_after(["a", "b"], a_or_b[2].id, 2)), a_or_b[3:5]
+        )
+        self.assertEqual(
+            (yield self.store.events_after(["a", "b"], a_or_b[-1].id, 100)), []
+        )
+        # An id from another topic is still a position in time.
+        self.assertEqual(
+            (yield self.store.events_after(["a"], events[5].id, 100)),
+            [events[6]],
+        )
+        self.assertEqual((yield self.store.events_after([], None, 100)), [])
+        self.assertEqual((yield self.store.events_after(["nope"], None, 100)), [])
+
+    @inlineCallbacks
+    def test_last_events_across_topics(self) -> _Gen:
+        events = [self.event(topic) for topic in "abcabcab"]
+        yield self.publish(*events)
+        a_or_b = [e for e in events if e.topic in ("a", "b")]
+        self.assertEqual((yield self.store.last_events(["a", "b"], 3)), a_or_b[-3:])
+        self.assertEqual((yield self.store.last_events(["c"], 100)), events[2::3])
+        self.assertEqual((yield self.store.last_events(["a", "b", "c"], 100)), events)
+        self.assertEqual((yield self.store.last_events(["nope"], 5)), [])
+
+    @inlineCallbacks
+    def test_list_topics(self) -> _Gen:
+        yield self.publish(self.event("a"), self.event("a"), self.event("d"))
+        for sub in (
+            self.subscription("a", "https://one/", expires_at=FAR_FUTURE),
+            self.subscription("a", "https://two/", expires_at=LONG_AGO),
+            self.subscription("b", "https://one/", expires_at=FAR_FUTURE),
+            self.subscription("c", "https://one/", expires_at=LONG_AGO),
+        ):
+            yield self.store.put_subscription(sub)
+        topics = yield self.store.list_topics()
+        self.assertEqual(sorted(topics), [("a", 2, 1), ("b", 0, 1), ("d", 1, 0)])
+
+    # -- subscriptions -------------------------------------------------------------
+
+    @inlineCallbacks
+    def test_subscription_roundtrip_and_replace(self) -> _Gen:
+        sub = self.subscription("news", "https://cb/", secret="s3cret", lease_seconds=600,
+                                created_at=T0, expires_at=T0 + 600)
+        yield self.store.put_subscription(sub)
+        self.assertEqual((yield self.store.get_subscription("news", "https://cb/")), sub)
+
+        renewed = attr.evolve(sub, secret=None, lease_seconds=900, created_at=T0 + 100,
+                              expires_at=T0 + 1000)
+        yield self.store.put_subscription(renewed)
+        self.assertEqual((yield self.store.get_subscription("news", "https://cb/")), renewed)
+        self.assertEqual((yield self.store.list_subscriptions(None)), [renewed])
+        self.assertEqual((yield self.store.active_subscriptions("news", T0)), [renewed])
+
+    @inlineCallbacks
+    def test_get_missing_subscription(self) -> _Gen:
+        yield self.store.put_subscription(self.subscription("news", "https://cb/"))
+        self.assertIsNone((yield self.store.get_subscription("news", "https://other/")))
+        self.assertIsNone((yield self.store.get_subscription("other", "https://cb/")))
+
+    @inlineCallbacks
+    def test_remove_subscription(self) -> _Gen:
+        keep = self.subscription("news", "https://keep/")
+        yield self.store.put_subscription(keep)
+        yield self.store.put_subscription(self.subscription("news", "https://cb/"))
+        self.assertTrue((yield self.store.remove_subscription("news", "https://cb/")))
+        self.assertFalse((yield self.store.remove_subscription("news", "https://cb/")))
+        self.assertFalse((yield self.store.remove_subscription("other", "https://keep/")))
+        self.assertIsNone((yield self.store.get_subscription("news", "https://cb/")))
+        self.assertEqual((yield self.store.list_subscriptions(None)), [keep])
+
+    @inlineCallbacks
+    def test_active_subscriptions_exclude_expired(self) -> _Gen:
+        subs = [
+            self.subscription("news", "https://a/", expires_at=T0 + 1),
+            self.subscription("news", "https://b/", expires_at=T0),
+            self.subscription("news", "https://c/", expires_at=T0 - 1),
+            self.subscription("news", "https://d/", expires_at=T0 + 500),
+            self.subscription("sport", "https://a/", expires_at=T0 + 500),
+        ]
+        for sub in subs:
+            yield self.store.put_subscription(sub)
+        active = yield self.store.active_subscriptions("news", T0)
+        self.assertEqual(sorted(s.callback for s in active), ["https://a/", "https://d/"])
+        self.assertEqual((yield self.store.active_subscriptions("weather", T0)), [])
+
+    @inlineCallbacks
+    def test_list_subscriptions(self) -> _Gen:
+        subs = [
+            self.subscription("news", "https://a/"),
+            self.subscription("sport", "https://a/"),
+            self.subscription("news", "https://b/", expires_at=LONG_AGO),
+        ]
+        for sub in subs:
+            yield self.store.put_subscription(sub)
+
+        def key(s: Subscription) -> tuple:
+            return (s.topic, s.callback)
+
+        everything = yield self.store.list_subscriptions(None)
+        self.assertEqual(sorted(everything, key=key), sorted(subs, key=key))
+        news = yield self.store.list_subscriptions("news")
+        self.assertEqual(sorted(news, key=key), [subs[0], subs[2]])
+        self.assertEqual((yield self.store.list_subscriptions("weather")), [])
+
+    @inlineCallbacks
+    def test_purge_expired(self) -> _Gen:
+        subs = [
+            self.subscription("news", "https://a/", expires_at=T0 - 1),
+            self.subscription("news", "https://b/", expires_at=T0),
+            self.subscription("news", "https://c/", expires_at=T0 + 1),
+            self.subscription("sport", "https://a/", expires_at=T0 - 100),
+        ]
+        for sub in subs:
+            yield self.store.put_subscription(sub)
+        self.assertEqual((yield self.store.purge_expired(T0)), 3)
+        self.assertEqual((yield self.store.list_subscriptions(None)), [subs[2]])
+        self.assertEqual((yield self.store.purge_expired(T0)), 0)
