@@ -17,9 +17,12 @@ from twisted.web.resource import Resource
 from hookah.config import Config
 from hookah.dispatcher import Dispatcher
 from hookah.http import HTTPClient, pooled_treq
+from hookah.hosts import HostGate
 from hookah.ids import IdGenerator
 from hookah.metrics import Metrics
 from hookah.service import HookahCore
+from hookah.signing import Signer
+from hookah.ssrf import AddressPolicy
 from hookah.storage.interface import IStore
 from hookah.web.common import make_site
 from hookah.web.dispatch import DispatchResource
@@ -51,7 +54,8 @@ class HookahService(MultiService):
         self.config = config
         self.reactor = reactor
         self.store = open_store(config.storage, reactor)
-        treq_client, self.pool = pooled_treq(reactor, config.host_concurrency)
+        self.address_policy = AddressPolicy(config.allow_private_targets, config.allowed_networks)
+        treq_client, self.pool = pooled_treq(reactor, config.host_concurrency, self.address_policy)
         self.client = HTTPClient(treq_client, reactor)
         self.new_id = IdGenerator(reactor.seconds)
         self.metrics = Metrics()
@@ -64,6 +68,8 @@ class HookahService(MultiService):
             timeout=config.timeout,
             concurrency=config.concurrency,
             metrics=self.metrics,
+            signer=Signer(config.signing_secrets) if config.signing_secrets else None,
+            hosts=HostGate(reactor, config.host_concurrency, config.breaker_threshold, config.breaker_cooldown),
         )
         self.core = HookahCore(
             self.store,
@@ -74,6 +80,7 @@ class HookahService(MultiService):
             history_count=config.history_count,
             history_age=config.history_age,
             metrics=self.metrics,
+            address_policy=self.address_policy,
         )
         self.site = make_site(build_root(self.core, config), config.max_body, reactor)
         self.web = strports.service(config.listen, self.site, reactor=reactor)

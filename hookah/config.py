@@ -156,6 +156,18 @@ def _secrets(name: str, value: Any) -> Tuple[str, ...]:
     return tuple(str(v) for v in (value if isinstance(value, list) else str(value).split()))
 
 
+def _signing_secrets(name: str, value: Any) -> Tuple[str, ...]:
+    from hookah.signing import secret_key
+
+    secrets = _secrets(name, value)
+    for secret in secrets:
+        try:
+            secret_key(secret)
+        except ValueError as e:
+            raise ConfigError(f"--{name}: {e}")
+    return secrets
+
+
 @attr.s(auto_attribs=True, frozen=True)
 class Setting:
     name: str  # the option's name on the command line
@@ -177,7 +189,7 @@ SETTINGS: Sequence[Setting] = (
     Setting("timeout", "timeout", _positive_number, "seconds per delivery attempt [default: 30]"),
     Setting("keepalive", "keepalive", _positive_number, "seconds between stream keep-alives [default: 30]"),
     Setting("public-url", "public_url", _public_url, "this hub's public base URL, for Link: rel=\"hub\""),
-    Setting("signing-secret", "signing_secrets", _secrets, "Standard Webhooks secret(s), space-separated, to sign /dispatch deliveries"),
+    Setting("signing-secret", "signing_secrets", _signing_secrets, "Standard Webhooks secret(s), space-separated, to sign /dispatch deliveries"),
     Setting("lease-bounds", "lease_bounds", _lease_bounds, "WebSub lease seconds min,default,max [default: 60,864000,2592000]"),
     Setting("max-body", "max_body", lambda n, v: _integer(n, v, 1), "largest request body in bytes [default: 1048576]"),
     Setting("concurrency", "concurrency", lambda n, v: _integer(n, v, 1, 100000), "delivery attempts in flight at once [default: 256]"),

@@ -14,7 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import random
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set
+from typing import Any, Callable, Dict, List, Optional, Sequence
+from urllib.parse import urlsplit
 
 import attr
 from twisted.application.service import Service
@@ -36,7 +37,10 @@ from hookah.model import (
     Attempt,
     Delivery,
 )
-from hookah.retry import decide
+from hookah.hosts import GO, WAIT, HostGate
+from hookah.retry import Decision, decide
+from hookah.signing import Signer
+from hookah.ssrf import TargetRefused
 from hookah.storage.interface import IStore
 
 log = Logger()
@@ -44,6 +48,12 @@ log = Logger()
 # How long a claim lasts beyond an attempt's own timeout: a process killed
 # mid-attempt leaves claims that expire this long after, and are retried.
 CLAIM_MARGIN = 60.0
+
+
+def host_key(url: str) -> str:
+    """The host a per-host limit applies to: scheme, name and port."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
 class Dispatcher(Service):
@@ -65,9 +75,10 @@ class Dispatcher(Service):
         timeout: float = 30.0,
         concurrency: int = 256,
         poll_interval: float = 5.0,
-        sign: Optional[Callable[[Delivery, float], List[Any]]] = None,
+        signer: Optional[Signer] = None,
         rand: Callable[[], float] = random.random,
         metrics: Optional[Metrics] = None,
+        hosts: Optional[HostGate] = None,
     ) -> None:
         self.store = store
         self.client = client
@@ -77,7 +88,8 @@ class Dispatcher(Service):
         self.timeout = timeout
         self.concurrency = concurrency
         self.poll_interval = poll_interval
-        self.sign = sign
+        self.signer = signer
+        self.hosts = hosts or HostGate(clock)
         self.rand = rand
         self.metrics = metrics or Metrics()
         self._in_flight: Dict[str, Deferred] = {}
@@ -97,6 +109,9 @@ class Dispatcher(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        now = self.clock.seconds()
+        for delivery, slot in self.hosts.drain_waiting():
+            self._defer(delivery, slot, now)
         return DeferredList(list(self._in_flight.values()), consumeErrors=True).addCallback(
             lambda _: None
         )
@@ -132,7 +147,7 @@ class Dispatcher(Service):
 
         def committed(_: object) -> List[Delivery]:
             for delivery, slot in zip(start_now, reserved):
-                self._send(delivery, slot)
+                self._dispatch(delivery, slot)
             if len(start_now) < len(stored):
                 self._wake()
             return stored
@@ -191,7 +206,7 @@ class Dispatcher(Service):
                 # Our own claim expired while we still hold it: an attempt
                 # that outlived its lease; let the running one finish.
                 continue
-            self._send(delivery, self._reserve(delivery.id))
+            self._dispatch(delivery, self._reserve(delivery.id))
         if len(deliveries) >= room:
             return succeed(None)
         return self.store.next_due().addCallback(self._sleep_until)
@@ -212,32 +227,74 @@ class Dispatcher(Service):
 
     # -- one attempt -----------------------------------------------------------
 
-    def _send(self, delivery: Delivery, slot: Deferred) -> None:
+    def _dispatch(self, delivery: Delivery, slot: Deferred) -> None:
+        """Send now, hold for a free slot to its host, or push back in storage."""
+        host = host_key(delivery.url)
+        verdict = self.hosts.admit(host)
+        if verdict == GO:
+            self._send(delivery, slot, host)
+        elif verdict == WAIT:
+            self.hosts.hold(host, (delivery, slot))
+        else:
+            self._defer(delivery, slot, self.hosts.retry_at(host))
+
+    def _defer(self, delivery: Delivery, slot: Deferred, at: float) -> None:
+        # Spread deferred deliveries over a second so a host that comes back
+        # is not met by its whole backlog at once.
+        d = self.store.reschedule(delivery.id, at + self.rand())
+        d.addErrback(lambda f: log.failure("deferring {id} failed", f, id=delivery.id))
+        d.addBoth(lambda _: self._release(delivery.id, slot))
+
+    def _send(self, delivery: Delivery, slot: Deferred, host: str) -> None:
+        self.hosts.started(host)
         timeout = delivery.timeout or self.timeout
         started = self.clock.seconds()
         headers: List[Any] = []
         if delivery.content_type:
             headers.append(("Content-Type", delivery.content_type))
         headers.extend(delivery.headers)
-        if self.sign is not None and delivery.kind == KIND_DISPATCH:
-            headers.extend(self.sign(delivery, started))
+        if self.signer is not None and delivery.kind == KIND_DISPATCH:
+            headers.extend(self.signer.headers(delivery.id, started, delivery.body))
         d = self.client.request("POST", delivery.url, headers, delivery.body, timeout)
+        d.addBoth(self._host_finished, host)
         d.addBoth(self._attempted, delivery, started, timeout)
         d.addErrback(lambda f: log.failure("recording an attempt of {id} failed", f, id=delivery.id))
         d.addBoth(lambda _: self._release(delivery.id, slot))
 
+    def _host_finished(self, outcome: Any, host: str) -> Any:
+        if isinstance(outcome, Failure):
+            healthy = bool(outcome.check(TargetRefused))
+        else:
+            healthy = outcome.code < 500 and outcome.code != 429
+        self.hosts.finished(host, healthy)
+        if self.hosts.paused_until(host) is not None:
+            at = self.hosts.retry_at(host)
+            for delivery, slot in self.hosts.drain_waiting(host):
+                self._defer(delivery, slot, at)
+        else:
+            held = self.hosts.next_waiting(host)
+            if held is not None:
+                waiting_delivery, waiting_slot = held
+                if self.running:
+                    self._send(waiting_delivery, waiting_slot, host)
+                else:
+                    self._defer(waiting_delivery, waiting_slot, self.clock.seconds())
+        return outcome
+
     def _attempted(self, outcome: Any, delivery: Delivery, started: float, timeout: float) -> Deferred:
         now = self.clock.seconds()
         duration_ms = int(round((now - started) * 1000))
+        refused = isinstance(outcome, Failure) and outcome.check(TargetRefused)
         if isinstance(outcome, Failure):
             response = None
-            attempt = Attempt(started, None, describe_failure(outcome, timeout), duration_ms)
+            error = str(outcome.value) if refused else describe_failure(outcome, timeout)
+            attempt = Attempt(started, None, error, duration_ms)
         else:
             response = outcome
             error = None if 200 <= response.code < 300 else f"HTTP {response.code}"
             attempt = Attempt(started, response.code, error, duration_ms)
         retries = delivery.retries if delivery.retries is not None else len(self.schedule)
-        decision = decide(
+        decision = Decision(FAILED, reason=attempt.error or "") if refused else decide(
             status_code=attempt.status_code,
             retry_after=response.header("Retry-After") if response is not None else None,
             attempts_made=len(delivery.current_attempts) + 1,

@@ -184,13 +184,22 @@ class _QuietFactory(webclient._HTTP11ClientFactory):
     noisy = False
 
 
-def pooled_treq(reactor: Any, pool_size: int, connect_timeout: float = 10.0) -> Tuple[Any, webclient.HTTPConnectionPool]:
-    """A treq client over one persistent connection pool, and that pool (close it on stop)."""
+def pooled_treq(
+    reactor: Any, pool_size: int, policy: Any, connect_timeout: float = 10.0
+) -> Tuple[Any, webclient.HTTPConnectionPool]:
+    """
+    A treq client over one persistent connection pool whose connections go
+    only where ``policy`` (an ``AddressPolicy``) allows, and that pool
+    (close it on stop).
+    """
     import treq.client
+
+    from hookah.ssrf import GuardedEndpointFactory
 
     pool = webclient.HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietFactory
     pool.maxPersistentPerHost = pool_size
     pool.cachedConnectionTimeout = 120
-    agent = webclient.Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+    endpoints = GuardedEndpointFactory(reactor, policy, connect_timeout=connect_timeout)
+    agent = webclient.Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     return treq.client.HTTPClient(agent), pool

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from hookah.dispatcher import Dispatcher
 from hookah.metrics import Metrics
+from hookah.ssrf import AddressPolicy
 from hookah.model import KIND_WEBSUB, SCHEDULED, Delivery, Event, Headers
 
 log = Logger()
@@ -61,8 +62,10 @@ class HookahCore:
         history_count: int = 1000,
         history_age: float = 7 * 86400.0,
         metrics: Optional[Metrics] = None,
+        address_policy: Optional[AddressPolicy] = None,
     ) -> None:
         self.store = store
+        self.address_policy = address_policy or AddressPolicy(allow_private=True)
         self.dispatcher = dispatcher
         self.clock = clock
         self.new_id = new_id
@@ -77,6 +80,15 @@ class HookahCore:
         self.event_listeners: List[Callable[[Event], None]] = []
         # Turns an event and a topic's subscriptions into deliveries (WebSub).
         self.distribution: Optional[Callable[[Event, float], Deferred]] = None
+
+    def refusal(self, request: DispatchRequest) -> Optional[str]:
+        """Why a target of ``request`` is refused at submission (an IP literal the SSRF guard forbids)."""
+        for url in (request.url, request.errback, request.callback):
+            if url is not None:
+                reason = self.address_policy.literal_refusal(url)
+                if reason is not None:
+                    return f"{url} is refused: {reason}; allow it with --allow-private-targets or --allowed-networks"
+        return None
 
     async def dispatch(self, request: DispatchRequest) -> Accepted:
         key = request.idempotency_key

@@ -134,7 +134,11 @@ class DispatchResource(Resource):
 
     def render_POST(self, request: server.Request) -> object:
         async def handle() -> bytes:
-            accepted = await self.core.dispatch(parse_dispatch(request))
+            dispatch = parse_dispatch(request)
+            refusal = self.core.refusal(dispatch)
+            if refusal is not None:
+                raise ApiError(400, "refused_target", refusal)
+            accepted = await self.core.dispatch(dispatch)
             return accepted_body(request, accepted)
 
         return render_async(request, handle)
