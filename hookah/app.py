@@ -91,10 +91,17 @@ class HookahService(MultiService):
         """Deferred[IListeningPort] once the web port listens (tests use port 0)."""
         d: Deferred = Deferred()
         if getattr(self.web, "_waitingForPort", None) is not None:
-            self.web._waitingForPort.addCallback(lambda port: (d.callback(port), port)[1])
+            self._notify_listening(d)
         else:
             self._listening.append(d)
         return d
+
+    def _notify_listening(self, d: Deferred) -> None:
+        def fire(port: Any) -> Any:
+            d.callback(port)
+            return port
+
+        self.web._waitingForPort.addCallback(fire)  # type: ignore[attr-defined,union-attr]
 
     def startService(self) -> None:
         # Storage opens before anything can accept or claim work.
@@ -109,7 +116,7 @@ class HookahService(MultiService):
         self.web.setServiceParent(self)
         waiting, self._listening = self._listening, []
         for d in waiting:
-            self.web._waitingForPort.addCallback(lambda port, d=d: (d.callback(port), port)[1])
+            self._notify_listening(d)
         log.info("hookah listening on {listen}, storage {storage}", listen=self.config.listen, storage=self.config.storage)
 
     def _failed_to_start(self, failure: Any) -> None:

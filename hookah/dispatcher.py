@@ -287,7 +287,7 @@ class Dispatcher(Service):
         refused = isinstance(outcome, Failure) and outcome.check(TargetRefused)
         if isinstance(outcome, Failure):
             response = None
-            error = str(outcome.value) if refused else describe_failure(outcome, timeout)
+            error: Optional[str] = str(outcome.value) if refused else describe_failure(outcome, timeout)
             attempt = Attempt(started, None, error, duration_ms)
         else:
             response = outcome

@@ -16,7 +16,7 @@ import attr
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web import client as webclient
 from twisted.web.http_headers import Headers
@@ -68,7 +68,7 @@ class _Collector(Protocol):
             # reads: drop the connection instead of draining it.
             self.transport.stopProducing()  # type: ignore[union-attr]
 
-    def connectionLost(self, reason: Failure = neterror.ConnectionDone()) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._finished.called:
             return
         body = b"".join(self._chunks)
@@ -104,13 +104,14 @@ def describe_failure(failure: Failure, timeout: float) -> str:
     if failure.check(neterror.DNSLookupError):
         return "DNS lookup failed"
     if failure.check(webclient.ResponseNeverReceived, webclient.RequestTransmissionFailed):
-        inner = failure.value.reasons[0] if getattr(failure.value, "reasons", None) else None
+        reasons = getattr(failure.value, "reasons", None)
+        inner = reasons[0] if reasons else None
         if inner is not None and inner.check(CancelledError):
             return f"timed out after {timeout:g}s"
         return "connection closed before a response"
     if failure.check(webclient.ResponseFailed):
         return "connection lost while reading the response"
-    message = str(failure.value) or failure.type.__name__
+    message = str(failure.value) or getattr(failure.type, "__name__", "error")
     return message[:300]
 
 

@@ -150,10 +150,11 @@ class GuardedEndpoint:
             endpoint = wrapClientTLS(creator, endpoint)
         protocol = await endpoint.connect(factory)
         transport = getattr(protocol, "transport", None)
-        peer = getattr(transport.getPeer(), "host", None) if transport is not None else None
-        if peer is not None and self._policy.refusal(peer) is not None:
-            transport.abortConnection()
-            raise TargetRefused(f"{self._host} connected to {peer}, refused by the SSRF guard")
+        if transport is not None:
+            peer = getattr(transport.getPeer(), "host", None)
+            if peer is not None and self._policy.refusal(peer) is not None:
+                transport.abortConnection()
+                raise TargetRefused(f"{self._host} connected to {peer}, refused by the SSRF guard")
         return protocol
 
 

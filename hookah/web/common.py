@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Awaitable, Callable, Dict, Optional, Set, Union
+from typing import Any, Callable, Coroutine, Dict, Optional, Set, Union
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
@@ -50,7 +50,7 @@ def _finish(request: server.Request, body: bytes) -> None:
 
 def render_async(
     request: server.Request,
-    handler: Callable[[], Union[Awaitable[bytes], Deferred]],
+    handler: Callable[[], Union[Coroutine[Any, Any, bytes], Deferred]],
 ) -> Any:
     """
     Run an ``async`` handler returning the body; ``ApiError`` becomes its
@@ -59,7 +59,7 @@ def render_async(
     """
 
     def failed(failure: Failure) -> bytes:
-        if failure.check(ApiError):
+        if isinstance(failure.value, ApiError):
             return error_body(request, failure.value)
         log.failure("unhandled error rendering {uri}", failure, uri=request.uri)
         return error_body(request, ApiError(500, "internal_error", "Hookah failed to handle this request; see its log."))
@@ -105,7 +105,7 @@ class HookahRequest(server.Request):
     _received = 0
 
     def _limit(self) -> int:
-        return int(getattr(self.channel.site, "max_body", 1024 * 1024))
+        return int(getattr(getattr(self.channel, "site", None), "max_body", 1024 * 1024))
 
     def gotLength(self, length: Optional[int]) -> None:
         if length is not None and length > self._limit():
@@ -126,7 +126,7 @@ class HookahRequest(server.Request):
 
     def process(self) -> None:
         if self.too_large:
-            self.site = self.channel.site
+            self.site = getattr(self.channel, "site")
             self.setHeader(b"Server", b"hookah")
             body = error_body(
                 self,

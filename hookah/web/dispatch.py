@@ -8,7 +8,7 @@ storage has committed the delivery.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
@@ -62,7 +62,8 @@ def parse_dispatch(request: server.Request) -> DispatchRequest:
     content_type = raw_type.decode("latin-1") if raw_type is not None else None
     try:
         controls: List[Tuple[str, str]] = [(k, v) for k, v in parse_query(query) if k.startswith("_")]
-        payload = split_payload(request.content.read(), content_type)
+        body = request.content.read() if request.content is not None else b""
+        payload = split_payload(body, content_type)
     except PayloadError as e:
         raise ApiError(400, "bad_payload", str(e))
     values: Dict[str, str] = {}
@@ -112,7 +113,7 @@ def parse_dispatch(request: server.Request) -> DispatchRequest:
 
 
 def accepted_body(request: server.Request, accepted: Accepted) -> bytes:
-    body = {"id": accepted.id, "status": "scheduled"}
+    body: Dict[str, Any] = {"id": accepted.id, "status": "scheduled"}
     if accepted.subscribers is not None:
         body["subscribers"] = accepted.subscribers
     if accepted.duplicate:
