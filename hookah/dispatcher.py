@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import attr
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -92,10 +92,16 @@ class Dispatcher(Service):
         self.hosts = hosts or HostGate(clock)
         self.rand = rand
         self.metrics = metrics or Metrics()
+        # Called with each delivery that reached a final state, its attempts
+        # included (WebSub ends a subscription on 410); must not raise.
+        self.on_final: List[Callable[[Delivery], Any]] = []
         self._in_flight: Dict[str, Deferred] = {}
         self._timer: Optional[IDelayedCall] = None
         self._polling = False
         self._poll_again = False
+        # Fires when the poll in progress ends: stopping waits for it, so
+        # storage is not closed under a claim.
+        self._poll_finished: Optional[Deferred] = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -112,7 +118,10 @@ class Dispatcher(Service):
         now = self.clock.seconds()
         for delivery, slot in self.hosts.drain_waiting():
             self._defer(delivery, slot, now)
-        return DeferredList(list(self._in_flight.values()), consumeErrors=True).addCallback(
+        waits = list(self._in_flight.values())
+        if self._poll_finished is not None:
+            waits.append(self._poll_finished)
+        return DeferredList(waits, consumeErrors=True).addCallback(
             lambda _: None
         )
 
@@ -194,6 +203,7 @@ class Dispatcher(Service):
         if not self.running or room <= 0:
             return
         self._polling = True
+        self._poll_finished = Deferred()
         now = self.clock.seconds()
         d = self.store.claim_due(now, room, now + self.timeout + CLAIM_MARGIN)
         d.addCallback(self._claimed, room)
@@ -201,6 +211,13 @@ class Dispatcher(Service):
         d.addBoth(self._polled)
 
     def _claimed(self, deliveries: List[Delivery], room: int) -> Deferred:
+        if not self.running:
+            # Stopped while claiming: hand the claims back, start nothing.
+            now = self.clock.seconds()
+            return DeferredList(
+                [self.store.reschedule(d.id, now) for d in deliveries if d.id not in self._in_flight],
+                consumeErrors=True,
+            )
         for delivery in deliveries:
             if delivery.id in self._in_flight:
                 # Our own claim expired while we still hold it: an attempt
@@ -219,6 +236,9 @@ class Dispatcher(Service):
 
     def _polled(self, _: object) -> None:
         self._polling = False
+        finished, self._poll_finished = self._poll_finished, None
+        if finished is not None:
+            finished.callback(None)
         if self._poll_again:
             self._poll_again = False
             self._wake()
@@ -255,7 +275,9 @@ class Dispatcher(Service):
         headers.extend(delivery.headers)
         if self.signer is not None and delivery.kind == KIND_DISPATCH:
             headers.extend(self.signer.headers(delivery.id, started, delivery.body))
-        d = self.client.request("POST", delivery.url, headers, delivery.body, timeout)
+        # maybeDeferred: a client that raises instead of failing its Deferred
+        # must still end the attempt and free the slot and host counter.
+        d = maybeDeferred(self.client.request, "POST", delivery.url, headers, delivery.body, timeout)
         d.addBoth(self._host_finished, host)
         d.addBoth(self._attempted, delivery, started, timeout)
         d.addErrback(lambda f: log.failure("recording an attempt of {id} failed", f, id=delivery.id))
@@ -321,6 +343,8 @@ class Dispatcher(Service):
             d.addCallback(lambda _: self._report(self._callback_delivery(finished, response)))
         elif decision.status == FAILED and delivery.errback:
             d.addCallback(lambda _: self._report(self._errback_delivery(finished, decision.reason)))
+        for hook in self.on_final if decision.final else ():
+            d.addCallback(lambda _, hook=hook: hook(finished))
         return d
 
     # -- reports: errback and callback -----------------------------------------

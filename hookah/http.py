@@ -10,11 +10,12 @@ wants them (fetching a published topic) follows them itself.
 
 from __future__ import annotations
 
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, List, Optional, Sequence, Tuple
 
 import attr
 from twisted.internet import error as neterror
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -142,17 +143,24 @@ class HTTPClient:
         timeout: float = 30.0,
     ) -> Deferred:
         """Deferred[Response]; fails with ``TimedOut`` past ``timeout`` seconds."""
-        raw = Headers()
-        raw.addRawHeader(b"User-Agent", self._user_agent.encode())
-        for name, value in headers:
-            raw.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
         timed_out = []
 
         def expire() -> None:
             timed_out.append(True)
             result.cancel()
 
-        result: Deferred = self._treq.request(method, url, headers=raw, data=body)
+        try:
+            raw = Headers()
+            raw.addRawHeader(b"User-Agent", self._user_agent.encode())
+            for name, value in headers:
+                raw.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+            # treq follows redirects unless told not to; a 3xx is the
+            # target's answer (a failure), never a reason to POST elsewhere.
+            result: Deferred = self._treq.request(method, url, headers=raw, data=body, allow_redirects=False)
+        except Exception:
+            # A URL the HTTP stack cannot encode (e.g. "my_host" fails IDNA)
+            # raises here: report it as this request's failure.
+            return fail()
         result.addCallback(self._read)
         timer = self._clock.callLater(timeout, expire)
 
@@ -203,4 +211,7 @@ def pooled_treq(
     pool.cachedConnectionTimeout = 120
     endpoints = GuardedEndpointFactory(reactor, policy, connect_timeout=connect_timeout)
     agent = webclient.Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-    return treq.client.HTTPClient(agent), pool
+    # A webhook target's Set-Cookie must never ride along on deliveries to
+    # other users' webhooks: keep no cookies at all.
+    no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+    return treq.client.HTTPClient(agent, cookiejar=no_cookies), pool

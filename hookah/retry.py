@@ -50,7 +50,9 @@ def parse_retry_after(value: Optional[str], now: float) -> Optional[float]:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    # ASCII digits only: str.isdigit() also accepts "\xb2" (a latin-1
+    # header byte), which float() then rejects.
+    if value.isascii() and value.isdigit():
         return min(float(value), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)

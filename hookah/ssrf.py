@@ -53,6 +53,11 @@ class AddressPolicy:
             if any(ip.ipv4_mapped in network for network in self.networks):
                 return None
             ip = ip.ipv4_mapped
+        # 2002:7f00:1::/48 (6to4) is tunnelled to the IPv4 address inside.
+        if isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None:
+            inner = _non_public_kind(ip.sixtofour)
+            if inner is not None and not any(ip.sixtofour in network for network in self.networks):
+                return f"{ip} is a 6to4 address of {ip.sixtofour}, {'an' if inner[0] in 'aeiou' else 'a'} {inner} address"
         kind = _non_public_kind(ip)
         if kind is None:
             return None
@@ -78,6 +83,9 @@ def _non_public_kind(ip: Address) -> Optional[str]:
         return "loopback"
     if ip.is_link_local:
         return "link-local"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        # fec0::/10, deprecated but still routed inside some networks.
+        return "site-local"
     if ip.is_multicast:
         return "multicast"
     if ip.is_private:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
+from hyperlink import EncodedURL
 from twisted.internet.defer import Deferred
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -41,6 +42,27 @@ def check_url(name: str, value: str) -> str:
     except ValueError:
         raise ApiError(400, "bad_url", f"{name} has an invalid port: {value!r}.")
     return value
+
+
+def check_sendable(request: DispatchRequest) -> None:
+    """
+    Refuse target URLs the outgoing client cannot put on the wire (treq
+    IDNA-encodes every host: "my_host" and IPv6 literals fail), rather than
+    accept them and fail every attempt for a day.
+    """
+    for name, url in (("_url", request.url), ("_errback", request.errback), ("_callback", request.callback)):
+        if url is None:
+            continue
+        try:
+            EncodedURL.from_text(url).to_uri()
+        except Exception:
+            host = urlsplit(url).hostname
+            raise ApiError(
+                400,
+                "bad_url",
+                f"{name} cannot be sent: its host {host!r} is not a valid DNS name or IPv4 address "
+                "(letters, digits, hyphens and dots; IPv6 literals are not supported).",
+            )
 
 
 def _number(name: str, raw: str, maximum: float, positive: bool) -> float:
@@ -139,6 +161,7 @@ class DispatchResource(Resource):
             refusal = self.core.refusal(dispatch)
             if refusal is not None:
                 raise ApiError(400, "refused_target", refusal)
+            check_sendable(dispatch)
             accepted = await self.core.dispatch(dispatch)
             return accepted_body(request, accepted)
 

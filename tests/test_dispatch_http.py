@@ -1,0 +1,541 @@
+"""
+``/dispatch`` end to end over real sockets on 127.0.0.1: a running Hookah
+(``start_hookah``), a local ``Sink`` as the target, and a treq client.
+Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+import shutil
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import parse_qsl, quote
+
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from hookah import __version__
+from tests.support import Received, http_client, listen_sink, start_hookah
+
+JSON_BODY = b'{"z": 1,   "a": [1, 2.50, "\\u00e9"],\n "nested": {"k": null}}\n'
+
+
+class DispatchHTTPTestCase(TestCase):
+    async def start(self, **overrides: Any) -> Tuple[Any, str]:
+        self.service, self.base = await start_hookah(self, **overrides)
+        self.client = http_client(self)
+        return self.service, self.base
+
+    async def request(
+        self, method: str, path: str, data: Optional[bytes] = None, headers: Optional[Dict[str, Any]] = None
+    ) -> Tuple[int, Any, bytes]:
+        response = await self.client.request(method, self.base + path, data=data, headers=headers or {})
+        body = await response.content()
+        return response.code, response.headers, body
+
+    async def dispatch(self, query: str, data: bytes = b"{}", content_type: str = "application/json", **headers: str) -> Tuple[int, Any, Dict[str, Any]]:
+        all_headers = {"Content-Type": content_type}
+        all_headers.update({k.replace("_", "-"): v for k, v in headers.items()})
+        code, response_headers, body = await self.request("POST", "/dispatch?" + query, data, all_headers)
+        return code, response_headers, json.loads(body)
+
+    async def delivery(self, delivery_id: str) -> Dict[str, Any]:
+        code, _, body = await self.request("GET", f"/dispatch/{delivery_id}")
+        self.assertEqual(code, 200, body)
+        return json.loads(body)
+
+    async def wait_for_status(self, delivery_id: str, status: str, timeout: float = 10.0) -> Dict[str, Any]:
+        deadline = reactor.seconds() + timeout
+        while True:
+            delivery = await self.delivery(delivery_id)
+            if delivery["status"] == status:
+                return delivery
+            if reactor.seconds() > deadline:
+                self.fail(f"{delivery_id} is still {delivery['status']} after {timeout}s, not {status}")
+            await deferLater(reactor, 0.02, lambda: None)
+
+    def assertApiError(self, code: int, headers: Any, body: bytes, status: int, error: Optional[str] = None) -> Dict[str, Any]:
+        self.assertEqual(code, status, body)
+        self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
+        parsed = json.loads(body)
+        self.assertEqual(set(parsed), {"error", "message"})
+        self.assertTrue(parsed["message"])
+        if error is not None:
+            self.assertEqual(parsed["error"], error)
+        return parsed
+
+
+def q(url: str) -> str:
+    return quote(url, safe="")
+
+
+class PayloadTests(DispatchHTTPTestCase):
+    def test_json_forwarded_byte_for_byte(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            await self.start()
+            code, headers, body = await self.dispatch(f"_url={q(sink_url + '/hook?x=1&y=2')}", JSON_BODY, "application/json; charset=utf-8")
+            self.assertEqual(code, 202)
+            self.assertEqual(set(body), {"id", "status"})
+            self.assertEqual(body["status"], "scheduled")
+            self.assertEqual(headers.getRawHeaders("location"), [f"/dispatch/{body['id']}"])
+            [received] = await sink.wait_for(1)
+            self.assertEqual(received.method, "POST")
+            self.assertEqual(received.path, "/hook?x=1&y=2")
+            self.assertEqual(received.body, JSON_BODY)
+            self.assertEqual(received.headers["content-type"], ["application/json; charset=utf-8"])
+            self.assertEqual(received.header("user-agent"), f"hookah/{__version__}")
+
+        return ensureDeferred(go())
+
+    def test_binary_forwarded_byte_for_byte(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            await self.start()
+            payload = bytes(range(256)) * 4
+            code, _, _ = await self.dispatch(f"_url={q(sink_url)}/bin", payload, "application/octet-stream")
+            self.assertEqual(code, 202)
+            [received] = await sink.wait_for(1)
+            self.assertEqual((received.body, received.header("content-type")), (payload, "application/octet-stream"))
+
+        return ensureDeferred(go())
+
+    def test_form_minus_control_fields(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            await self.start()
+            form = f"a=1&_url={q(sink_url + '/form')}&b=two+words&_retries=2&a=3&c=%C3%A9%26x".encode()
+            code, _, body = await self.dispatch("", form, "application/x-www-form-urlencoded")
+            self.assertEqual(code, 202, body)
+            [received] = await sink.wait_for(1)
+            self.assertEqual(received.path, "/form")
+            self.assertEqual(received.header("content-type"), "application/x-www-form-urlencoded")
+            self.assertEqual(parse_qsl(received.body.decode(), keep_blank_values=True), [("a", "1"), ("b", "two words"), ("a", "3"), ("c", "é&x")])
+            delivery = await self.delivery(body["id"])
+            self.assertEqual(delivery["retries"], 2)
+
+        return ensureDeferred(go())
+
+    def test_multipart_keeps_files(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            await self.start()
+            pdf = b"%PDF-1.4\r\n\x00\xff binary\r\n--not-a-boundary\r\n"
+            boundary = "XyZ-boundary-123"
+            body = (
+                f"--{boundary}\r\n"
+                'Content-Disposition: form-data; name="_url"\r\n\r\n'
+                f"{sink_url}/upload\r\n"
+                f"--{boundary}\r\n"
+                'Content-Disposition: form-data; name="title"\r\n\r\n'
+                "Quarterly report\r\n"
+                f"--{boundary}\r\n"
+                'Content-Disposition: form-data; name="file"; filename="report 2024.pdf"\r\n'
+                "Content-Type: application/pdf\r\n\r\n"
+            ).encode() + pdf + f"\r\n--{boundary}\r\n".encode() + (
+                'Content-Disposition: form-data; name="_timeout"\r\n\r\n'
+                "5\r\n"
+                f"--{boundary}--\r\n"
+            ).encode()
+            code, _, accepted = await self.dispatch("", body, f"multipart/form-data; boundary={boundary}")
+            self.assertEqual(code, 202, accepted)
+            [received] = await sink.wait_for(1)
+            self.assertEqual(received.path, "/upload")
+            content_type = received.header("content-type")
+            self.assertTrue(content_type.startswith("multipart/form-data; boundary="), content_type)
+            message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+                b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + received.body
+            )
+            parts = list(message.iter_parts())
+            self.assertEqual([p.get_param("name", header="content-disposition") for p in parts], ["title", "file"])
+            title, upload = parts
+            self.assertEqual(title.get_payload(decode=True), b"Quarterly report")
+            self.assertEqual(upload.get_filename(), "report 2024.pdf")
+            self.assertEqual(upload.get_content_type(), "application/pdf")
+            self.assertEqual(upload.get_payload(decode=True), pdf)
+            self.assertEqual((await self.delivery(accepted["id"]))["timeout"], 5.0)
+
+        return ensureDeferred(go())
+
+    def test_extra_headers(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            await self.start()
+            code, _, _ = await self.dispatch(
+                f"_url={q(sink_url)}",
+                b"{}",
+                **{"X-Hookah-Header-X-Trace": "abc-123", "X-Hookah-Header-Authorization": "Bearer t0k"},
+            )
+            self.assertEqual(code, 202)
+            [received] = await sink.wait_for(1)
+            self.assertEqual(received.header("x-trace"), "abc-123")
+            self.assertEqual(received.header("authorization"), "Bearer t0k")
+            self.assertNotIn("x-hookah-header-x-trace", received.headers)
+            self.assertEqual(received.header("user-agent"), f"hookah/{__version__}")
+
+        return ensureDeferred(go())
+
+    def test_connection_headers_cannot_be_set(self) -> None:
+        async def go() -> None:
+            await self.start()
+            code, headers, body = await self.request(
+                "POST", "/dispatch?_url=http://127.0.0.1:9/", b"{}", {"X-Hookah-Header-Content-Length": "5"}
+            )
+            self.assertApiError(code, headers, body, 400, "bad_header")
+
+        return ensureDeferred(go())
+
+
+class InspectionTests(DispatchHTTPTestCase):
+    def test_get_delivery_shape(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            await self.start()
+            _, _, accepted = await self.dispatch(f"_url={q(sink_url)}/x")
+            delivered = await self.wait_for_status(accepted["id"], "delivered")
+            self.assertTrue({"id", "url", "status", "attempts", "next_attempt_at"} <= set(delivered))
+            self.assertEqual((delivered["id"], delivered["url"]), (accepted["id"], f"{sink_url}/x"))
+            self.assertIsNone(delivered["next_attempt_at"])
+            [attempt] = delivered["attempts"]
+            self.assertEqual(set(attempt), {"at", "status_code", "error", "duration_ms"})
+            self.assertEqual((attempt["status_code"], attempt["error"]), (200, None))
+            self.assertIsInstance(attempt["duration_ms"], int)
+            self.assertGreaterEqual(attempt["duration_ms"], 0)
+            self.assertLessEqual(abs(attempt["at"] - reactor.seconds()), 60)
+
+            before = reactor.seconds()
+            _, _, later = await self.dispatch(f"_url={q(sink_url)}/later&_delay=600")
+            scheduled = await self.delivery(later["id"])
+            self.assertEqual((scheduled["status"], scheduled["attempts"]), ("scheduled", []))
+            self.assertGreaterEqual(scheduled["next_attempt_at"], before + 600)
+            self.assertLessEqual(scheduled["next_attempt_at"], reactor.seconds() + 600)
+
+            code, headers, body = await self.request("GET", "/dispatch/01NOSUCHDELIVERY0000000000")
+            self.assertApiError(code, headers, body, 404, "not_found")
+
+        return ensureDeferred(go())
+
+    def test_failed_attempt_is_recorded(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            sink.respond = lambda r: (410, {}, b"gone")
+            await self.start()
+            _, _, accepted = await self.dispatch(f"_url={q(sink_url)}/gone")
+            failed = await self.wait_for_status(accepted["id"], "failed")
+            self.assertEqual([(a["status_code"], a["error"]) for a in failed["attempts"]], [(410, "HTTP 410")])
+            self.assertIsNone(failed["next_attempt_at"])
+
+        return ensureDeferred(go())
+
+    def test_list_failed_with_pagination(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            sink.respond = lambda r: (410, {}, b"") if r.path.startswith("/fail") else (200, {}, b"")
+            await self.start()
+            failed_ids: List[str] = []
+            ok_ids: List[str] = []
+            for i in range(5):
+                _, _, accepted = await self.dispatch(f"_url={q(sink_url)}/fail{i}")
+                failed_ids.append(accepted["id"])
+                _, _, accepted = await self.dispatch(f"_url={q(sink_url)}/ok{i}")
+                ok_ids.append(accepted["id"])
+            for id in failed_ids:
+                await self.wait_for_status(id, "failed")
+            for id in ok_ids:
+                await self.wait_for_status(id, "delivered")
+
+            seen: List[str] = []
+            after = ""
+            pages = 0
+            while True:
+                code, _, body = await self.request("GET", f"/dispatch?status=failed&limit=2&after={after}")
+                self.assertEqual(code, 200)
+                page = json.loads(body)
+                pages += 1
+                self.assertLessEqual(len(page["deliveries"]), 2)
+                self.assertEqual({d["status"] for d in page["deliveries"]} - {"failed"}, set())
+                seen.extend(d["id"] for d in page["deliveries"])
+                if page["next"] is None:
+                    break
+                self.assertEqual(page["next"], page["deliveries"][-1]["id"])
+                after = page["next"]
+                self.assertLess(pages, 10)
+            self.assertEqual(seen, sorted(failed_ids))
+            self.assertEqual(pages, 3)
+
+            code, _, body = await self.request("GET", "/dispatch?limit=100")
+            everything = json.loads(body)["deliveries"]
+            self.assertEqual([d["id"] for d in everything], sorted(failed_ids + ok_ids))
+            code, _, body = await self.request("GET", "/dispatch?status=delivered&limit=3")
+            self.assertEqual([d["id"] for d in json.loads(body)["deliveries"]], sorted(ok_ids)[:3])
+
+            for query in ("status=bogus", "limit=0", "limit=abc", "limit=100000"):
+                code, headers, body = await self.request("GET", f"/dispatch?{query}")
+                self.assertApiError(code, headers, body, 400)
+
+        return ensureDeferred(go())
+
+    def test_retry(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            sink.respond = lambda r: (410, {}, b"")
+            await self.start()
+            _, _, accepted = await self.dispatch(f"_url={q(sink_url)}/r")
+            await self.wait_for_status(accepted["id"], "failed")
+
+            sink.respond = lambda r: (200, {}, b"")
+            code, headers, body = await self.request("POST", f"/dispatch/{accepted['id']}/retry")
+            self.assertEqual(code, 202, body)
+            self.assertEqual(json.loads(body), {"id": accepted["id"], "status": "scheduled"})
+            self.assertEqual(headers.getRawHeaders("location"), [f"/dispatch/{accepted['id']}"])
+            delivered = await self.wait_for_status(accepted["id"], "delivered")
+            self.assertEqual([a["status_code"] for a in delivered["attempts"]], [410, 200])
+            self.assertEqual(len(sink.received), 2)
+
+            _, _, waiting = await self.dispatch(f"_url={q(sink_url)}/r&_delay=3600")
+            code, headers, body = await self.request("POST", f"/dispatch/{waiting['id']}/retry")
+            self.assertApiError(code, headers, body, 409)
+            code, headers, body = await self.request("POST", "/dispatch/01NOSUCHDELIVERY0000000000/retry")
+            self.assertApiError(code, headers, body, 404)
+
+        return ensureDeferred(go())
+
+
+class BadInputTests(DispatchHTTPTestCase):
+    def test_400s(self) -> None:
+        async def go() -> None:
+            await self.start()
+            ok = q("http://127.0.0.1:9/hook")
+            cases = [
+                ("", "missing_destination"),
+                ("_retries=3", "missing_destination"),
+                ("_url=", "missing_destination"),
+                ("_url=ftp://example.com/x", "bad_url"),
+                ("_url=file:///etc/passwd", "bad_url"),
+                ("_url=javascript:alert(1)", "bad_url"),
+                ("_url=/relative/path", "bad_url"),
+                ("_url=http://", "bad_url"),
+                ("_url=http://example.com:99999/", "bad_url"),
+                (f"_url={ok}&_errback=gopher://x/", "bad_url"),
+                (f"_url={ok}&_callback=nope", "bad_url"),
+                (f"_url={ok}&_retries=abc", "bad_parameter"),
+                (f"_url={ok}&_retries=-1", "bad_parameter"),
+                (f"_url={ok}&_retries=1.5", "bad_parameter"),
+                (f"_url={ok}&_retries=1000000", "bad_parameter"),
+                (f"_url={ok}&_delay=abc", "bad_parameter"),
+                (f"_url={ok}&_delay=-5", "bad_parameter"),
+                (f"_url={ok}&_delay=nan", "bad_parameter"),
+                (f"_url={ok}&_delay=inf", "bad_parameter"),
+                (f"_url={ok}&_timeout=0", "bad_parameter"),
+                (f"_url={ok}&_timeout=abc", "bad_parameter"),
+                (f"_url={ok}&_timeout=-1", "bad_parameter"),
+                (f"_url={ok}&_timeout=nan", "bad_parameter"),
+                (f"_url={ok}&_bogus=1", "unknown_parameter"),
+                (f"_url={ok}&_URL=x", "unknown_parameter"),
+                (f"_url={ok}&_topic=news", "bad_parameter"),
+                (f"_url={ok}&_url={q('http://127.0.0.1:10/')}", "bad_parameter"),
+            ]
+            for query, error in cases:
+                code, headers, body = await self.request("POST", f"/dispatch?{query}", b"{}", {"Content-Type": "application/json"})
+                parsed = self.assertApiError(code, headers, body, 400)
+                self.assertEqual(parsed["error"], error, query)
+            # In a form body too.
+            code, headers, body = await self.request(
+                "POST", "/dispatch", f"_url={ok}&_retries=x".encode(), {"Content-Type": "application/x-www-form-urlencoded"}
+            )
+            self.assertApiError(code, headers, body, 400, "bad_parameter")
+            code, headers, body = await self.request(
+                "POST", "/dispatch", b"--b\r\nbroken", {"Content-Type": "multipart/form-data; boundary=b"}
+            )
+            self.assertApiError(code, headers, body, 400)
+            counts = await self.service.store.count_deliveries()
+            self.assertEqual(sum(counts.values()), 0)
+
+        return ensureDeferred(go())
+
+    def test_413_above_max_body(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            await self.start(max_body=1000)
+            code, headers, body = await self.request(
+                "POST", f"/dispatch?_url={q(sink_url)}", b"x" * 1001, {"Content-Type": "application/octet-stream"}
+            )
+            self.assertApiError(code, headers, body, 413, "body_too_large")
+            code, headers, body = await self.request(
+                "POST", f"/dispatch?_url={q(sink_url)}", b"y" * 1000, {"Content-Type": "application/octet-stream"}
+            )
+            self.assertEqual(code, 202, body)
+            [received] = await sink.wait_for(1)
+            self.assertEqual(received.body, b"y" * 1000)
+            # The service still answers after refusing a body.
+            code, headers, body = await self.request(
+                "POST", f"/dispatch?_url={q(sink_url)}", b"z" * 50000, {"Content-Type": "application/octet-stream"}
+            )
+            self.assertEqual(code, 413)
+            counts = await self.service.store.count_deliveries()
+            self.assertEqual(sum(counts.values()), 1)
+
+        return ensureDeferred(go())
+
+    def test_unencodable_host_is_refused_at_submission(self) -> None:
+        async def go() -> None:
+            await self.start()
+            for query in (
+                f"_url={q('http://my_service.example/hook')}",
+                f"_url={q('http://[::1]:9/hook')}",
+                f"_url=http://127.0.0.1:9/&_errback={q('http://bad_host.example/')}",
+            ):
+                code, headers, body = await self.request("POST", f"/dispatch?{query}", b"{}")
+                parsed = self.assertApiError(code, headers, body, 400, "bad_url")
+                self.assertIn("cannot be sent", parsed["message"])
+            counts = await self.service.store.count_deliveries()
+            self.assertEqual(sum(counts.values()), 0)
+
+        return ensureDeferred(go())
+
+
+class IdempotencyTests(DispatchHTTPTestCase):
+    def test_idempotency_key_header(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            await self.start()
+            code, headers, first = await self.dispatch(f"_url={q(sink_url)}/once", b'{"n":1}', Idempotency_Key="order-42")
+            self.assertEqual(code, 202)
+            await sink.wait_for(1)
+            code, headers, second = await self.dispatch(f"_url={q(sink_url)}/once", b'{"n":1}', Idempotency_Key="order-42")
+            self.assertEqual(code, 200)
+            self.assertEqual(second["id"], first["id"])
+            self.assertEqual(headers.getRawHeaders("location"), [f"/dispatch/{first['id']}"])
+            # A different key is a different delivery.
+            code, _, third = await self.dispatch(f"_url={q(sink_url)}/once", b'{"n":1}', Idempotency_Key="order-43")
+            self.assertEqual(code, 202)
+            self.assertNotEqual(third["id"], first["id"])
+            await sink.wait_for(2)
+            await self.wait_for_status(third["id"], "delivered")
+            self.assertEqual(len(sink.received), 2)
+            counts = await self.service.store.count_deliveries()
+            self.assertEqual(sum(counts.values()), 2)
+
+        return ensureDeferred(go())
+
+    def test_id_parameter(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            await self.start()
+            code, _, first = await self.dispatch(f"_url={q(sink_url)}&_id=evt_1")
+            self.assertEqual(code, 202)
+            code, _, again = await self.dispatch(f"_url={q(sink_url)}&_id=evt_1")
+            self.assertEqual((code, again["id"]), (200, first["id"]))
+            # The same key as a form field.
+            form = f"_url={q(sink_url)}&_id=evt_1&a=1".encode()
+            code, _, body = await self.request("POST", "/dispatch", form, {"Content-Type": "application/x-www-form-urlencoded"})
+            self.assertEqual((code, json.loads(body)["id"]), (200, first["id"]))
+            await self.wait_for_status(first["id"], "delivered")
+            self.assertEqual(len(sink.received), 1)
+
+        return ensureDeferred(go())
+
+    def test_concurrent_repeats_queue_once(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            directory = tempfile.mkdtemp()
+            self.addCleanup(shutil.rmtree, directory, True)
+            await self.start(storage=f"sqlite:{directory}/h.db")
+            results = await gatherResults(
+                [ensureDeferred(self.dispatch(f"_url={q(sink_url)}", Idempotency_Key="same")) for _ in range(5)]
+            )
+            codes = sorted(code for code, _, _ in results)
+            self.assertEqual(codes, [200, 200, 200, 200, 202])
+            self.assertEqual(len({body["id"] for _, _, body in results}), 1)
+            await self.wait_for_status(results[0][2]["id"], "delivered")
+            self.assertEqual(len(sink.received), 1)
+
+        return ensureDeferred(go())
+
+    def test_idempotency_survives_a_restart(self) -> None:
+        async def go() -> None:
+            directory = tempfile.mkdtemp()
+            self.addCleanup(shutil.rmtree, directory, True)
+            storage = f"sqlite:{directory}/h.db"
+            first_service, _ = await self.start(storage=storage)
+            code, _, first = await self.dispatch("_url=http://127.0.0.1:9/later&_delay=3600", Idempotency_Key="restart-key")
+            self.assertEqual(code, 202)
+            await first_service.stopService()
+
+            await self.start(storage=storage)
+            code, headers, again = await self.dispatch("_url=http://127.0.0.1:9/later&_delay=3600", Idempotency_Key="restart-key")
+            self.assertEqual(code, 200)
+            self.assertEqual(again["id"], first["id"])
+            # The delivery itself survived, still waiting for its time.
+            delivery = await self.delivery(first["id"])
+            self.assertEqual(delivery["status"], "scheduled")
+            counts = await self.service.store.count_deliveries()
+            self.assertEqual(sum(counts.values()), 1)
+
+        return ensureDeferred(go())
+
+
+class ReportTests(DispatchHTTPTestCase):
+    def test_errback_after_exhaustion(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            sink.respond = lambda r: (200, {}, b"") if r.path == "/errback" else (500, {}, b"down")
+            await self.start(retry_schedule=(0.1,))
+            _, _, accepted = await self.dispatch(f"_url={q(sink_url)}/hook&_retries=1&_errback={q(sink_url + '/errback')}")
+            received = await sink.wait_for(3)
+            self.assertEqual([r.path for r in received], ["/hook", "/hook", "/errback"])
+            errback: Received = received[2]
+            self.assertEqual(errback.header("content-type"), "application/json")
+            self.assertEqual(errback.header("x-hookah-delivery-id"), accepted["id"])
+            report = json.loads(errback.body)
+            self.assertEqual(report["id"], accepted["id"])
+            self.assertEqual(report["url"], f"{sink_url}/hook")
+            self.assertEqual([(a["status_code"], a["error"]) for a in report["attempts"]], [(500, "HTTP 500")] * 2)
+            for attempt in report["attempts"]:
+                self.assertEqual(set(attempt), {"at", "status_code", "error", "duration_ms"})
+            failed = await self.delivery(accepted["id"])
+            self.assertEqual(failed["status"], "failed")
+
+        return ensureDeferred(go())
+
+    def test_callback_after_success(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            sink.respond = lambda r: (200, {}, b"") if r.path == "/cb" else (201, {"Content-Type": "text/csv", "X-Answer": "42"}, b"a,b\n1,2\n")
+            await self.start()
+            _, _, accepted = await self.dispatch(f"_url={q(sink_url)}/hook&_callback={q(sink_url + '/cb')}")
+            received = await sink.wait_for(2)
+            self.assertEqual([r.path for r in received], ["/hook", "/cb"])
+            callback = received[1]
+            self.assertEqual(callback.header("x-hookah-delivery-id"), accepted["id"])
+            self.assertEqual(callback.header("content-type"), "application/json")
+            report = json.loads(callback.body)
+            self.assertEqual(report["id"], accepted["id"])
+            self.assertEqual(report["status_code"], 201)
+            self.assertEqual(report["content_type"], "text/csv")
+            self.assertEqual(report["body"], "a,b\n1,2\n")
+            self.assertIn(["X-Answer", "42"], report["headers"])
+            delivered = await self.wait_for_status(accepted["id"], "delivered")
+            self.assertEqual(delivered["attempts"][0]["status_code"], 201)
+
+        return ensureDeferred(go())
+
+    def test_signed_when_a_secret_is_configured(self) -> None:
+        async def go() -> None:
+            from standardwebhooks.webhooks import Webhook
+
+            secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+            sink, sink_url = listen_sink(self)
+            await self.start(signing_secrets=(secret,))
+            _, _, accepted = await self.dispatch(f"_url={q(sink_url)}", JSON_BODY)
+            [received] = await sink.wait_for(1)
+            headers = {k: received.header(k) for k in ("webhook-id", "webhook-timestamp", "webhook-signature")}
+            self.assertEqual(headers["webhook-id"], accepted["id"])
+            Webhook(secret).verify(received.body, headers)
+
+        return ensureDeferred(go())

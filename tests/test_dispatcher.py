@@ -1,0 +1,892 @@
+"""
+The dispatcher on a deterministic ``Clock`` with a ``MemoryStore``.
+
+Outgoing HTTP is either a ``FakeClient`` whose answers the test controls
+(when and what), or the real ``hookah.http.HTTPClient`` over
+``treq.testing.StubTreq`` (which also exercises its timeout, headers and
+redirect handling without sockets).
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import json
+import time
+from collections import Counter
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
+
+import attr
+from standardwebhooks.webhooks import Webhook
+from treq.testing import StubTreq
+from twisted.internet import error as neterror
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web import server
+from twisted.web.resource import Resource
+from zope.interface.verify import verifyObject
+
+from hookah import __version__
+from hookah.dispatcher import Dispatcher
+from hookah.hosts import HostGate
+from hookah.http import HTTPClient, Response
+from hookah.ids import IdGenerator
+from hookah.model import (
+    DELIVERED,
+    DELIVERING,
+    FAILED,
+    KIND_CALLBACK,
+    KIND_DISPATCH,
+    KIND_ERRBACK,
+    KIND_WEBSUB,
+    SCHEDULED,
+    Delivery,
+)
+from hookah.signing import Signer
+from hookah.storage.interface import IStore
+from hookah.storage.memory import MemoryStore
+
+T0 = 1_700_000_000.0
+SCHEDULE = (10.0, 20.0, 40.0)
+NO_JITTER = lambda: 0.5  # noqa: E731  (rand() == 0.5: jitter exactly zero)
+WHSEC = "whsec_" + base64.b64encode(b"dispatcher test secret, 32 bytes").decode()
+
+
+def host_of(url: str) -> str:
+    return urlsplit(url).hostname or ""
+
+
+# -- a client the test drives -------------------------------------------------
+
+
+@attr.s(auto_attribs=True)
+class Sent:
+    method: str
+    url: str
+    headers: List[Tuple[str, str]]
+    body: Optional[bytes]
+    timeout: float
+    at: float
+    deferred: Deferred
+
+    def header(self, name: str) -> Optional[str]:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    @property
+    def host(self) -> str:
+        return host_of(self.url)
+
+    def respond(self, code: int, headers: Sequence[Tuple[str, str]] = (), body: bytes = b"") -> None:
+        self.deferred.callback(Response(code, tuple(headers), body))
+
+    def fail(self, exception: Exception) -> None:
+        self.deferred.errback(Failure(exception))
+
+
+# What to answer with: (code, headers, body), an exception, or None to leave pending.
+Answer = Callable[[Sent], Any]
+
+
+class FakeClient:
+    """``request(method, url, headers, body, timeout) -> Deferred[Response]``, answered by ``answer``."""
+
+    def __init__(self, clock: Clock, answer: Optional[Answer] = None) -> None:
+        self.clock = clock
+        self.answer: Answer = answer or (lambda sent: (200, (), b"ok"))
+        self.sent: List[Sent] = []
+        self.max_outstanding = 0
+        self.max_per_host: Counter = Counter()
+
+    def request(self, method: str, url: str, headers: Sequence[Tuple[str, str]] = (), body: Optional[bytes] = None, timeout: float = 30.0) -> Deferred:
+        sent = Sent(method, url, list(headers), body, timeout, self.clock.seconds(), Deferred())
+        self.sent.append(sent)
+        self.max_outstanding = max(self.max_outstanding, len(self.outstanding()))
+        self.max_per_host[sent.host] = max(self.max_per_host[sent.host], len(self.outstanding(sent.host)))
+        answer = self.answer(sent)
+        if isinstance(answer, Exception):
+            sent.fail(answer)
+        elif answer is not None:
+            sent.respond(*answer)
+        return sent.deferred
+
+    def outstanding(self, host: Optional[str] = None) -> List[Sent]:
+        return [s for s in self.sent if not s.deferred.called and (host is None or s.host == host)]
+
+    def to(self, host: str) -> List[Sent]:
+        return [s for s in self.sent if s.host == host]
+
+    def fail_outstanding(self) -> None:
+        for sent in self.outstanding():
+            sent.fail(neterror.ConnectionLost("test over"))
+
+
+# -- a StubTreq target --------------------------------------------------------
+
+
+@attr.s(auto_attribs=True)
+class Seen:
+    method: str
+    host: str
+    path: str
+    headers: Dict[str, List[str]]
+    body: bytes
+    request: server.Request
+
+    def header(self, name: str) -> Optional[str]:
+        values = self.headers.get(name.lower())
+        return values[-1] if values else None
+
+
+class Target(Resource):
+    """
+    Every host and path, for ``StubTreq``. ``respond(seen)`` returns
+    (code, headers, body), or None to never answer.
+    """
+
+    isLeaf = True
+
+    def __init__(self, respond: Callable[[Seen], Any]) -> None:
+        super().__init__()
+        self.respond = respond
+        self.seen: List[Seen] = []
+
+    def render(self, request: server.Request) -> Any:
+        headers = {k.decode().lower(): [v.decode("latin-1") for v in vs] for k, vs in request.requestHeaders.getAllRawHeaders()}
+        host = (request.getHeader(b"host") or b"").decode().split(":")[0]
+        seen = Seen(request.method.decode(), host, request.uri.decode(), headers, request.content.read(), request)
+        self.seen.append(seen)
+        answer = self.respond(seen)
+        if answer is None:
+            return server.NOT_DONE_YET
+        code, extra, body = answer
+        request.setResponseCode(code)
+        for name, value in extra:
+            request.responseHeaders.addRawHeader(name.encode(), value.encode())
+        return body
+
+    def to(self, host: str) -> List[Seen]:
+        return [s for s in self.seen if s.host == host]
+
+
+# -- fixtures -----------------------------------------------------------------
+
+
+class DispatcherTestCase(TestCase):
+    def clock(self, start: float = T0) -> Clock:
+        clock = Clock()
+        clock.advance(start)
+        return clock
+
+    def dispatcher(self, clock: Clock, client: Any, store: Optional[MemoryStore] = None, start: bool = True, **kwargs: Any) -> Dispatcher:
+        store = store if store is not None else MemoryStore(clock)
+        settings: Dict[str, Any] = dict(timeout=30.0, rand=NO_JITTER, schedule=SCHEDULE)
+        settings.update(kwargs)
+        schedule = settings.pop("schedule")
+        dispatcher = Dispatcher(store, client, clock, IdGenerator(clock.seconds), schedule, **settings)
+        if start:
+            dispatcher.startService()
+
+        def stop() -> None:
+            if isinstance(client, FakeClient):
+                client.fail_outstanding()
+            if dispatcher.running:
+                stopped = dispatcher.stopService()
+                # Attempts still hanging end by their own timeout.
+                for _ in range(100):
+                    if stopped.called:
+                        break
+                    clock.advance(60)
+                self.successResultOf(stopped)
+
+        self.addCleanup(stop)
+        return dispatcher
+
+    def fake(self, answer: Optional[Answer] = None, clock: Optional[Clock] = None, **kwargs: Any) -> Tuple[Clock, FakeClient, Dispatcher]:
+        clock = clock or self.clock()
+        client = FakeClient(clock, answer)
+        return clock, client, self.dispatcher(clock, client, **kwargs)
+
+    def stub(self, respond: Callable[[Seen], Any], clock: Optional[Clock] = None, **kwargs: Any) -> Tuple[Clock, Target, Dispatcher]:
+        clock = clock or self.clock()
+        target = Target(respond)
+        client = HTTPClient(StubTreq(target), clock)
+        return clock, target, self.dispatcher(clock, client, **kwargs)
+
+    def delivery(self, id: str, url: str = "http://a.example/hook", clock: Optional[Clock] = None, **kwargs: Any) -> Delivery:
+        kwargs.setdefault("created_at", clock.seconds() if clock is not None else T0)
+        kwargs.setdefault("content_type", "application/json")
+        return Delivery(id=id, url=url, body=kwargs.pop("body", b'{"n": 1}'), **kwargs)
+
+    def submit(self, dispatcher: Dispatcher, *deliveries: Delivery) -> None:
+        self.successResultOf(dispatcher.submit(list(deliveries)))
+
+    def get(self, dispatcher: Dispatcher, delivery_id: str) -> Delivery:
+        delivery = self.successResultOf(dispatcher.store.get_delivery(delivery_id))
+        self.assertIsNotNone(delivery, delivery_id)
+        return delivery
+
+    def all_deliveries(self, dispatcher: Dispatcher) -> List[Delivery]:
+        return self.successResultOf(dispatcher.store.list_deliveries(None, 1000, None))
+
+
+def always(code: int, headers: Sequence[Tuple[str, str]] = (), body: bytes = b"") -> Answer:
+    return lambda sent: (code, tuple(headers), body)
+
+
+# -- tests --------------------------------------------------------------------
+
+
+class StoreInterfaceTests(TestCase):
+    def test_memory_store_provides_istore(self) -> None:
+        self.assertTrue(verifyObject(IStore, MemoryStore(Clock())))
+
+
+class ScheduleTests(DispatcherTestCase):
+    def attempt_times(self, rand: Callable[[], float], retries: Optional[int] = None) -> Tuple[List[float], Delivery]:
+        clock = self.clock()
+        # A breaker that never trips: this is about the schedule alone.
+        hosts = HostGate(clock, threshold=1000)
+        clock, client, dispatcher = self.fake(always(500), clock=clock, rand=rand, hosts=hosts)
+        self.submit(dispatcher, self.delivery("D1", retries=retries))
+        clock.pump([1.0] * 400)
+        return [s.at - T0 for s in client.sent], self.get(dispatcher, "D1")
+
+    def test_attempts_follow_the_schedule(self) -> None:
+        times, delivery = self.attempt_times(NO_JITTER)
+        self.assertEqual(times, [0.0, 10.0, 30.0, 70.0])
+        self.assertEqual(delivery.status, FAILED)
+        self.assertEqual([a.at - T0 for a in delivery.attempts], times)
+        self.assertEqual([a.status_code for a in delivery.attempts], [500] * 4)
+        self.assertEqual([a.error for a in delivery.attempts], ["HTTP 500"] * 4)
+        self.assertIsNone(delivery.next_attempt_at)
+
+    def test_jitter_from_rand(self) -> None:
+        # rand() == 0: every wait is 20% shorter than the schedule's.
+        times, _ = self.attempt_times(lambda: 0.0)
+        self.assertEqual(times, [0.0, 8.0, 24.0, 56.0])
+
+    def test_next_attempt_is_recorded_after_each_failure(self) -> None:
+        clock, client, dispatcher = self.fake(always(502))
+        self.submit(dispatcher, self.delivery("D1"))
+        delivery = self.get(dispatcher, "D1")
+        self.assertEqual((delivery.status, delivery.next_attempt_at), (SCHEDULED, T0 + 10))
+        clock.advance(9.999)
+        self.assertEqual(len(client.sent), 1)
+        clock.advance(0.001)
+        self.assertEqual(len(client.sent), 2)
+        self.assertEqual(self.get(dispatcher, "D1").next_attempt_at, T0 + 10 + 20)
+
+    def test_retries_override(self) -> None:
+        for retries, expected in [
+            (0, [0.0]),
+            (1, [0.0, 10.0]),
+            (2, [0.0, 10.0, 30.0]),
+            # Past the schedule's end its last step repeats.
+            (5, [0.0, 10.0, 30.0, 70.0, 110.0, 150.0]),
+        ]:
+            times, delivery = self.attempt_times(NO_JITTER, retries=retries)
+            self.assertEqual(times, expected, retries)
+            self.assertEqual(delivery.status, FAILED)
+            self.assertEqual(len(delivery.attempts), retries + 1)
+
+    def test_success_after_failures_stops_retrying(self) -> None:
+        codes = iter([500, 503, 204])
+        clock, client, dispatcher = self.fake(lambda sent: (next(codes), (), b""))
+        self.submit(dispatcher, self.delivery("D1"))
+        clock.pump([1.0] * 400)
+        delivery = self.get(dispatcher, "D1")
+        self.assertEqual(delivery.status, DELIVERED)
+        self.assertEqual([a.status_code for a in delivery.attempts], [500, 503, 204])
+        self.assertEqual(delivery.attempts[-1].error, None)
+        self.assertEqual(len(client.sent), 3)
+
+    def test_delay_is_respected(self) -> None:
+        clock, client, dispatcher = self.fake()
+        self.submit(dispatcher, self.delivery("D1", next_attempt_at=T0 + 42))
+        clock.pump([1.0] * 41)
+        self.assertEqual(client.sent, [])
+        self.assertEqual(self.get(dispatcher, "D1").status, SCHEDULED)
+        clock.pump([1.0])
+        self.assertEqual([s.at for s in client.sent], [T0 + 42])
+
+
+class OutcomeTests(DispatcherTestCase):
+    def test_410_is_final(self) -> None:
+        clock, client, dispatcher = self.fake(always(410))
+        self.submit(dispatcher, self.delivery("D1", retries=10))
+        clock.pump([600.0] * 200)
+        delivery = self.get(dispatcher, "D1")
+        self.assertEqual(delivery.status, FAILED)
+        self.assertEqual(len(client.sent), 1)
+        self.assertEqual([(a.status_code, a.error) for a in delivery.attempts], [(410, "HTTP 410")])
+
+    def test_retry_after_seconds_on_503(self) -> None:
+        clock, client, dispatcher = self.fake(lambda sent: (503, [("Retry-After", "600")], b"") if len(client.sent) == 1 else (200, (), b""))
+        self.submit(dispatcher, self.delivery("D1"))
+        self.assertEqual(self.get(dispatcher, "D1").next_attempt_at, T0 + 600)
+        clock.pump([1.0] * 599)
+        self.assertEqual(len(client.sent), 1)
+        clock.pump([1.0])
+        self.assertEqual([s.at for s in client.sent], [T0, T0 + 600])
+        self.assertEqual(self.get(dispatcher, "D1").status, DELIVERED)
+
+    def test_retry_after_http_date_on_429(self) -> None:
+        later = email.utils.formatdate(T0 + 1800, usegmt=True)
+        clock, client, dispatcher = self.fake(lambda sent: (429, [("retry-after", later)], b"") if len(client.sent) == 1 else (200, (), b""))
+        self.submit(dispatcher, self.delivery("D1"))
+        self.assertEqual(self.get(dispatcher, "D1").next_attempt_at, T0 + 1800)
+        clock.pump([10.0] * 179)
+        self.assertEqual(len(client.sent), 1)
+        clock.pump([10.0])
+        self.assertEqual(len(client.sent), 2)
+
+    def test_retry_after_ignored_on_other_statuses(self) -> None:
+        clock, client, dispatcher = self.fake(always(500, [("Retry-After", "3600")]))
+        self.submit(dispatcher, self.delivery("D1"))
+        self.assertEqual(self.get(dispatcher, "D1").next_attempt_at, T0 + SCHEDULE[0])
+
+    def test_connection_errors_are_retried(self) -> None:
+        clock, client, dispatcher = self.fake(lambda sent: neterror.ConnectionRefusedError())
+        self.submit(dispatcher, self.delivery("D1", retries=1))
+        clock.pump([1.0] * 20)
+        delivery = self.get(dispatcher, "D1")
+        self.assertEqual([(a.status_code, a.error) for a in delivery.attempts], [(None, "connection refused")] * 2)
+        self.assertEqual(delivery.status, FAILED)
+
+    def test_status_transitions(self) -> None:
+        clock, client, dispatcher = self.fake(lambda sent: None)
+        self.submit(dispatcher, self.delivery("D1", next_attempt_at=T0 + 5))
+        self.assertEqual(self.get(dispatcher, "D1").status, SCHEDULED)
+        clock.advance(5)
+        delivering = self.get(dispatcher, "D1")
+        self.assertEqual(delivering.status, DELIVERING)
+        self.assertIsNotNone(delivering.claimed_until)
+        self.assertGreater(delivering.claimed_until, clock.seconds())
+        self.assertEqual(delivering.attempts, ())
+        clock.advance(0.25)
+        client.outstanding()[0].respond(500)
+        retrying = self.get(dispatcher, "D1")
+        self.assertEqual((retrying.status, retrying.next_attempt_at), (SCHEDULED, T0 + 5.25 + 10))
+        self.assertEqual(retrying.attempts[0].duration_ms, 250)
+        clock.advance(10)
+        self.assertEqual(self.get(dispatcher, "D1").status, DELIVERING)
+        client.outstanding()[0].respond(200)
+        delivered = self.get(dispatcher, "D1")
+        self.assertEqual(delivered.status, DELIVERED)
+        self.assertIsNone(delivered.next_attempt_at)
+        self.assertIsNone(delivered.claimed_until)
+        self.assertEqual([a.status_code for a in delivered.attempts], [500, 200])
+        self.assertEqual(dispatcher.in_flight, 0)
+
+
+class RealClientTests(DispatcherTestCase):
+    """The real ``HTTPClient`` over ``StubTreq``."""
+
+    def test_timeout_per_delivery(self) -> None:
+        clock, target, dispatcher = self.stub(lambda seen: None, timeout=30.0)
+        self.submit(dispatcher, self.delivery("SHORT", timeout=7.0), self.delivery("DEFAULT", url="http://b.example/hook"))
+        self.assertEqual(len(target.seen), 2)
+        clock.advance(6.999)
+        self.assertEqual(self.get(dispatcher, "SHORT").status, DELIVERING)
+        clock.advance(0.001)
+        short = self.get(dispatcher, "SHORT")
+        self.assertEqual(short.status, SCHEDULED)
+        self.assertEqual([(a.status_code, a.error, a.duration_ms) for a in short.attempts], [(None, "timed out after 7s", 7000)])
+        self.assertEqual(short.next_attempt_at, T0 + 7 + 10)
+        self.assertEqual(self.get(dispatcher, "DEFAULT").status, DELIVERING)
+        clock.advance(10)
+        # The retry of SHORT was sent when due.
+        self.assertEqual([s.host for s in target.seen], ["a.example", "b.example", "a.example"])
+        clock.advance(6.999)
+        self.assertEqual(len(self.get(dispatcher, "SHORT").attempts), 1)
+        clock.advance(0.001)
+        self.assertEqual([a.error for a in self.get(dispatcher, "SHORT").attempts], ["timed out after 7s"] * 2)
+        clock.advance(5.999)
+        self.assertEqual(self.get(dispatcher, "DEFAULT").attempts, ())
+        clock.advance(0.001)
+        default = self.get(dispatcher, "DEFAULT")
+        self.assertEqual([(a.error, a.duration_ms) for a in default.attempts], [("timed out after 30s", 30000)])
+        self.assertEqual(dispatcher.in_flight, 0)
+
+    def test_timeout_is_passed_to_the_client(self) -> None:
+        clock, client, dispatcher = self.fake(timeout=12.0)
+        self.submit(dispatcher, self.delivery("A", timeout=3.5), self.delivery("B", url="http://b.example/"))
+        self.assertEqual([s.timeout for s in client.sent], [3.5, 12.0])
+
+    def test_redirects_are_failures_and_not_followed(self) -> None:
+        def respond(seen: Seen) -> Any:
+            if seen.path == "/landing":
+                return (200, [], b"landed")
+            code = {"/301": 301, "/302": 302, "/303": 303, "/307": 307, "/308": 308}[seen.path]
+            return (code, [("Location", "http://a.example/landing")], b"")
+
+        clock, target, dispatcher = self.stub(respond)
+        codes = (301, 302, 303, 307, 308)
+        self.submit(dispatcher, *[self.delivery(f"R{code}", url=f"http://a.example/{code}", retries=0) for code in codes])
+        self.assertEqual([s.path for s in target.seen], [f"/{code}" for code in codes])
+        for code in codes:
+            delivery = self.get(dispatcher, f"R{code}")
+            self.assertEqual(delivery.status, FAILED)
+            self.assertEqual([(a.status_code, a.error) for a in delivery.attempts], [(code, f"HTTP {code}")])
+
+    def test_request_shape(self) -> None:
+        clock, target, dispatcher = self.stub(lambda seen: (200, [], b""))
+        delivery = self.delivery(
+            "D1",
+            url="http://a.example/hook?x=1",
+            body=b"\x00\x01binary",
+            content_type="application/octet-stream",
+            headers=(("X-Custom", "one"), ("X-Custom", "two"), ("Authorization", "Bearer t")),
+        )
+        self.submit(dispatcher, delivery)
+        seen = target.seen[0]
+        self.assertEqual((seen.method, seen.path, seen.body), ("POST", "/hook?x=1", b"\x00\x01binary"))
+        self.assertEqual(seen.header("user-agent"), f"hookah/{__version__}")
+        self.assertEqual(seen.headers["content-type"], ["application/octet-stream"])
+        self.assertEqual(seen.headers["x-custom"], ["one", "two"])
+        self.assertEqual(seen.header("authorization"), "Bearer t")
+        self.assertIsNone(seen.header("webhook-signature"))
+
+    def test_unencodable_url_fails_the_attempt_and_frees_its_slot(self) -> None:
+        # A hostname the HTTP stack cannot encode (an underscore) must be a
+        # failed attempt, not an exception that leaks the dispatcher's slot.
+        clock, target, dispatcher = self.stub(lambda seen: (200, [], b""))
+        self.submit(dispatcher, self.delivery("BAD", url="http://my_service.example/hook", retries=1))
+        bad = self.get(dispatcher, "BAD")
+        self.assertEqual(bad.status, SCHEDULED)
+        self.assertEqual(len(bad.attempts), 1)
+        self.assertIsNone(bad.attempts[0].status_code)
+        self.assertTrue(bad.attempts[0].error)
+        self.assertEqual(dispatcher.in_flight, 0)
+        self.assertEqual(target.seen, [])
+
+
+class ReportTests(DispatcherTestCase):
+    def test_errback_after_exhaustion(self) -> None:
+        def answer(sent: Sent) -> Any:
+            if sent.host == "errors.example":
+                return (200, (), b"")
+            # The target answers slowly (250 ms), so durations show.
+            clock.callLater(0.25, sent.respond, 500, (), b"boom")
+            return None
+
+        clock = self.clock()
+        clock, client, dispatcher = self.fake(answer, clock=clock)
+        self.submit(dispatcher, self.delivery("D1", retries=1, errback="http://errors.example/report?k=v"))
+        clock.pump([0.25] * 200)
+        self.assertEqual(self.get(dispatcher, "D1").status, FAILED)
+        reports = client.to("errors.example")
+        self.assertEqual(len(reports), 1)
+        report_request = reports[0]
+        self.assertEqual(report_request.url, "http://errors.example/report?k=v")
+        self.assertEqual(report_request.header("Content-Type"), "application/json")
+        self.assertEqual(report_request.header("X-Hookah-Delivery-Id"), "D1")
+        report = json.loads(report_request.body)
+        self.assertEqual(report["id"], "D1")
+        self.assertEqual(report["url"], "http://a.example/hook")
+        self.assertEqual(report["status"], FAILED)
+        self.assertIn("exhausted", report["reason"])
+        self.assertEqual(
+            [(a["status_code"], a["error"], a["duration_ms"]) for a in report["attempts"]],
+            [(500, "HTTP 500", 250), (500, "HTTP 500", 250)],
+        )
+        self.assertEqual([a["at"] for a in report["attempts"]], [T0, T0 + 0.25 + 10])
+        # The errback is a durable delivery of its own, linked to the original.
+        errbacks = [d for d in self.all_deliveries(dispatcher) if d.kind == KIND_ERRBACK]
+        self.assertEqual(len(errbacks), 1)
+        self.assertEqual((errbacks[0].parent_id, errbacks[0].status), ("D1", DELIVERED))
+
+    def test_errback_after_410_with_connection_errors(self) -> None:
+        outcomes = iter([neterror.ConnectionRefusedError(), (410, (), b"")])
+        clock, client, dispatcher = self.fake(lambda sent: (200, (), b"") if sent.host == "err.example" else next(outcomes))
+        self.submit(dispatcher, self.delivery("D1", errback="http://err.example/"))
+        clock.pump([1.0] * 30)
+        report = json.loads(client.to("err.example")[0].body)
+        self.assertIn("410", report["reason"])
+        self.assertEqual(
+            [(a["status_code"], a["error"]) for a in report["attempts"]],
+            [(None, "connection refused"), (410, "HTTP 410")],
+        )
+
+    def test_no_errback_without_final_failure(self) -> None:
+        clock, client, dispatcher = self.fake(lambda sent: (500, (), b"") if len(client.sent) == 1 else (200, (), b""))
+        self.submit(dispatcher, self.delivery("D1", errback="http://err.example/"))
+        clock.pump([1.0] * 100)
+        self.assertEqual(self.get(dispatcher, "D1").status, DELIVERED)
+        self.assertEqual(client.to("err.example"), [])
+        self.assertEqual(len(self.all_deliveries(dispatcher)), 1)
+
+    def test_failing_errback_does_not_create_another(self) -> None:
+        clock, client, dispatcher = self.fake(always(500))
+        self.submit(dispatcher, self.delivery("D1", retries=0, errback="http://err.example/"))
+        clock.pump([1.0] * 400)
+        deliveries = self.all_deliveries(dispatcher)
+        self.assertEqual(len(deliveries), 2)
+        errback = [d for d in deliveries if d.kind == KIND_ERRBACK][0]
+        self.assertEqual(errback.status, FAILED)
+        self.assertEqual(len(errback.attempts), len(SCHEDULE) + 1)
+        self.assertIsNone(errback.errback)
+        self.assertEqual(len(client.to("err.example")), len(SCHEDULE) + 1)
+
+    def test_callback_after_2xx(self) -> None:
+        answer_body = '{"ok": true, "name": "Zoë"}'.encode()
+
+        def respond(seen: Seen) -> Any:
+            if seen.host == "cb.example":
+                return (200, [], b"")
+            return (201, [("Content-Type", "application/vnd.thing+json; charset=utf-8"), ("X-Request-Id", "abc-123")], answer_body)
+
+        clock, target, dispatcher = self.stub(respond)
+        self.submit(dispatcher, self.delivery("D1", callback="http://cb.example/responses", errback="http://err.example/"))
+        self.assertEqual(self.get(dispatcher, "D1").status, DELIVERED)
+        [callback] = target.to("cb.example")
+        self.assertEqual(callback.path, "/responses")
+        self.assertEqual(callback.header("x-hookah-delivery-id"), "D1")
+        self.assertEqual(callback.header("content-type"), "application/json")
+        report = json.loads(callback.body)
+        self.assertEqual(report["id"], "D1")
+        self.assertEqual(report["url"], "http://a.example/hook")
+        self.assertEqual(report["status_code"], 201)
+        self.assertEqual(report["content_type"], "application/vnd.thing+json; charset=utf-8")
+        self.assertEqual(report["body"].encode("utf-8"), answer_body)
+        self.assertEqual(report["encoding"], "utf-8")
+        self.assertIn(["X-Request-Id", "abc-123"], report["headers"])
+        self.assertFalse(report["truncated"])
+        callbacks = [d for d in self.all_deliveries(dispatcher) if d.kind == KIND_CALLBACK]
+        self.assertEqual([(d.parent_id, d.status) for d in callbacks], [("D1", DELIVERED)])
+        self.assertEqual(target.to("err.example"), [])
+
+    def test_callback_with_a_binary_body(self) -> None:
+        binary = bytes(range(256))
+
+        def respond(seen: Seen) -> Any:
+            if seen.host == "cb.example":
+                return (200, [], b"")
+            return (200, [("Content-Type", "image/png")], binary)
+
+        clock, target, dispatcher = self.stub(respond)
+        self.submit(dispatcher, self.delivery("D1", callback="http://cb.example/"))
+        report = json.loads(target.to("cb.example")[0].body)
+        self.assertEqual((report["encoding"], report["content_type"]), ("base64", "image/png"))
+        self.assertEqual(base64.b64decode(report["body"]), binary)
+
+    def test_no_callback_on_failure(self) -> None:
+        clock, client, dispatcher = self.fake(always(500))
+        self.submit(dispatcher, self.delivery("D1", retries=0, callback="http://cb.example/"))
+        self.assertEqual(self.get(dispatcher, "D1").status, FAILED)
+        self.assertEqual(client.to("cb.example"), [])
+        self.assertEqual(len(self.all_deliveries(dispatcher)), 1)
+
+
+class LifecycleTests(DispatcherTestCase):
+    def stored(self, clock: Clock, *deliveries: Delivery) -> MemoryStore:
+        store = MemoryStore(clock)
+        self.successResultOf(store.add_deliveries(list(deliveries)))
+        return store
+
+    def test_resume_on_start(self) -> None:
+        clock = self.clock()
+        store = self.stored(
+            clock,
+            self.delivery("OVERDUE", next_attempt_at=T0 - 100, url="http://a.example/1"),
+            self.delivery("ABANDONED", status=DELIVERING, claimed_until=T0 - 1, url="http://a.example/2"),
+            self.delivery("CLAIMED", status=DELIVERING, claimed_until=T0 + 50, url="http://a.example/3"),
+            self.delivery("LATER", next_attempt_at=T0 + 20, url="http://a.example/4"),
+            self.delivery("DONE", status=DELIVERED, url="http://a.example/5"),
+        )
+        clock, client, dispatcher = self.fake(clock=clock, store=store, start=False)
+        dispatcher.startService()
+        clock.advance(0)
+        self.assertEqual([s.url for s in client.sent], ["http://a.example/1", "http://a.example/2"])
+        clock.pump([1.0] * 20)
+        self.assertEqual(client.sent[-1].url, "http://a.example/4")
+        self.assertEqual(client.sent[-1].at, T0 + 20)
+        clock.pump([1.0] * 30)
+        self.assertEqual(client.sent[-1].url, "http://a.example/3")
+        self.assertEqual(client.sent[-1].at, T0 + 50)
+        self.assertEqual(len(client.sent), 4)
+        for id in ("OVERDUE", "ABANDONED", "CLAIMED", "LATER"):
+            self.assertEqual(self.get(dispatcher, id).status, DELIVERED, id)
+
+    def test_release_claims_then_start_sends_at_once(self) -> None:
+        clock = self.clock()
+        store = self.stored(clock, self.delivery("CLAIMED", status=DELIVERING, claimed_until=T0 + 500, next_attempt_at=T0 - 5))
+        self.assertEqual(self.successResultOf(store.release_claims()), 1)
+        released = self.successResultOf(store.get_delivery("CLAIMED"))
+        self.assertEqual((released.status, released.claimed_until), (SCHEDULED, None))
+        clock, client, dispatcher = self.fake(clock=clock, store=store, start=False)
+        dispatcher.startService()
+        clock.advance(0)
+        self.assertEqual([s.at for s in client.sent], [T0])
+        self.assertEqual(self.get(dispatcher, "CLAIMED").status, DELIVERED)
+
+    def test_submitted_before_start_are_sent_after(self) -> None:
+        clock, client, dispatcher = self.fake(start=False)
+        self.submit(dispatcher, self.delivery("EARLY"))
+        self.assertEqual(self.get(dispatcher, "EARLY").status, SCHEDULED)
+        self.assertEqual(client.sent, [])
+        dispatcher.startService()
+        clock.advance(0)
+        self.assertEqual(self.get(dispatcher, "EARLY").status, DELIVERED)
+
+    def test_graceful_stop_waits_for_attempts_in_flight(self) -> None:
+        clock, client, dispatcher = self.fake(lambda sent: None)
+        self.submit(dispatcher, self.delivery("A"), self.delivery("B", url="http://b.example/"), self.delivery("LATER", next_attempt_at=T0 + 5))
+        self.assertEqual(len(client.outstanding()), 2)
+        stopped = dispatcher.stopService()
+        self.assertNoResult(stopped)
+        client.outstanding()[0].respond(200)
+        self.assertNoResult(stopped)
+        client.outstanding()[0].respond(500)
+        self.successResultOf(stopped)
+        self.assertEqual(self.get(dispatcher, "A").status, DELIVERED)
+        b = self.get(dispatcher, "B")
+        self.assertEqual((b.status, [a.status_code for a in b.attempts]), (SCHEDULED, [500]))
+        # Stopped: nothing more is claimed, however long we wait.
+        clock.pump([1.0] * 100)
+        self.assertEqual(len(client.sent), 2)
+        self.assertEqual(self.get(dispatcher, "LATER").status, SCHEDULED)
+
+    def test_stop_puts_held_deliveries_back(self) -> None:
+        clock = self.clock()
+        clock, client, dispatcher = self.fake(lambda sent: None, clock=clock, hosts=HostGate(clock, limit=1))
+        self.submit(dispatcher, self.delivery("FIRST"), self.delivery("HELD"))
+        self.assertEqual(len(client.sent), 1)
+        stopped = dispatcher.stopService()
+        held = self.get(dispatcher, "HELD")
+        self.assertEqual((held.status, held.attempts, held.claimed_until), (SCHEDULED, (), None))
+        self.assertNoResult(stopped)
+        client.outstanding()[0].respond(200)
+        self.successResultOf(stopped)
+        self.assertEqual(len(client.sent), 1)
+        self.assertEqual(self.get(dispatcher, "FIRST").status, DELIVERED)
+
+
+class SlowClaimStore(MemoryStore):
+    """A MemoryStore whose claims answer only when the test says so (a slow disk)."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.claims: List[Tuple[Deferred, Deferred]] = []
+        self.closed = False
+
+    def claim_due(self, now: float, limit: int, lease_until: float) -> Deferred:
+        assert not self.closed, "claim after close"
+        inner = super().claim_due(now, limit, lease_until)
+        outer: Deferred = Deferred()
+        self.claims.append((inner, outer))
+        return outer
+
+    def release(self) -> None:
+        claims, self.claims = self.claims, []
+        for inner, outer in claims:
+            inner.chainDeferred(outer)
+
+    def next_due(self) -> Deferred:
+        assert not self.closed, "next_due after close"
+        return super().next_due()
+
+
+class StopDuringClaimTests(DispatcherTestCase):
+    def test_stop_waits_for_a_claim_in_progress_and_hands_it_back(self) -> None:
+        clock = self.clock()
+        store = SlowClaimStore(clock)
+        self.successResultOf(store.add_deliveries([self.delivery("DUE")]))
+        clock, client, dispatcher = self.fake(clock=clock, store=store)
+        clock.advance(0)
+        self.assertEqual(len(store.claims), 1)  # the claim is on its way
+        stopped = dispatcher.stopService()
+        self.assertNoResult(stopped)  # storage must stay open for it
+        store.release()
+        self.successResultOf(stopped)
+        store.closed = True
+        # Claimed after the stop began: not sent, and claimable again at once.
+        self.assertEqual(client.sent, [])
+        due = self.get(dispatcher, "DUE")
+        self.assertEqual((due.status, due.claimed_until, due.attempts), (SCHEDULED, None, ()))
+        clock.pump([1.0] * 10)
+        self.assertEqual(client.sent, [])
+
+
+class LimitTests(DispatcherTestCase):
+    def test_concurrency_cap(self) -> None:
+        clock, client, dispatcher = self.fake(lambda sent: None, concurrency=3)
+        self.submit(dispatcher, *[self.delivery(f"D{i:02}", url=f"http://h{i}.example/") for i in range(10)])
+        clock.advance(0)
+        self.assertEqual(len(client.outstanding()), 3)
+        while client.outstanding():
+            client.outstanding()[0].respond(200)
+            clock.advance(0)
+            self.assertLessEqual(len(client.outstanding()), 3)
+        self.assertEqual(client.max_outstanding, 3)
+        self.assertEqual(len(client.sent), 10)
+        self.assertEqual({d.status for d in self.all_deliveries(dispatcher)}, {DELIVERED})
+
+    def test_concurrency_cap_with_claims_from_storage(self) -> None:
+        clock = self.clock()
+        store = MemoryStore(clock)
+        self.successResultOf(store.add_deliveries([self.delivery(f"D{i:02}", url=f"http://h{i}.example/") for i in range(10)]))
+        clock, client, dispatcher = self.fake(lambda sent: None, clock=clock, store=store, concurrency=4)
+        clock.advance(0)
+        self.assertEqual(len(client.outstanding()), 4)
+        for _ in range(50):
+            for sent in client.outstanding()[:2]:
+                sent.respond(200)
+            clock.advance(1)
+        self.assertEqual(client.max_outstanding, 4)
+        self.assertEqual(len(client.sent), 10)
+
+    def test_per_host_cap(self) -> None:
+        clock = self.clock()
+        clock, client, dispatcher = self.fake(
+            lambda sent: (200, (), b"") if sent.host == "fast.example" else None,
+            clock=clock,
+            hosts=HostGate(clock, limit=2),
+        )
+        self.submit(dispatcher, *[self.delivery(f"S{i}", url="http://slow.example/") for i in range(6)])
+        self.submit(dispatcher, *[self.delivery(f"F{i}", url="http://fast.example/") for i in range(3)])
+        self.assertEqual(len(client.outstanding("slow.example")), 2)
+        # The other host is not held up by the slow one's queue.
+        self.assertEqual([s.at for s in client.to("fast.example")], [T0] * 3)
+        for i in range(3):
+            self.assertEqual(self.get(dispatcher, f"F{i}").status, DELIVERED)
+        for _ in range(60):
+            outstanding = client.outstanding("slow.example")
+            if outstanding:
+                outstanding[0].respond(200)
+            clock.advance(0.5)
+        self.assertEqual(client.max_per_host["slow.example"], 2)
+        self.assertEqual(len(client.to("slow.example")), 6)
+        for i in range(6):
+            delivery = self.get(dispatcher, f"S{i}")
+            # Deliveries held back by the cap are not charged an attempt.
+            self.assertEqual((delivery.status, len(delivery.attempts)), (DELIVERED, 1), i)
+
+    def test_circuit_breaker(self) -> None:
+        clock = self.clock()
+
+        def answer(sent: Sent) -> Any:
+            if sent.host == "other.example":
+                return (200, (), b"")
+            return None  # dead.example: answered by hand below
+
+        clock, client, dispatcher = self.fake(
+            answer, clock=clock, schedule=(1000.0,), hosts=HostGate(clock, limit=16, threshold=3, cooldown=60.0)
+        )
+        self.submit(dispatcher, *[self.delivery(f"X{i}", url="http://dead.example/") for i in range(3)])
+        for sent in client.outstanding("dead.example"):
+            sent.respond(503)
+        self.assertIsNotNone(dispatcher.hosts.paused_until("http://dead.example:80"))
+        # Paused: new deliveries to the host are not attempted ...
+        clock.advance(1)
+        self.submit(dispatcher, self.delivery("P1", url="http://dead.example/"), self.delivery("P2", url="http://dead.example/"))
+        # ... while another host's are.
+        self.submit(dispatcher, self.delivery("O1", url="http://other.example/"))
+        self.assertEqual(self.get(dispatcher, "O1").status, DELIVERED)
+        self.assertEqual(self.get(dispatcher, "P1").attempts, ())
+        self.assertEqual(self.get(dispatcher, "P1").status, SCHEDULED)
+        clock.pump([0.1] * 594)  # to T0 + 60.4
+        self.assertEqual(len(client.to("dead.example")), 3)
+        # After the cool-down: exactly one probe.
+        clock.pump([0.1] * 20)
+        probes = client.to("dead.example")[3:]
+        self.assertEqual(len(probes), 1)
+        self.assertGreaterEqual(probes[0].at, T0 + 60)
+        clock.pump([0.1] * 20)
+        self.assertEqual(len(client.to("dead.example")), 4)
+        # The probe succeeds: the breaker closes and the rest go through.
+        probes[0].respond(200)
+        clock.pump([0.5] * 10)
+        self.assertEqual(len(client.to("dead.example")), 5)
+        client.outstanding("dead.example")[0].respond(200)
+        self.assertEqual({self.get(dispatcher, id).status for id in ("P1", "P2")}, {DELIVERED})
+        self.assertIsNone(dispatcher.hosts.paused_until("http://dead.example:80"))
+
+    def test_failed_probe_pauses_again_for_longer(self) -> None:
+        clock = self.clock()
+        clock, client, dispatcher = self.fake(
+            always(500), clock=clock, schedule=(5.0,), hosts=HostGate(clock, limit=16, threshold=2, cooldown=60.0)
+        )
+        self.submit(dispatcher, self.delivery("A", retries=100), self.delivery("B", retries=100))
+        self.assertEqual(len(client.sent), 2)
+        clock.pump([1.0] * 59)
+        self.assertEqual(len(client.sent), 2)
+        clock.pump([1.0] * 3)
+        self.assertEqual(len(client.sent), 3)  # one probe, which fails
+        probe_at = client.sent[-1].at
+        clock.pump([1.0] * 115)
+        self.assertEqual(len(client.sent), 3)  # paused for 120 s now
+        clock.pump([1.0] * 10)
+        self.assertEqual(len(client.sent), 4)
+        self.assertGreaterEqual(client.sent[-1].at, probe_at + 120)
+
+    def test_hanging_host_does_not_delay_another(self) -> None:
+        def respond(seen: Seen) -> Any:
+            return None if seen.host == "hang.example" else (200, [], b"fine")
+
+        clock, target, dispatcher = self.stub(respond, timeout=10.0)
+        self.submit(dispatcher, *[self.delivery(f"H{i:02}", url="http://hang.example/") for i in range(20)])
+        self.submit(dispatcher, *[self.delivery(f"OK{i}", url="http://ok.example/") for i in range(5)])
+        clock.advance(0)
+        for i in range(5):
+            delivery = self.get(dispatcher, f"OK{i}")
+            self.assertEqual(delivery.status, DELIVERED)
+            self.assertEqual((delivery.attempts[0].at, delivery.attempts[0].duration_ms), (T0, 0))
+        # Later deliveries to the good host are not held up either.
+        clock.advance(3)
+        self.submit(dispatcher, *[self.delivery(f"LATE{i}", url="http://ok.example/", clock=clock) for i in range(5)])
+        for i in range(5):
+            delivery = self.get(dispatcher, f"LATE{i}")
+            self.assertEqual((delivery.status, delivery.attempts[0].at), (DELIVERED, T0 + 3))
+        hanging = [self.get(dispatcher, f"H{i:02}") for i in range(20)]
+        self.assertTrue(all(d.status in (DELIVERING, SCHEDULED) and not d.attempts for d in hanging))
+        clock.advance(7)
+        hanging = [self.get(dispatcher, f"H{i:02}") for i in range(20)]
+        attempted = [d for d in hanging if d.attempts]
+        self.assertGreater(len(attempted), 0)
+        for d in attempted:
+            self.assertEqual((d.attempts[0].error, d.attempts[0].duration_ms), ("timed out after 10s", 10000))
+            self.assertNotEqual(d.status, DELIVERED)
+        self.assertEqual(len(target.to("ok.example")), 10)
+
+
+class SigningTests(DispatcherTestCase):
+    def test_dispatch_deliveries_are_signed(self) -> None:
+        now = float(int(time.time()))  # the reference verifier checks the timestamp against real time
+        clock = self.clock(now)
+        clock, target, dispatcher = self.stub(lambda seen: (200, [], b""), clock=clock, signer=Signer([WHSEC]))
+        body = b'{"event": "signed"}'
+        self.submit(dispatcher, self.delivery("SIGNED", body=body, clock=clock))
+        seen = target.seen[0]
+        self.assertEqual(seen.header("webhook-id"), "SIGNED")
+        self.assertEqual(seen.header("webhook-timestamp"), str(int(now)))
+        headers = {name: seen.header(name) for name in ("webhook-id", "webhook-timestamp", "webhook-signature")}
+        self.assertEqual(Webhook(WHSEC).verify(seen.body, headers), {"event": "signed"})
+
+    def test_only_dispatch_kind_is_signed(self) -> None:
+        clock, client, dispatcher = self.fake(signer=Signer([WHSEC]))
+        kinds = (KIND_DISPATCH, KIND_ERRBACK, KIND_CALLBACK, KIND_WEBSUB)
+        self.submit(dispatcher, *[self.delivery(kind, kind=kind, url=f"http://{kind}.example/") for kind in kinds])
+        signed = {s.host.split(".")[0]: s.header("webhook-signature") is not None for s in client.sent}
+        self.assertEqual(signed, {KIND_DISPATCH: True, KIND_ERRBACK: False, KIND_CALLBACK: False, KIND_WEBSUB: False})
+        for sent in client.sent:
+            present = {s for s in ("webhook-id", "webhook-timestamp") if sent.header(s) is not None}
+            self.assertEqual(bool(present), sent.host.startswith(KIND_DISPATCH))
+
+    def test_no_signer_no_signature(self) -> None:
+        clock, client, dispatcher = self.fake()
+        self.submit(dispatcher, self.delivery("D1"))
+        self.assertEqual([n for n, _ in client.sent[0].headers if n.lower().startswith("webhook-")], [])
+
+    def test_each_attempt_is_signed_at_its_own_time(self) -> None:
+        clock, client, dispatcher = self.fake(always(500), signer=Signer([WHSEC]))
+        self.submit(dispatcher, self.delivery("D1", retries=1))
+        clock.pump([1.0] * 15)
+        self.assertEqual([s.header("webhook-timestamp") for s in client.sent], [str(int(T0)), str(int(T0 + 10))])
+        self.assertEqual({s.header("webhook-id") for s in client.sent}, {"D1"})
