@@ -1,0 +1,258 @@
+"""
+The publishing side of the WebSub hub: an event becomes one delivery per
+subscriber (``Distributor``), and a publish ping becomes an event
+(``Publisher``, which fetches the topic URL).
+
+Both doors into a topic — ``/dispatch?_topic=T`` and ``hub.mode=publish`` —
+end in ``HookahCore.publish``, which calls the ``Distributor`` and stores the
+event with its deliveries in one transaction; from there the dispatcher's
+durable retries apply to WebSub notifications like to any webhook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import quote, urljoin, urlsplit
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from hookah.http import HTTPClient, describe_failure
+from hookah.model import KIND_WEBSUB, SCHEDULED, Delivery, Event, Headers, Subscription
+from hookah.websub import BackgroundTasks
+
+log = Logger()
+
+HUB_PATH = "/hub"
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 5
+# Headers a WebSub notification carries from the hub alone: an event's own
+# extra headers (``X-Hookah-Header-*``) may not forge or duplicate them.
+RESERVED_HEADERS = frozenset(["link", "x-hub-signature", "content-type"])
+# Characters kept as they are inside ``<...>`` of a Link header; anything
+# else (spaces, ``<``, ``>``, quotes, control and non-ASCII characters) is
+# percent-encoded so that a topic name can never break the header.
+_LINK_SAFE = "!#$%&'()*+,-./:;=?@[]_~"
+
+
+def hub_url(public_url: Optional[str], request_base: Optional[str] = None) -> str:
+    """
+    The hub URL that notifications name in ``Link: <...>; rel="hub"``.
+
+    The rule: ``--public-url`` is the base URL of the whole service and the
+    hub is its ``/hub`` path, the configured URL taken byte for byte except
+    for trailing slashes: ``https://hooks.example.com`` (or
+    ``https://hooks.example.com/``) gives ``https://hooks.example.com/hub``,
+    and ``https://example.com/hookah`` gives ``https://example.com/hookah/hub``.
+    That is the URL to give subscribers (and websub.rocks, which compares
+    rel=hub with it byte for byte).
+
+    Without ``--public-url``, the base is the one the publishing request
+    reached (scheme and ``Host`` header), so a hub reached directly needs no
+    configuration; behind a proxy that rewrites ``Host`` or terminates TLS,
+    set ``--public-url``.
+    """
+    base = public_url if public_url else (request_base or "http://localhost")
+    return base.rstrip("/") + HUB_PATH
+
+
+def link_header(hub: str, topic: str) -> str:
+    """``<hub>; rel="hub", <topic>; rel="self"``, one header as 7 recommends."""
+    return f'<{quote(hub, safe=_LINK_SAFE)}>; rel="hub", <{quote(topic, safe=_LINK_SAFE)}>; rel="self"'
+
+
+def signature(secret: str, body: bytes) -> str:
+    """``X-Hub-Signature`` value (7.1): ``sha256=`` and the lowercase hex HMAC of the body."""
+    return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+class Distributor:
+    """
+    ``HookahCore.distribution``: the deliveries of one event, one per
+    subscriber whose lease is still running at ``now``.
+
+    Each is a POST of the event's exact body and ``Content-Type`` to the
+    exact callback URL, with the Link header and, only for a subscription
+    with a secret, ``X-Hub-Signature``. The body and Link header are shared;
+    only the signature is computed per subscriber.
+    """
+
+    def __init__(self, store: Any, new_id: Any, public_url: Optional[str] = None) -> None:
+        self.store = store
+        self.new_id = new_id
+        self.public_url = public_url
+        # The base URL a publishing request reached, per event being published
+        # (set by the Publisher around ``core.publish``), and the last one seen,
+        # for events published through /dispatch.
+        self._bases: Dict[str, str] = {}
+        self.last_base: Optional[str] = None
+        self._warned = False
+
+    def expect(self, event_id: str, request_base: Optional[str]) -> None:
+        if request_base is not None:
+            self._bases[event_id] = request_base
+            self.last_base = request_base
+
+    def observe(self, request_base: str) -> None:
+        """Remember the base URL a hub request reached, for events published through /dispatch."""
+        self.last_base = request_base
+
+    def forget(self, event_id: str) -> None:
+        self._bases.pop(event_id, None)
+
+    def hub_url_for(self, event: Event) -> str:
+        base = self._bases.get(event.id, self.last_base)
+        if base is None and not self.public_url and not self._warned:
+            self._warned = True
+            log.warn(
+                "no --public-url and no hub request seen yet: notifications name http://localhost/hub "
+                "as their hub; set --public-url to this hub's public base URL"
+            )
+        return hub_url(self.public_url, base)
+
+    def __call__(self, event: Event, now: float) -> Deferred:
+        d = self.store.active_subscriptions(event.topic, now)
+        d.addCallback(self.deliveries, event, now)
+        return d
+
+    def deliveries(self, subscriptions: Sequence[Subscription], event: Event, now: float) -> List[Delivery]:
+        if not subscriptions:
+            return []
+        shared: Headers = tuple(
+            (name, value) for name, value in event.headers if name.lower() not in RESERVED_HEADERS
+        ) + (("Link", link_header(self.hub_url_for(event), event.topic)),)
+        deliveries = []
+        for subscription in subscriptions:
+            headers = shared
+            if subscription.secret:
+                headers = shared + (("X-Hub-Signature", signature(subscription.secret, event.body)),)
+            deliveries.append(
+                Delivery(
+                    id=self.new_id(),
+                    url=subscription.callback,
+                    body=event.body,
+                    content_type=event.content_type,
+                    headers=headers,
+                    status=SCHEDULED,
+                    created_at=now,
+                    next_attempt_at=now,
+                    kind=KIND_WEBSUB,
+                    topic=event.topic,
+                    event_id=event.id,
+                )
+            )
+        return deliveries
+
+
+class FetchError(Exception):
+    """The topic URL could not be fetched; the message says why."""
+
+
+class Publisher(Service):
+    """
+    ``hub.mode=publish``: fetch each topic URL, following redirects (this
+    fetch is the one place Hookah follows them), and publish its body with
+    its exact ``Content-Type`` as an event on that topic.
+
+    Pings for a topic whose fetch is still running are folded into one more
+    fetch after it, so a burst of pings costs two fetches, not one each,
+    and the last fetch always starts after the last ping.
+    """
+
+    name = "websub-publisher"
+
+    def __init__(
+        self,
+        core: Any,
+        client: HTTPClient,
+        distributor: Distributor,
+        clock: IReactorTime,
+        timeout: float = 30.0,
+        max_redirects: int = MAX_REDIRECTS,
+    ) -> None:
+        self.core = core
+        self.client = client
+        self.distributor = distributor
+        self.clock = clock
+        self.timeout = timeout
+        self.max_redirects = max_redirects
+        self.tasks = BackgroundTasks()
+        # Topics being fetched -> the request base of a ping that came during
+        # the fetch (so one more fetch is due), or None.
+        self._fetching: Dict[str, Optional[Tuple[Optional[str]]]] = {}
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return self.tasks.cancel_all()
+
+    def publish(self, topics: Sequence[str], request_base: Optional[str] = None) -> List[Deferred]:
+        """Refresh each topic in the background; Deferreds of the events (or None), for tests."""
+        started = []
+        for topic in topics:
+            if topic in self._fetching:
+                self._fetching[topic] = (request_base,)
+                continue
+            self._fetching[topic] = None
+            started.append(self.tasks.run(self._refresh(topic, request_base), f"publish {topic}"))
+        return started
+
+    async def _refresh(self, topic: str, request_base: Optional[str]) -> Optional[Event]:
+        event = None
+        try:
+            while True:
+                event = await self._publish_once(topic, request_base)
+                again = self._fetching.get(topic)
+                if again is None:
+                    return event
+                self._fetching[topic] = None
+                request_base = again[0]
+        finally:
+            self._fetching.pop(topic, None)
+
+    async def _publish_once(self, topic: str, request_base: Optional[str]) -> Optional[Event]:
+        try:
+            body, content_type = await self.fetch(topic)
+        except FetchError as e:
+            log.warn("publish of {topic} failed: {why}", topic=topic, why=str(e))
+            return None
+        event = Event(
+            id=self.core.new_id(),
+            topic=topic,
+            body=body,
+            content_type=content_type,
+            created_at=self.clock.seconds(),
+        )
+        self.distributor.expect(event.id, request_base)
+        try:
+            deliveries = await self.core.publish(event)
+        finally:
+            self.distributor.forget(event.id)
+        log.info("published {topic} ({size} bytes) to {n} subscribers", topic=topic, size=len(body), n=len(deliveries))
+        return event
+
+    async def fetch(self, url: str) -> Tuple[bytes, Optional[str]]:
+        """(body, Content-Type) of ``url``, after at most ``max_redirects`` redirects."""
+        for _ in range(self.max_redirects + 1):
+            try:
+                response = await self.client.request("GET", url, (), None, self.timeout)
+            except CancelledError:
+                raise
+            except Exception:
+                raise FetchError(f"GET {url}: {describe_failure(Failure(), self.timeout)}")
+            if response.code in REDIRECTS and response.header("Location"):
+                target = urljoin(url, response.header("Location") or "")
+                if urlsplit(target).scheme not in ("http", "https"):
+                    raise FetchError(f"GET {url}: redirected to a non-HTTP URL {target!r}")
+                url = target
+                continue
+            if not 200 <= response.code < 300:
+                raise FetchError(f"GET {url}: HTTP {response.code}")
+            if response.truncated:
+                raise FetchError(f"GET {url}: the content is larger than Hookah accepts")
+            return response.body, response.header("Content-Type")
+        raise FetchError(f"GET {url}: more than {self.max_redirects} redirects")

@@ -1,0 +1,295 @@
+"""
+``/hub`` (and ``/subscribe``, ``/publish``): the WebSub hub's HTTP face.
+
+``POST`` multiplexes on ``hub.mode``. Parameters come from the query string
+and from a form (urlencoded or multipart) body; parameters the hub does not
+know are ignored (5.1). Everything is checked before anything starts, so a
+bad request is a ``4xx`` with a plain-text reason (5.1.2 asks for plain
+text) and never a half-started verification; a good one is answered
+``202`` before its verification begins, so the answer cannot depend on it.
+
+PubSubHubbub 0.3 subscribers send ``hub.verify``: ``sync`` is verified
+before the answer (``204`` verified, ``409`` not), ``async`` gets ``202``.
+
+``GET /hub/subscriptions?topic=T`` lists subscriptions for operators.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import urlsplit
+
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from hookah.distribution import Publisher
+from hookah.payload import PayloadError, parse_form, parse_multipart, parse_query
+from hookah.web.common import json_body, query_args, render_async
+from hookah.websub import (
+    MAX_SECRET_BYTES,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    SubscriptionRequest,
+    WebSubHub,
+    decode_unreserved,
+)
+
+log = Logger()
+
+PUBLISH = "publish"
+SYNC = "sync"
+ASYNC = "async"
+# Larger leases are clamped anyway; this only bounds the parsing.
+MAX_LEASE_DIGITS = 12
+# Longer URLs are refused: they are keys in storage and go out in requests.
+MAX_URL_LENGTH = 4096
+
+
+class HubError(Exception):
+    """A refused hub request: its status and a plain-text reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+Params = List[Tuple[str, str]]
+
+
+def hub_params(request: server.Request) -> Params:
+    """The request's parameters: query string first, then a form body."""
+    uri = request.uri
+    query = uri.split(b"?", 1)[1] if b"?" in uri else b""
+    raw_type = request.getHeader(b"content-type")
+    content_type = raw_type.decode("latin-1") if raw_type is not None else ""
+    media = content_type.partition(";")[0].strip().lower()
+    try:
+        params = parse_query(query)
+        body = request.content.read() if request.content is not None else b""
+        if media == "application/x-www-form-urlencoded":
+            params += [(n.decode("utf-8"), v.decode("utf-8")) for n, v in parse_form(body)]
+        elif media == "multipart/form-data":
+            params += [(p.name, p.data.decode("utf-8")) for p in parse_multipart(body, content_type) if p.filename is None]
+    except UnicodeDecodeError:
+        raise HubError(400, "The request's parameters are not valid UTF-8.")
+    except PayloadError as e:
+        raise HubError(400, str(e))
+    return params
+
+
+def _single(params: Params, name: str) -> Optional[str]:
+    """The value of a parameter that must not be given twice differently."""
+    values = {v for n, v in params if n == name}
+    if len(values) > 1:
+        raise HubError(400, f"{name} is given more than once with different values.")
+    return values.pop() if values else None
+
+
+def _all(params: Params, name: str) -> List[str]:
+    return [v for n, v in params if n == name]
+
+
+def check_url(name: str, value: Optional[str]) -> str:
+    """An absolute http(s) URL, percent-normalized as 5.1.1 requires."""
+    if not value:
+        raise HubError(400, f"{name} is required.")
+    if len(value) > MAX_URL_LENGTH:
+        raise HubError(400, f"{name} is longer than {MAX_URL_LENGTH} characters.")
+    parts = urlsplit(value)
+    try:
+        parts.port
+    except ValueError:
+        raise HubError(400, f"{name} has an invalid port: {value}")
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise HubError(400, f"{name} must be an absolute http or https URL: {value}")
+    if any(ord(c) < 0x21 or c == "\x7f" for c in value):
+        raise HubError(400, f"{name} must not contain spaces or control characters.")
+    return decode_unreserved(value)
+
+
+def parse_verify(params: Params) -> Optional[str]:
+    """
+    PuSH 0.3 ``hub.verify``: ``None`` when absent (a WebSub request), else
+    the first of ``sync``/``async`` in the subscriber's order of preference.
+    """
+    given = _all(params, "hub.verify")
+    if not given:
+        return None
+    for value in given:
+        for keyword in value.split(","):
+            if keyword.strip() in (SYNC, ASYNC):
+                return keyword.strip()
+    raise HubError(400, "hub.verify must include sync or async.")
+
+
+def parse_subscription(params: Params, mode: str) -> SubscriptionRequest:
+    callback = check_url("hub.callback", _single(params, "hub.callback"))
+    topic = check_url("hub.topic", _single(params, "hub.topic"))
+    lease: Optional[int] = None
+    raw_lease = _single(params, "hub.lease_seconds")
+    if mode == SUBSCRIBE and raw_lease not in (None, ""):
+        text = (raw_lease or "").strip()
+        if not text.isdigit() or not text.isascii() or len(text) > MAX_LEASE_DIGITS or int(text) == 0:
+            raise HubError(400, "hub.lease_seconds must be a positive whole number of seconds.")
+        lease = int(text)
+    secret = _single(params, "hub.secret") or None
+    if secret is not None and len(secret.encode("utf-8")) > MAX_SECRET_BYTES:
+        raise HubError(400, "hub.secret must be less than 200 bytes.")
+    return SubscriptionRequest(
+        mode=mode,
+        topic=topic,
+        callback=callback,
+        lease_seconds=lease,
+        secret=secret,
+        verify_token=_single(params, "hub.verify_token"),
+    )
+
+
+def parse_publish(params: Params) -> List[str]:
+    """The topic URLs of a publish ping (``hub.url`` and ``hub.topic``, repeatable), in order, once each."""
+    urls = [v for n, v in params if n in ("hub.url", "hub.topic", "hub.url[]")]
+    if not urls:
+        raise HubError(400, "A publish request needs at least one hub.url or hub.topic.")
+    topics: List[str] = []
+    for url in urls:
+        topic = check_url("hub.url", url)
+        if topic not in topics:
+            topics.append(topic)
+    return topics
+
+
+def request_base(request: server.Request) -> str:
+    """The base URL this request reached: scheme and ``Host`` header as sent."""
+    scheme = "https" if request.isSecure() else "http"
+    host = request.getHeader(b"host")
+    if host:
+        return f"{scheme}://{host.decode('latin-1')}"
+    address = request.getHost()
+    return f"{scheme}://{getattr(address, 'host', 'localhost')}:{getattr(address, 'port', 80)}"
+
+
+def _plain(request: server.Request, status: int, text: str) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+    return (text + "\n").encode("utf-8") if text else b""
+
+
+class HubResource(Resource):
+    """
+    ``POST /hub``: subscribe, unsubscribe, publish. Mounted again at
+    ``/subscribe`` and ``/publish``; ``default_mode`` is the mode assumed
+    when a request has no ``hub.mode`` (``publish`` at ``/publish``, where
+    some ping tools send only ``hub.url``).
+    """
+
+    def __init__(
+        self,
+        hub: WebSubHub,
+        publisher: Publisher,
+        default_mode: Optional[str] = None,
+        admin: bool = False,
+    ) -> None:
+        super().__init__()
+        self.hub = hub
+        self.publisher = publisher
+        self.default_mode = default_mode
+        if admin:
+            self.putChild(b"subscriptions", SubscriptionsResource(hub))
+
+    def getChild(self, path: bytes, request: server.Request) -> Resource:
+        if path == b"":
+            return self
+        return super().getChild(path, request)
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"Allow", b"POST")
+        return _plain(
+            request,
+            405,
+            "This is a WebSub hub. POST hub.mode=subscribe|unsubscribe with hub.callback and hub.topic, "
+            "or hub.mode=publish with hub.url or hub.topic.",
+        )
+
+    def render_POST(self, request: server.Request) -> Any:
+        d = ensureDeferred(self._handle(request))
+
+        def failed(failure: Failure) -> bytes:
+            if isinstance(failure.value, HubError):
+                return _plain(request, failure.value.status, failure.value.reason)
+            log.failure("unhandled error in a hub request", failure)
+            return _plain(request, 500, "Hookah failed to handle this request; see its log.")
+
+        def finish(body: bytes) -> None:
+            if request.finished or getattr(request, "_disconnected", False):
+                return
+            request.write(body)
+            request.finish()
+
+        d.addErrback(failed)
+        d.addCallback(finish)
+        d.addErrback(lambda f: log.failure("writing a hub response failed", f))
+        return NOT_DONE_YET
+
+    def _check_target(self, name: str, url: str) -> None:
+        reason = self.hub.url_refusal(url)
+        if reason is not None:
+            raise HubError(400, f"{name} is refused: {reason}.")
+
+    async def _handle(self, request: server.Request) -> bytes:
+        params = hub_params(request)
+        mode = _single(params, "hub.mode") or self.default_mode
+        if mode is None:
+            raise HubError(400, "hub.mode is required: subscribe, unsubscribe or publish.")
+        if mode == PUBLISH:
+            topics = parse_publish(params)
+            for topic in topics:
+                reason = self.hub.policy.refusal(topic)
+                if reason is not None:
+                    raise HubError(403, f"{reason} ({topic})")
+                self._check_target("hub.url", topic)
+            self.publisher.publish(topics, request_base(request))
+            return _plain(request, 202, f"Accepted: fetching {len(topics)} topic(s) to distribute.")
+        if mode not in (SUBSCRIBE, UNSUBSCRIBE):
+            raise HubError(400, f"Unknown hub.mode {mode!r}: use subscribe, unsubscribe or publish.")
+        verify = parse_verify(params)
+        subscription = parse_subscription(params, mode)
+        self._check_target("hub.callback", subscription.callback)
+        self.publisher.distributor.observe(request_base(request))
+        if verify == SYNC:
+            if mode == SUBSCRIBE:
+                reason = self.hub.policy.refusal(subscription.topic)
+                if reason is not None:
+                    raise HubError(403, reason)
+            if await self.hub.verify_now(subscription):
+                return _plain(request, 204, "")
+            raise HubError(409, "Verification of intent failed: the callback did not echo the challenge with a 2xx answer.")
+        self.hub.submit(subscription)
+        return _plain(request, 202, "Accepted: verification of intent will follow.")
+
+
+class SubscriptionsResource(Resource):
+    """``GET /hub/subscriptions?topic=T``: subscriptions, all or of one topic."""
+
+    isLeaf = True
+
+    def __init__(self, hub: WebSubHub) -> None:
+        super().__init__()
+        self.hub = hub
+
+    def render_GET(self, request: server.Request) -> Any:
+        async def handle() -> bytes:
+            topic = query_args(request).get("topic") or None
+            now = self.hub.clock.seconds()
+            subscriptions = await self.hub.store.list_subscriptions(topic)
+            listing: List[Dict[str, Any]] = [
+                dict(s.to_json(), active=s.expires_at > now)
+                for s in sorted(subscriptions, key=lambda s: (s.topic, s.callback))
+            ]
+            return json_body(request, 200, {"topic": topic, "subscriptions": listing})
+
+        return render_async(request, handle)

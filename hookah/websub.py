@@ -1,0 +1,424 @@
+"""
+The subscription side of the WebSub hub: verification of intent, leases,
+denial, and the end of subscriptions (expiry, ``410 Gone``).
+
+It owns one promise of the W3C WebSub Recommendation (5.1, 5.3): the state
+of a (topic, callback) pair changes only after the subscriber has confirmed,
+by echoing an unguessable challenge, that it asked for that change. A
+request whose verification fails leaves the previous state exactly as it
+was, and when requests for one pair race, the most recent request that was
+verified wins, whatever order the verifications finish in.
+
+HTTP parsing lives in ``hookah.web.hub``; content distribution and topic
+fetching in ``hookah.distribution``. Every timer here runs on the injected
+clock, so leases, retries and purges are tested with ``task.Clock``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import secrets
+import string
+from typing import Any, Coroutine, Dict, List, Optional, Sequence, Set, Tuple
+from urllib.parse import urlencode, urlsplit
+
+import attr
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from hookah.http import HTTPClient, describe_failure
+from hookah.metrics import Metrics
+from hookah.model import KIND_WEBSUB, Delivery, Subscription
+from hookah.ssrf import TargetRefused
+
+log = Logger()
+
+SUBSCRIBE = "subscribe"
+UNSUBSCRIBE = "unsubscribe"
+DENIED = "denied"
+
+# Outcomes of a verification (also the ``outcome`` label of the metric).
+VERIFIED = "verified"
+REJECTED = "rejected"  # the subscriber answered, and did not confirm
+UNREACHABLE = "unreachable"  # no answer, or one that says "try later"
+
+# Async verifications that got no usable answer are tried again after these
+# many seconds (then given up): a subscriber restarting, or briefly
+# overloaded, still gets its subscription.
+VERIFY_RETRIES: Tuple[float, ...] = (5.0, 60.0, 300.0)
+
+# ``hub.secret`` must be under 200 bytes (5.1).
+MAX_SECRET_BYTES = 199
+
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def decode_unreserved(url: str) -> str:
+    """
+    Decode the percent-escapes of unreserved characters (``%7E`` → ``~``),
+    leaving reserved ones (``%2F``, ``%3F``...) escaped: 5.1.1 requires it,
+    and it makes ``/a%7Eb`` and ``/a~b`` the same topic, as they are the
+    same URL, while ``/a%2Fb`` stays distinct from ``/a/b``.
+    """
+    if "%" not in url:
+        return url
+
+    def replace(match: "re.Match[str]") -> str:
+        char = chr(int(match.group(1), 16))
+        return char if char in _UNRESERVED else match.group(0)
+
+    return _ESCAPE.sub(replace, url)
+
+
+def clamp_lease(requested: Optional[int], bounds: Tuple[int, int, int]) -> int:
+    """The lease granted: the default when none is asked, else within [min, max]."""
+    minimum, default, maximum = bounds
+    if requested is None:
+        return default
+    return max(minimum, min(maximum, requested))
+
+
+def verification_url(callback: str, params: Sequence[Tuple[str, str]]) -> str:
+    """
+    The callback with ``params`` appended to its own query string with
+    ``&`` (5.1.1: its parameters are kept, and never overwritten). A
+    fragment is dropped: it is never sent in a request anyway.
+    """
+    base = callback.split("#", 1)[0]
+    if "?" not in base:
+        joiner = "?"
+    elif base.endswith(("?", "&")):
+        joiner = ""
+    else:
+        joiner = "&"
+    return base + joiner + urlencode(list(params))
+
+
+def new_challenge() -> str:
+    """
+    A single-use, unguessable challenge (32 bytes from ``secrets``). Its
+    URL-safe base64 alphabet lies within the characters 5.3 allows.
+    """
+    return secrets.token_urlsafe(32)
+
+
+class TopicPolicy:
+    """
+    Which topics the hub accepts (``--topic-allow``); all when empty.
+
+    Each entry is a prefix, or a shell-style pattern when it contains ``*``,
+    ``?`` or ``[`` (``https://*.example.com/*``). A prefix that is a bare
+    origin (``https://example.com``, no path) matches that origin only, not
+    ``https://example.com.evil.test/``, since that is what an operator who
+    writes it means.
+    """
+
+    def __init__(self, allowed: Sequence[str] = ()) -> None:
+        self.allowed = tuple(allowed)
+
+    def refusal(self, topic: str) -> Optional[str]:
+        """Why ``topic`` is refused, or ``None`` when it is allowed."""
+        if not self.allowed:
+            return None
+        for entry in self.allowed:
+            if any(c in entry for c in "*?["):
+                if fnmatch.fnmatchcase(topic, entry):
+                    return None
+            elif topic.startswith(entry):
+                rest = topic[len(entry):]
+                bare_origin = urlsplit(entry).path == "" and "?" not in entry
+                if not bare_origin or rest == "" or rest[0] in "/?#":
+                    return None
+        return "This hub does not accept subscriptions to this topic."
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class SubscriptionRequest:
+    """A checked (un)subscription request, URLs already percent-normalized."""
+
+    mode: str
+    topic: str
+    callback: str
+    lease_seconds: Optional[int] = None
+    secret: Optional[str] = None
+    verify_token: Optional[str] = None  # PubSubHubbub 0.3, echoed back
+
+
+class BackgroundTasks:
+    """
+    Work that outlives the request that started it (verifications after a
+    ``202``, topic fetches), tracked so that stopping the service cancels it
+    instead of leaving it to write to a closed store.
+    """
+
+    def __init__(self) -> None:
+        self._running: Set[Deferred] = set()
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def run(self, work: Coroutine[Any, Any, Any], what: str) -> Deferred:
+        d = ensureDeferred(work)
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(CancelledError):
+                log.failure("background task failed: {what}", failure, what=what)
+
+        d.addErrback(failed)
+        if not d.called:
+            self._running.add(d)
+
+            def done(result: Any) -> Any:
+                self._running.discard(d)
+                return result
+
+            d.addBoth(done)
+        return d
+
+    def cancel_all(self) -> Deferred:
+        running = list(self._running)
+        for d in running:
+            d.cancel()
+        return DeferredList(running, consumeErrors=True).addCallback(lambda _: None)
+
+
+class WebSubHub(Service):
+    """
+    Verifies (un)subscription requests and keeps subscriptions in ``store``.
+
+    ``submit`` handles a WebSub (or PuSH 0.3 ``async``) request after its
+    ``202``, retrying a verification that got no usable answer;
+    ``verify_now`` is the PuSH 0.3 ``sync`` path, one attempt, whose result
+    is the response. ``delivery_finished`` is the dispatcher's hook that ends
+    a subscription whose callback answered ``410 Gone``. While running, a
+    loop purges expired subscriptions (they already receive nothing).
+    """
+
+    name = "websub"
+
+    def __init__(
+        self,
+        store: Any,
+        client: HTTPClient,
+        clock: IReactorTime,
+        lease_bounds: Tuple[int, int, int] = (60, 864000, 2592000),
+        policy: Optional[TopicPolicy] = None,
+        timeout: float = 30.0,
+        verify_retries: Sequence[float] = VERIFY_RETRIES,
+        purge_interval: float = 300.0,
+        metrics: Optional[Metrics] = None,
+        address_policy: Optional[Any] = None,
+    ) -> None:
+        self.store = store
+        self.address_policy = address_policy
+        self.client = client
+        self.clock = clock
+        self.lease_bounds = lease_bounds
+        self.policy = policy or TopicPolicy()
+        self.timeout = timeout
+        self.verify_retries = tuple(verify_retries)
+        self.purge_interval = purge_interval
+        self.metrics = metrics or Metrics()
+        self.tasks = BackgroundTasks()
+        self._purger: Optional[LoopingCall] = None
+        # Per (topic, callback) with requests in progress: how many, and the
+        # sequence number of the newest request whose outcome was applied.
+        self._keys: Dict[Tuple[str, str], List[int]] = {}
+        self._sequence = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._purger = LoopingCall(self.purge)
+        self._purger.clock = self.clock
+        self._purger.start(self.purge_interval, now=True)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        if self._purger is not None and self._purger.running:
+            self._purger.stop()
+        self._purger = None
+        return self.tasks.cancel_all()
+
+    def purge(self) -> Deferred:
+        """Delete expired subscriptions; errors are logged so the loop goes on."""
+        d = self.store.purge_expired(self.clock.seconds())
+
+        def purged(count: int) -> None:
+            if count:
+                log.info("purged {count} expired WebSub subscriptions", count=count)
+
+        d.addCallback(purged)
+        d.addErrback(lambda f: log.failure("purging expired subscriptions failed", f))
+        return d
+
+    # -- requests ----------------------------------------------------------------
+
+    def url_refusal(self, url: str) -> Optional[str]:
+        """
+        Why the hub will not send requests to ``url`` (a callback, a topic),
+        when that is known before connecting: an IP literal the SSRF guard
+        refuses. Names are checked again on the address actually connected.
+        """
+        if self.address_policy is None:
+            return None
+        reason: Optional[str] = self.address_policy.literal_refusal(url)
+        return reason
+
+    def submit(self, request: SubscriptionRequest) -> Deferred:
+        """
+        Handle an accepted request in the background: deny it (policy) or
+        verify it, retrying when the callback gives no usable answer.
+        Deferred[str] with the outcome, for tests; the web layer ignores it.
+        """
+        return self.tasks.run(self._handle(request, self.verify_retries), f"{request.mode} {request.callback}")
+
+    async def verify_now(self, request: SubscriptionRequest) -> bool:
+        """One verification, applied if it succeeds (PuSH 0.3 ``hub.verify=sync``)."""
+        return await self._handle(request, ()) == VERIFIED
+
+    async def _handle(self, request: SubscriptionRequest, retries: Sequence[float]) -> str:
+        key = (request.topic, request.callback)
+        self._sequence += 1
+        sequence = self._sequence
+        state = self._keys.setdefault(key, [0, 0])
+        state[0] += 1
+        try:
+            if request.mode == SUBSCRIBE:
+                reason = self.policy.refusal(request.topic)
+                if reason is not None:
+                    await self.deny(request.topic, request.callback, reason)
+                    return DENIED
+            outcome, sent_at, lease = await self._verify(request)
+            for delay in retries:
+                if outcome != UNREACHABLE:
+                    break
+                await deferLater(self.clock, delay, lambda: None)
+                outcome, sent_at, lease = await self._verify(request)
+            if outcome == VERIFIED:
+                if sequence > state[1]:
+                    state[1] = sequence
+                    await self._apply(request, sent_at, lease)
+                else:
+                    log.info(
+                        "verified {mode} of {callback} to {topic} superseded by a newer verified request",
+                        mode=request.mode, callback=request.callback, topic=request.topic,
+                    )
+            return outcome
+        finally:
+            state[0] -= 1
+            if state[0] == 0:
+                del self._keys[key]
+
+    async def _verify(self, request: SubscriptionRequest) -> Tuple[str, float, int]:
+        """One verification GET: (outcome, when it was sent, lease offered)."""
+        challenge = new_challenge()
+        lease = clamp_lease(request.lease_seconds, self.lease_bounds)
+        params = [("hub.mode", request.mode), ("hub.topic", request.topic), ("hub.challenge", challenge)]
+        if request.mode == SUBSCRIBE:
+            params.append(("hub.lease_seconds", str(lease)))
+        if request.verify_token is not None:
+            params.append(("hub.verify_token", request.verify_token))
+        url = verification_url(request.callback, params)
+        sent_at = self.clock.seconds()
+        try:
+            response = await self.client.request("GET", url, (), None, self.timeout)
+        except CancelledError:
+            raise
+        except TargetRefused as e:
+            # The SSRF guard refused the callback's address: asking again
+            # would be refused again.
+            outcome, why = REJECTED, str(e)
+        except Exception:
+            outcome, why = UNREACHABLE, describe_failure(Failure(), self.timeout)
+        else:
+            if 200 <= response.code < 300 and response.body == challenge.encode("ascii"):
+                outcome, why = VERIFIED, f"HTTP {response.code}"
+            elif response.code >= 500 or response.code in (408, 429):
+                outcome, why = UNREACHABLE, f"HTTP {response.code}"
+            elif 200 <= response.code < 300:
+                outcome, why = REJECTED, f"HTTP {response.code} without the challenge"
+            else:
+                outcome, why = REJECTED, f"HTTP {response.code}"
+        self.metrics.verifications.labels(request.mode, outcome).inc()
+        log.info(
+            "verification of {mode} of {callback} to {topic}: {outcome} ({why})",
+            mode=request.mode, callback=request.callback, topic=request.topic, outcome=outcome, why=why,
+        )
+        return outcome, sent_at, lease
+
+    def _apply(self, request: SubscriptionRequest, sent_at: float, lease: int) -> Deferred:
+        """
+        Make the verified request the pair's state. The lease counts from the
+        verification request (5.3); ``created_at`` is when this lease was
+        granted, which lets a late ``410`` tell an old subscription from a
+        renewed one.
+        """
+        if request.mode == UNSUBSCRIBE:
+            return self.store.remove_subscription(request.topic, request.callback)
+        return self.store.put_subscription(
+            Subscription(
+                topic=request.topic,
+                callback=request.callback,
+                secret=request.secret,
+                lease_seconds=lease,
+                created_at=sent_at,
+                expires_at=sent_at + lease,
+            )
+        )
+
+    async def deny(self, topic: str, callback: str, reason: str) -> bool:
+        """
+        Tell a subscriber its subscription is refused (5.2). Best effort, one
+        attempt: the subscriber learns nothing it could act on by a retry.
+        The subscription state is left as it is; only a verified request
+        changes it.
+        """
+        url = verification_url(callback, [("hub.mode", DENIED), ("hub.topic", topic), ("hub.reason", reason)])
+        try:
+            response = await self.client.request("GET", url, (), None, self.timeout)
+        except CancelledError:
+            raise
+        except Exception:
+            self.metrics.verifications.labels(DENIED, UNREACHABLE).inc()
+            log.info("denial of {topic} to {callback} not delivered: {why}", topic=topic, callback=callback,
+                     why=describe_failure(Failure(), self.timeout))
+            return False
+        self.metrics.verifications.labels(DENIED, "sent").inc()
+        log.info("denied {topic} to {callback} (HTTP {code})", topic=topic, callback=callback, code=response.code)
+        return True
+
+    # -- the end of subscriptions ------------------------------------------------
+
+    def delivery_finished(self, delivery: Delivery) -> Optional[Deferred]:
+        """
+        The dispatcher's hook for a delivery that reached a final state: a
+        WebSub delivery whose callback answered ``410 Gone`` ends the
+        subscription (7: the hub MAY; we do), unless the subscriber renewed
+        it after that attempt. Errors are logged here, never raised into the
+        dispatcher.
+        """
+        if delivery.kind != KIND_WEBSUB or delivery.topic is None or not delivery.attempts:
+            return None
+        last = delivery.attempts[-1]
+        if last.status_code != 410:
+            return None
+        topic, callback = delivery.topic, delivery.url
+
+        async def end() -> None:
+            current = await self.store.get_subscription(topic, callback)
+            if current is None or current.created_at > last.at:
+                return
+            await self.store.remove_subscription(topic, callback)
+            log.info("removed subscription of {callback} to {topic}: it answered 410 Gone", callback=callback, topic=topic)
+
+        d = ensureDeferred(end())
+        d.addErrback(lambda f: log.failure("removing a gone subscription failed", f))
+        return d

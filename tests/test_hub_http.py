@@ -1,0 +1,290 @@
+"""
+The hub over real sockets beyond websub.rocks: bad requests, PubSubHubbub
+0.3 (sync, async, verify_token), denial, failed verifications, 410, and the
+topic namespace shared with ``/dispatch?_topic=`` and ``/topics/<T>/events``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, List, Tuple
+from urllib.parse import parse_qsl, quote, urlsplit
+
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from hookah.model import KIND_WEBSUB
+from tests.support import http_client, listen_sink, start_hookah
+from tests.websubsupport import RocksSubscriber, TopicServer, eventually, get_json, parse_links, post_form
+
+
+class HubHTTPTests(TestCase):
+    timeout = 30
+
+    async def setup_hub(self, **config: Any) -> None:
+        self.service, self.base = await start_hookah(self, **config)
+        self.hub = self.base + "/hub"
+        self.topic_server = TopicServer(self, "text/plain; charset=utf-8", b"news\n", hub=self.hub)
+        self.topic = self.topic_server.url("/feed")
+        self.subscriber = RocksSubscriber(self, self.topic)
+
+    def params(self, mode: str = "subscribe", **extra: str) -> List[Tuple[str, str]]:
+        base = [("hub.mode", mode), ("hub.topic", self.topic), ("hub.callback", self.subscriber.callback)]
+        return base + [(k.replace("_", ".", 1), v) for k, v in extra.items()]
+
+    async def stored(self) -> Any:
+        return await self.service.store.get_subscription(self.topic, self.subscriber.callback)
+
+    async def subscribed(self, **extra: str) -> None:
+        code, body, _ = await post_form(self, self.hub, self.params(**extra))
+        self.assertEqual(code, 202, body)
+        await eventually(self.stored, what="the subscription")
+
+    def test_bad_requests(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub()
+            topic, callback = self.topic, self.subscriber.callback
+            cases = [
+                ([], "hub.mode"),
+                ([("hub.mode", "dance")], "hub.mode"),
+                ([("hub.mode", "subscribe"), ("hub.topic", topic)], "hub.callback"),
+                ([("hub.mode", "subscribe"), ("hub.callback", callback)], "hub.topic"),
+                ([("hub.mode", "subscribe"), ("hub.topic", topic), ("hub.callback", "ftp://x.example/cb")], "hub.callback"),
+                ([("hub.mode", "subscribe"), ("hub.topic", "/relative"), ("hub.callback", callback)], "hub.topic"),
+                ([("hub.mode", "subscribe"), ("hub.topic", topic), ("hub.callback", "http://x:99999/")], "hub.callback"),
+                (self.params(hub_secret="s" * 200), "hub.secret"),
+                ([("hub.mode", "subscribe"), ("hub.topic", topic), ("hub.callback", callback + "x" * 5000)], "hub.callback"),
+                (self.params(hub_secret="é" * 100), "hub.secret"),
+                (self.params(hub_lease_seconds="ten"), "hub.lease_seconds"),
+                (self.params(hub_lease_seconds="0"), "hub.lease_seconds"),
+                (self.params(hub_verify="later"), "hub.verify"),
+                (self.params() + [("hub.topic", topic + "2")], "hub.topic"),
+                ([("hub.mode", "publish")], "hub.url"),
+                ([("hub.mode", "publish"), ("hub.url", "mailto:a@b")], "hub.url"),
+            ]
+            for params, mentioned in cases:
+                code, body, response = await post_form(self, self.hub, params)
+                self.assertEqual(code, 400, (params, body))
+                self.assertIn(mentioned, body.decode(), params)
+                self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/plain; charset=utf-8"])
+            self.assertEqual(self.subscriber.sink.received, [], "bad requests start no verification")
+            # Just under the limit is fine; a lease on unsubscribe is ignored.
+            code, body, _ = await post_form(self, self.hub, self.params(hub_secret="s" * 199))
+            self.assertEqual(code, 202, body)
+            code, body, _ = await post_form(self, self.hub, self.params("unsubscribe", hub_lease_seconds="x"))
+            self.assertEqual(code, 202, body)
+            response = await http_client(self).get(self.hub)
+            self.assertEqual(response.code, 405)
+            await response.content()
+
+        return ensureDeferred(go())
+
+    def test_refused_callback_address(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub(allow_private_targets=False)
+            code, body, _ = await post_form(self, self.hub, self.params())
+            self.assertEqual(code, 400)
+            self.assertIn(b"loopback", body)
+
+        return ensureDeferred(go())
+
+    def test_params_in_query_string_and_percent_decoding(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub()
+            callback = self.subscriber.base + "/sub/%7Etoken?keep=a%2Fb&hub.mode=mine"
+            query = f"hub.mode=subscribe&hub.topic={quote(self.topic, safe='')}&hub.callback={quote(callback, safe='')}"
+            response = await http_client(self).post(f"{self.hub}?{query}")
+            self.assertEqual(response.code, 202, await response.content())
+            [verification] = await self.subscriber.sink.wait_for(1)
+            self.assertTrue(verification.path.startswith("/sub/~token?keep=a%2Fb&hub.mode=mine&hub.mode=subscribe&"))
+            self.assertEqual(parse_qsl(urlsplit(verification.path).query)[0], ("keep", "a/b"))
+            stored = await eventually(lambda: self.service.store.get_subscription(self.topic, self.subscriber.base + "/sub/~token?keep=a%2Fb&hub.mode=mine"))
+            self.assertEqual(stored.topic, self.topic)
+
+        return ensureDeferred(go())
+
+    def test_push03_sync(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub()
+            code, body, _ = await post_form(self, self.hub, self.params(hub_verify="sync", hub_verify_token="vt-1"))
+            self.assertEqual((code, body), (204, b""))
+            # Verified before the answer: the subscription exists already.
+            self.assertIsNotNone(await self.stored())
+            [verification] = self.subscriber.verifications
+            self.assertEqual(dict(parse_qsl(urlsplit(verification.path).query))["hub.verify_token"], "vt-1")
+            self.subscriber.confirm = False
+            before = await self.stored()
+            code, body, _ = await post_form(self, self.hub, self.params("unsubscribe", hub_verify="sync"))
+            self.assertEqual(code, 409, body)
+            self.assertEqual(await self.stored(), before, "a failed verification leaves the old state")
+            # Several keywords, in order of preference, some unknown.
+            code, _, _ = await post_form(self, self.hub, self.params(hub_verify="foo") + [("hub.verify", "async"), ("hub.verify", "sync")])
+            self.assertEqual(code, 202)
+
+        return ensureDeferred(go())
+
+    def test_push03_async_echoes_verify_token(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub()
+            code, body, _ = await post_form(self, self.hub, self.params(hub_verify="async", hub_verify_token="tok"))
+            self.assertEqual(code, 202, body)
+            [verification] = await self.subscriber.sink.wait_for(1)
+            self.assertIn("hub.verify_token=tok", verification.path)
+            await eventually(self.stored, what="the subscription")
+
+        return ensureDeferred(go())
+
+    def test_denied_topic(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub(topic_allow=("https://allowed.example/",))
+            code, body, _ = await post_form(self, self.hub, self.params())
+            self.assertEqual(code, 202, body)
+            [denial] = await self.subscriber.sink.wait_for(1)
+            query = dict(parse_qsl(urlsplit(denial.path).query))
+            self.assertEqual(query["hub.mode"], "denied")
+            self.assertEqual(query["hub.topic"], self.topic)
+            self.assertIn("hub.reason", query)
+            self.assertIsNone(await self.stored())
+            code, body, _ = await post_form(self, self.hub, self.params(hub_verify="sync"))
+            self.assertEqual(code, 403, body)
+            code, body, _ = await post_form(self, self.hub, [("hub.mode", "publish"), ("hub.url", self.topic)])
+            self.assertEqual(code, 403, body)
+
+        return ensureDeferred(go())
+
+    def test_failed_async_verification_leaves_old_state(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub()
+            await self.subscribed(hub_secret="first", hub_lease_seconds="3600")
+            before = await self.stored()
+            self.subscriber.confirm = False
+            for params in (self.params(hub_secret="second"), self.params("unsubscribe")):
+                count = len(self.subscriber.sink.received)
+                code, _, _ = await post_form(self, self.hub, params)
+                self.assertEqual(code, 202)
+                await self.subscriber.sink.wait_for(count + 1)
+            # The verification was answered 404; wait for the hub to record it.
+            await eventually(lambda: self.service.metrics.verifications.labels("unsubscribe", "rejected")._value.get() == 1)
+            self.assertEqual(await self.stored(), before)
+
+        return ensureDeferred(go())
+
+    def test_410_removes_subscription_other_failures_do_not(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub()
+            await self.subscribed()
+            self.subscriber.notify_code = 500
+            code, _, _ = await post_form(self, self.base + "/publish", [("hub.url", self.topic)])
+            self.assertEqual(code, 202)
+            await eventually(lambda: self.subscriber.notifications, what="a notification")
+
+            async def attempt_recorded() -> bool:
+                page = await self.service.store.list_deliveries(None, 10, None)
+                return any(d.kind == KIND_WEBSUB and d.attempts for d in page)
+
+            await eventually(attempt_recorded, what="the failed attempt")
+            self.assertIsNotNone(await self.stored(), "a 500 keeps the subscription")
+            self.subscriber.notify_code = 410
+            code, _, _ = await post_form(self, self.hub, [("hub.mode", "publish"), ("hub.topic", self.topic)])
+            self.assertEqual(code, 202)
+
+            async def removed() -> bool:
+                return await self.stored() is None
+
+            await eventually(removed, what="the subscription to go")
+
+        return ensureDeferred(go())
+
+    def test_publish_follows_redirects(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub()
+            moved, moved_base = listen_sink(self)
+            moved.respond = lambda r: (302, {"Location": self.topic_server.url("/feed")}, b"")
+            self.topic = moved_base + "/old"
+            self.subscriber.topic = self.topic
+            await self.subscribed()
+            code, _, _ = await post_form(self, self.hub, [("hub.mode", "publish"), ("hub.url", self.topic)])
+            self.assertEqual(code, 202)
+            received = await eventually(lambda: self.subscriber.notifications, what="a notification")
+            self.assertEqual(received[0].body, b"news\n")
+            self.assertEqual(received[0].header("Content-Type"), "text/plain; charset=utf-8")
+            self.assertEqual(parse_links(received[0].header("Link") or "")["self"], [self.topic])
+
+        return ensureDeferred(go())
+
+    def test_subscribe_endpoint_and_listing(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub()
+            code, _, _ = await post_form(self, self.base + "/subscribe", self.params(hub_secret="x"))
+            self.assertEqual(code, 202)
+            await eventually(self.stored, what="the subscription")
+            listing = await get_json(self, f"{self.base}/hub/subscriptions?topic={quote(self.topic, safe='')}")
+            [entry] = listing["subscriptions"]
+            self.assertEqual(entry["callback"], self.subscriber.callback)
+            self.assertEqual((entry["has_secret"], entry["active"]), (True, True))
+            self.assertNotIn("secret", entry)
+            other = await get_json(self, f"{self.base}/hub/subscriptions?topic=nothing")
+            self.assertEqual(other["subscriptions"], [])
+
+        return ensureDeferred(go())
+
+    def test_dispatch_to_topic_fans_out_and_keeps_history(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub(public_url="https://hooks.example.test")
+            await self.subscribed(hub_secret="k")
+            client = http_client(self)
+            response = await client.post(
+                f"{self.base}/dispatch?_topic={quote(self.topic, safe='')}",
+                data=b'{"n": 1}',
+                headers={b"Content-Type": [b"application/json"], b"X-Hookah-Header-X-Trace": [b"abc"]},
+            )
+            self.assertEqual(response.code, 202)
+            accepted = await response.json()
+            self.assertEqual(accepted["subscribers"], 1)
+            [notification] = await eventually(lambda: self.subscriber.notifications, what="a notification")
+            self.assertEqual(notification.body, b'{"n": 1}')
+            self.assertEqual(notification.header("Content-Type"), "application/json")
+            self.assertEqual(notification.header("X-Trace"), "abc")
+            links = parse_links(notification.header("Link") or "")
+            self.assertEqual((links["hub"], links["self"]), (["https://hooks.example.test/hub"], [self.topic]))
+            self.assertIsNotNone(notification.header("X-Hub-Signature"))
+            self.assertIsNone(notification.header("webhook-signature"))
+            encoded = quote(self.topic, safe="")
+            history = await get_json(self, f"{self.base}/topics/{encoded}/events")
+            self.assertEqual(history["topic"], self.topic)
+            [event] = history["events"]
+            self.assertEqual(event["id"], accepted["id"])
+            self.assertEqual((event["content_type"], event["data"]), ("application/json", {"n": 1}))
+            # The unencoded form of the name reaches the same history.
+            same = await get_json(self, f"{self.base}/topics/{self.topic}/events")
+            self.assertEqual(same["events"], history["events"])
+            empty = await get_json(self, f"{self.base}/topics/{encoded}/events?after={accepted['id']}")
+            self.assertEqual(empty["events"], [])
+            topics = await get_json(self, f"{self.base}/topics")
+            self.assertIn({"topic": self.topic, "events": 1, "subscribers": 1}, topics["topics"])
+
+        return ensureDeferred(go())
+
+    def test_topic_history_paging(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub()
+            client = http_client(self)
+            ids = []
+            for n in range(3):
+                response = await client.post(f"{self.base}/dispatch?_topic=orders", data=bytes([n, 255]),
+                                             headers={b"Content-Type": [b"application/octet-stream"]})
+                ids.append((await response.json())["id"])
+            page = await get_json(self, f"{self.base}/topics/orders/events?limit=2")
+            self.assertEqual([e["id"] for e in page["events"]], ids[:2])
+            self.assertEqual(page["next"], ids[1])
+            self.assertEqual(page["events"][0]["encoding"], "base64")
+            rest = await get_json(self, f"{self.base}/topics/orders/events?limit=2&after={page['next']}")
+            self.assertEqual(([e["id"] for e in rest["events"]], rest["next"]), (ids[2:], None))
+            response = await client.get(f"{self.base}/topics/orders/events?limit=0")
+            self.assertEqual(response.code, 400)
+            self.assertEqual(json.loads(await response.content())["error"], "bad_parameter")
+            response = await client.get(f"{self.base}/topics/orders")
+            self.assertEqual(response.code, 404)
+            await response.content()
+
+        return ensureDeferred(go())
