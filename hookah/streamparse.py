@@ -1,0 +1,277 @@
+"""
+The reading side of ``/stream``: incremental parsers for each format and
+for HTTP chunked bodies, fed bytes as they arrive in whatever pieces the
+network cuts them into.
+
+They hold the formats to their word (tests feed every encoding through
+them), and they are what a client needs to follow a stream: the benchmark
+and a command-line ``tail`` use them as they are. Each ``feed`` returns the
+messages completed so far and keeps the unfinished tail for the next call.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Dict, List, Optional, Tuple
+
+import attr
+
+__all__ = [
+    "ChunkedDecoder",
+    "JsonLinesParser",
+    "LengthDelimitedParser",
+    "ResponseReader",
+    "SSEMessage",
+    "SSEParser",
+    "StreamParseError",
+    "body_of",
+    "parser_for",
+]
+
+
+class StreamParseError(ValueError):
+    """The bytes do not follow the format: the stream cannot be trusted past here."""
+
+
+def body_of(obj: Dict[str, Any]) -> bytes:
+    """
+    The payload bytes of an event object: base64 decoded, text as UTF-8, a
+    JSON value re-serialised compactly (same value, not the same spacing).
+    """
+    data = obj.get("data")
+    if obj.get("encoding") == "base64":
+        return base64.b64decode(data or "")
+    if isinstance(data, str) and not _is_json(obj.get("content_type")):
+        return data.encode("utf-8")
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _is_json(content_type: Optional[str]) -> bool:
+    media = (content_type or "").partition(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+class JsonLinesParser:
+    """``\\r\\n``-terminated JSON objects; blank lines are keep-alives."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.keepalives = 0
+
+    def feed(self, data: bytes) -> List[Any]:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\r\n")
+        messages = []
+        for line in lines:
+            if line:
+                messages.append(json.loads(line))
+            else:
+                self.keepalives += 1
+        return messages
+
+
+class LengthDelimitedParser:
+    """
+    ``<length>\\r\\n<message>``, the length counting the message's bytes
+    (its own ``\\r\\n`` included); a line with no digits is a keep-alive.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._need: Optional[int] = None
+        self.keepalives = 0
+
+    def feed(self, data: bytes) -> List[Any]:
+        self._buffer += data
+        messages: List[Any] = []
+        while True:
+            if self._need is None:
+                end = self._buffer.find(b"\r\n")
+                if end < 0:
+                    return messages
+                line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+                if not line.strip():
+                    self.keepalives += 1
+                    continue
+                if not line.isdigit():
+                    raise StreamParseError(f"expected a length, got {line[:40]!r}")
+                self._need = int(line)
+            if len(self._buffer) < self._need:
+                return messages
+            message, self._buffer = self._buffer[: self._need], self._buffer[self._need :]
+            self._need = None
+            messages.append(json.loads(message))
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class SSEMessage:
+    data: str
+    event: str = "message"
+    id: Optional[str] = None
+    retry: Optional[int] = None
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+class SSEParser:
+    """
+    The event-stream interpretation of the HTML standard: lines end with
+    CRLF, LF or CR; ``:`` starts a comment; a blank line dispatches the
+    message if it has data; ``id`` persists across messages.
+    """
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._decoder = _Utf8Decoder()
+        self._data: List[str] = []
+        self._event = ""
+        self._retry: Optional[int] = None
+        self.last_event_id: Optional[str] = None
+        self.retry: Optional[int] = None
+        self.comments = 0
+        self._started = False
+
+    def feed(self, data: bytes) -> List[SSEMessage]:
+        self._text += self._decoder.decode(data)
+        if not self._started and self._text:
+            self._started = True
+            if self._text.startswith("\ufeff"):
+                self._text = self._text[1:]
+        messages: List[SSEMessage] = []
+        while True:
+            cut = _line_end(self._text)
+            if cut is None:
+                return messages
+            end, after = cut
+            line, self._text = self._text[:end], self._text[after:]
+            message = self._line(line)
+            if message is not None:
+                messages.append(message)
+
+    def _line(self, line: str) -> Optional[SSEMessage]:
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            self.comments += 1
+            return None
+        field, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if field == "data":
+            self._data.append(value)
+        elif field == "event":
+            self._event = value
+        elif field == "id" and "\0" not in value:
+            self.last_event_id = value
+        elif field == "retry" and value.isdigit():
+            self.retry = int(value)
+        return None
+
+    def _dispatch(self) -> Optional[SSEMessage]:
+        data, event = self._data, self._event
+        self._data, self._event = [], ""
+        if not data:
+            return None
+        return SSEMessage("\n".join(data), event or "message", self.last_event_id, self.retry)
+
+
+def _line_end(text: str) -> Optional[Tuple[int, int]]:
+    """(end of line, start of next) for the first complete line, or None."""
+    cr, lf = text.find("\r"), text.find("\n")
+    if cr < 0 and lf < 0:
+        return None
+    if cr < 0 or (0 <= lf < cr):
+        return lf, lf + 1
+    if cr + 1 == len(text):
+        return None  # a CR at the end may be the first half of a CRLF
+    return cr, cr + (2 if text[cr + 1] == "\n" else 1)
+
+
+class _Utf8Decoder:
+    """Incremental UTF-8 (a character may be split across reads)."""
+
+    def __init__(self) -> None:
+        import codecs
+
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def decode(self, data: bytes) -> str:
+        return self._decoder.decode(data)
+
+
+def parser_for(format_name: str) -> Any:
+    """A fresh parser for ``json``, ``length`` or ``sse``."""
+    return {"json": JsonLinesParser, "length": LengthDelimitedParser, "sse": SSEParser}[format_name]()
+
+
+class ChunkedDecoder:
+    """HTTP/1.1 ``Transfer-Encoding: chunked``: chunk payloads out, framing dropped."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._need: Optional[int] = None  # bytes left in the current chunk
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        self._buffer += data
+        out = []
+        while not self.done:
+            if self._need is None:
+                end = self._buffer.find(b"\r\n")
+                if end < 0:
+                    break
+                size = self._buffer[:end].split(b";", 1)[0].strip()
+                try:
+                    self._need = int(size, 16)
+                except ValueError:
+                    raise StreamParseError(f"bad chunk size {size[:20]!r}")
+                self._buffer = self._buffer[end + 2 :]
+                if self._need == 0:
+                    self.done = True
+                    break
+            if len(self._buffer) < self._need + 2:
+                break
+            out.append(self._buffer[: self._need])
+            self._buffer = self._buffer[self._need + 2 :]
+            self._need = None
+        return b"".join(out)
+
+
+class ResponseReader:
+    """
+    A raw HTTP/1.x response read off a socket: the status and headers, then
+    the body with chunked framing removed. Meant for clients that hold many
+    streams and cannot afford a full HTTP client per stream.
+    """
+
+    def __init__(self) -> None:
+        self._head = b""
+        self.status: Optional[int] = None
+        self.headers: Dict[str, str] = {}
+        self._chunked: Optional[ChunkedDecoder] = None
+
+    @property
+    def done(self) -> bool:
+        return self._chunked is not None and self._chunked.done
+
+    def feed(self, data: bytes) -> bytes:
+        """Body bytes contained in ``data`` (none until the head is complete)."""
+        if self.status is None:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                return b""
+            head, data = self._head[:end], self._head[end + 4 :]
+            self._head = b""
+            status_line, *header_lines = head.decode("latin-1").split("\r\n")
+            self.status = int(status_line.split(" ", 2)[1])
+            for line in header_lines:
+                name, _, value = line.partition(":")
+                self.headers[name.strip().lower()] = value.strip()
+            if self.headers.get("transfer-encoding", "").lower() == "chunked":
+                self._chunked = ChunkedDecoder()
+        if self._chunked is not None:
+            return self._chunked.feed(data)
+        return data

@@ -1,0 +1,150 @@
+"""
+``/stream``: long-lived responses carrying a topic's events as they happen
+(``../shared/API.md`` §4).
+
+This module reads the request (topics, format, backfill) and refuses bad
+ones with a ``400`` before any stream exists; ``HTTPStream`` carries the
+open response and ``TopicRegistry`` feeds it.
+
+- ``topic`` may repeat and each value may hold several comma-separated
+  topics (a topic name therefore cannot contain a comma here).
+- ``format=json`` (default) or ``format=sse``; ``Accept: text/event-stream``
+  also selects SSE when ``format`` is absent. ``delimited=length`` adds
+  length prefixes to the JSON format.
+- ``Last-Event-ID`` (header, as ``EventSource`` sends on reconnecting) or
+  ``last_event_id`` resumes after that id from the history in storage; the
+  header wins, because a reconnecting ``EventSource`` repeats the original
+  URL. Otherwise ``count=N`` replays the newest N events first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import attr
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from hookah.streamformat import FORMATS, JSON_LINES, LENGTH_DELIMITED, SSE, StreamFormat
+from hookah.topics import TopicRegistry
+from hookah.web.common import ApiError, error_body, int_arg
+from hookah.web.httpstream import HTTPStream
+
+__all__ = ["StreamResource", "StreamRequest", "parse_stream_request", "MAX_COUNT", "MAX_TOPICS"]
+
+log = Logger()
+
+MAX_COUNT = 10000
+MAX_TOPICS = 100
+MAX_ID_LENGTH = 200
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class StreamRequest:
+    topics: List[str]
+    format: StreamFormat
+    count: int = 0
+    last_event_id: Optional[str] = None
+
+
+def _values(request: server.Request, name: bytes) -> List[str]:
+    return [v.decode("utf-8", "replace") for v in (request.args or {}).get(name, [])]
+
+
+def _wants_sse(request: server.Request) -> bool:
+    """Whether ``Accept`` names ``text/event-stream`` (with a quality above 0)."""
+    accept = request.getHeader(b"accept")
+    if not accept:
+        return False
+    for media_range in accept.decode("latin-1").split(","):
+        media, *params = media_range.split(";")
+        if media.strip().lower() != "text/event-stream":
+            continue
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    return float(value) > 0
+                except ValueError:
+                    return False
+        return True
+    return False
+
+
+def parse_stream_request(request: server.Request) -> StreamRequest:
+    """A checked ``StreamRequest``, or ``ApiError`` for a ``400``."""
+    topics: List[str] = []
+    for value in _values(request, b"topic"):
+        for topic in value.split(","):
+            topic = topic.strip()
+            if topic and topic not in topics:
+                topics.append(topic)
+    if not topics:
+        raise ApiError(400, "missing_topic", "Give at least one topic: /stream?topic=<name> (repeat it or separate with commas for several).")
+    if len(topics) > MAX_TOPICS:
+        raise ApiError(400, "too_many_topics", f"One stream can follow at most {MAX_TOPICS} topics.")
+
+    args: Dict[str, str] = {k.decode("utf-8", "replace"): v[-1].decode("utf-8", "replace") for k, v in (request.args or {}).items() if v}
+    format_name = args.get("format")
+    if format_name is None:
+        fmt = SSE if _wants_sse(request) else JSON_LINES
+    elif format_name in ("json", "sse"):
+        fmt = FORMATS[format_name]
+    else:
+        raise ApiError(400, "bad_parameter", f"format must be json or sse, not {format_name!r}.")
+    delimited = args.get("delimited")
+    if delimited is not None and delimited != "":
+        if delimited != "length":
+            raise ApiError(400, "bad_parameter", f"delimited must be length, not {delimited!r}.")
+        if fmt is SSE:
+            raise ApiError(400, "bad_parameter", "delimited=length applies to the JSON format, not to Server-Sent Events.")
+        fmt = LENGTH_DELIMITED
+
+    count = int_arg(args, "count", 0, 0, MAX_COUNT)
+    raw_id = request.getHeader(b"last-event-id")
+    last_id = raw_id.decode("utf-8", "replace").strip() if raw_id is not None else args.get("last_event_id")
+    if last_id is not None:
+        last_id = last_id.strip() or None
+    if last_id is not None and len(last_id) > MAX_ID_LENGTH:
+        raise ApiError(400, "bad_parameter", "Last-Event-ID is too long to be an event id.")
+    return StreamRequest(topics, fmt, count, last_id)
+
+
+class StreamResource(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: TopicRegistry, store: Any, clock: IReactorTime, buffer_limit: int) -> None:
+        super().__init__()
+        self.registry = registry
+        self.store = store
+        self.clock = clock
+        self.buffer_limit = buffer_limit
+
+    def render(self, request: server.Request) -> Any:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"Allow", b"GET, HEAD")
+            return error_body(request, ApiError(405, "method_not_allowed", "A stream is read with GET."))
+        return super().render(request)
+
+    def render_GET(self, request: server.Request) -> Any:
+        try:
+            wanted = parse_stream_request(request)
+        except ApiError as e:
+            return error_body(request, e)
+        stream = HTTPStream(request, self.registry, wanted.topics, wanted.format, self.buffer_limit, self.clock)
+        stream.start_response()
+        d = ensureDeferred(stream.replay(self.store, wanted.last_event_id, wanted.count))
+        d.addErrback(lambda f: log.failure("opening a stream failed", f))
+        return server.NOT_DONE_YET
+
+    def render_HEAD(self, request: server.Request) -> Any:
+        try:
+            wanted = parse_stream_request(request)
+        except ApiError as e:
+            return error_body(request, e)
+        request.setHeader(b"Content-Type", wanted.format.content_type)
+        request.setHeader(b"Cache-Control", b"no-cache")
+        return b""
