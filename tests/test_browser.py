@@ -1,0 +1,182 @@
+"""
+The status page in a real browser: headless Chromium, driven by Selenium,
+signs in with the admin token, sees a topic and a failed delivery that this
+test created, clicks Resend, and watches the delivery become delivered as
+the target (now answering 200) receives it again.
+
+Screenshots go to ``artifacts/status-page.png`` (after the resend) and
+``artifacts/status-page-before.png``. The test is skipped, saying why, only
+when Chromium or ChromeDriver is not installed (Debian packages
+``chromium`` and ``chromium-driver``).
+
+Selenium's calls block, and the Hookah under test runs on this process's
+reactor, so every browser step runs in a thread (``deferToThread``) while
+the reactor goes on serving the browser.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable
+from urllib.parse import quote
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+from hookah.model import DELIVERED, FAILED
+from tests.support import http_client, listen_sink, start_hookah
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARTIFACTS = os.path.join(ROOT, "artifacts")
+CHROMIUM = os.environ.get("HOOKAH_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("HOOKAH_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
+ADMIN = "browser-admin-token"
+PUBLISHER = "browser-publisher-token"
+# Flags this machine needs: no sandbox as root, and no background
+# networking, which a closed network refuses many times a second.
+FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--window-size=1280,1100",
+)
+
+
+def find(path: str, name: str) -> str:
+    found = path if os.access(path, os.X_OK) else shutil.which(name)
+    if not found:
+        raise SkipTest(f"{name} is not installed (Debian packages chromium and chromium-driver); the browser test needs it")
+    return found
+
+
+def start_browser(testcase: TestCase) -> Any:
+    chromium = find(CHROMIUM, "chromium")
+    chromedriver = find(CHROMEDRIVER, "chromedriver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="hookah-chromium-")
+    testcase.addCleanup(shutil.rmtree, profile, True)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    driver.set_page_load_timeout(30)
+    return driver
+
+
+async def poll(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if hasattr(result, "__await__") or isinstance(result, Deferred):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.05, lambda: None)
+
+
+class StatusPageInBrowser(TestCase):
+    timeout = 120
+
+    def test_resend_a_failed_delivery(self) -> Any:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            sink.respond = lambda r: (500, {}, b"target down")
+            service, base = await start_hookah(self, admin_tokens=(ADMIN,), publisher_tokens=(PUBLISHER,))
+            client = http_client(self)
+            auth = {"Authorization": f"Bearer {PUBLISHER}"}
+            response = await client.post(base + "/dispatch?_topic=orders", data=b'{"order":1}', headers=auth)
+            self.assertEqual(response.code, 202)
+            response = await client.post(
+                base + "/dispatch?_retries=0&_url=" + quote(sink_url + "/orders-hook", safe=""),
+                data=b'{"order":2}',
+                headers=dict(auth, **{"Content-Type": "application/json"}),
+            )
+            self.assertEqual(response.code, 202)
+            delivery_id = (await response.json())["id"]
+            await poll("the delivery to fail", lambda: service.store.get_delivery(delivery_id).addCallback(lambda d: d.status == FAILED))
+
+            driver = await deferToThread(start_browser, self)
+            self.addCleanup(deferToThread, driver.quit)
+            from selenium.webdriver.common.by import By
+            from selenium.webdriver.support import expected_conditions as EC
+            from selenium.webdriver.support.ui import WebDriverWait
+
+            def sign_in() -> str:
+                driver.get(base + "/")
+                field = driver.find_element(By.ID, "token")
+                field.send_keys(ADMIN)
+                field.submit()
+                WebDriverWait(driver, 20).until(EC.presence_of_element_located((By.ID, "failed")))
+                return driver.page_source
+
+            page = await deferToThread(sign_in)
+            self.assertIn("Failed deliveries", page)
+            # The token itself never reaches the address bar or the cookie.
+            self.assertNotIn(ADMIN, driver.current_url)
+            self.assertNotIn(ADMIN, str(driver.get_cookies()))
+
+            def failed_row() -> Any:
+                return driver.find_element(By.CSS_SELECTOR, f'#failed tr[data-delivery="{delivery_id}"]')
+
+            def before() -> Any:
+                row = failed_row()
+                topics = driver.find_element(By.ID, "topics").text
+                driver.save_screenshot(os.path.join(ARTIFACTS, "status-page-before.png"))
+                return row.find_element(By.CSS_SELECTOR, "[data-status]").text, row.text, topics
+
+            os.makedirs(ARTIFACTS, exist_ok=True)
+            status, row_text, topics = await deferToThread(before)
+            self.assertEqual(status, "failed")
+            self.assertIn(sink_url + "/orders-hook", row_text)
+            self.assertIn("HTTP 500", row_text)
+            self.assertIn("orders", topics)
+
+            sink.respond = lambda r: (200, {}, b"ok")
+
+            def resend() -> str:
+                failed_row().find_element(By.CSS_SELECTOR, "form.resend button").click()
+                WebDriverWait(driver, 30).until(
+                    lambda d: failed_row().find_element(By.CSS_SELECTOR, "[data-status]").text == "delivered"
+                )
+                WebDriverWait(driver, 10).until(EC.text_to_be_present_in_element((By.ID, "notice"), "delivered"))
+                driver.save_screenshot(os.path.join(ARTIFACTS, "status-page.png"))
+                return driver.find_element(By.ID, "notice").text
+
+            def row_after() -> str:
+                return str(failed_row().text)
+
+            notice = await deferToThread(resend)
+            row_text = await deferToThread(row_after)
+            self.assertIn("HTTP 200", row_text)
+            self.assertIn(f"Delivery {delivery_id} delivered", notice)
+
+            received = await sink.wait_for(2)
+            self.assertEqual([r.path for r in received], ["/orders-hook", "/orders-hook"])
+            self.assertEqual(received[1].body, b'{"order":2}')
+            delivery = await service.store.get_delivery(delivery_id)
+            self.assertEqual(delivery.status, DELIVERED)
+            self.assertEqual([a.status_code for a in delivery.attempts], [500, 200])
+
+            logs = await deferToThread(driver.get_log, "browser")
+            # The sign-in page itself is a 401, which Chromium logs; anything
+            # else severe (a script error, a CSP violation) is a bug.
+            severe = [
+                entry for entry in logs
+                if entry.get("level") == "SEVERE" and not (entry.get("source") == "network" and "status of 401" in entry.get("message", ""))
+            ]
+            self.assertEqual(severe, [], "the page logged errors (a CSP violation?)")
+            self.assertTrue(os.path.getsize(os.path.join(ARTIFACTS, "status-page.png")) > 10000)
+
+        return ensureDeferred(go())

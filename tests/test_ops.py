@@ -1,0 +1,268 @@
+"""
+``/healthz``, ``/metrics`` and the status page ``/`` on a running Hookah,
+plus the pieces behind them: the newest-deliveries search and the JSON log
+lines.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any, Callable, Dict, List
+from urllib.parse import quote
+
+import attr
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import Logger, LogLevel
+from twisted.trial.unittest import TestCase
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
+
+from hookah.logs import JsonLineObserver
+from hookah.model import DELIVERED, FAILED, Delivery, Subscription
+from hookah.recent import id_at, newest_deliveries
+from hookah.storage.memory import MemoryStore
+from hookah.web.ops import HealthResource
+from tests.support import http_client, listen_sink, start_hookah
+
+
+async def poll(what: str, check: Callable[[], Any], timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if hasattr(result, "__await__") or isinstance(result, Deferred):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.05, lambda: None)
+
+
+async def get(client: Any, url: str) -> Any:
+    response = await client.get(url)
+    return response.code, response.headers, await response.content()
+
+
+class Health(TestCase):
+    timeout = 30
+
+    def test_ok_then_storage_down(self) -> Any:
+        async def go() -> None:
+            service, base = await start_hookah(self)
+            client = http_client(self)
+            code, headers, body = await get(client, base + "/healthz")
+            self.assertEqual(code, 200)
+            self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+            self.assertEqual(json.loads(body)["storage"], "ok")
+
+            service.store.ping = lambda: fail(OSError("disk I/O error"))  # type: ignore[method-assign]
+            code, _, body = await get(client, base + "/healthz")
+            self.assertEqual(code, 503)
+            reply = json.loads(body)
+            self.assertEqual((reply["status"], reply["error"]), ("unavailable", "storage_unavailable"))
+            self.assertIn("disk I/O error", reply["message"])
+
+        return ensureDeferred(go())
+
+    def test_storage_that_never_answers(self) -> None:
+        clock = Clock()
+        never: Deferred = Deferred()
+        store = attr.make_class("Store", [])()
+        store.ping = lambda: never  # type: ignore[attr-defined]
+        resource = HealthResource(store, clock, timeout=5.0)
+        request: Any = DummyRequest([b""])
+        self.assertEqual(resource.render_GET(request), NOT_DONE_YET)
+        self.assertFalse(request.finished)
+        clock.advance(5.0)
+        self.assertEqual(request.responseCode, 503)
+        self.assertEqual(json.loads(b"".join(request.written))["error"], "storage_unavailable")
+
+    def test_stopped_service_is_unhealthy(self) -> None:
+        resource = HealthResource(MemoryStore(Clock()), Clock(), running=lambda: False)
+        request: Any = DummyRequest([b""])
+        resource.render_GET(request)
+        self.assertEqual(request.responseCode, 503)
+        self.assertEqual(json.loads(b"".join(request.written))["error"], "service_stopped")
+
+
+def samples(text: str) -> Dict[str, Dict[tuple, float]]:
+    """{sample name: {sorted label items: value}} from Prometheus text, via prometheus_client's parser."""
+    found: Dict[str, Dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        found.setdefault("family:" + family.name, {})[(("type", family.type),)] = 1
+        for sample in family.samples:
+            found.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+class Metrics(TestCase):
+    timeout = 30
+
+    def test_metrics_after_dispatches(self) -> Any:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            sink.respond = lambda r: (500, {}, b"no") if r.path.startswith("/bad") else (200, {}, b"ok")
+            service, base = await start_hookah(self)
+            client = http_client(self)
+            ids = []
+            for path in ("/ok1", "/ok2", "/ok3", "/bad"):
+                response = await client.post(
+                    base + "/dispatch?_retries=0&_url=" + quote(sink_url + path, safe=""), data=b"{}",
+                    headers={"Content-Type": "application/json"},
+                )
+                self.assertEqual(response.code, 202)
+                ids.append((await response.json())["id"])
+            later = await client.post(base + "/dispatch?_delay=3600&_url=" + quote(sink_url + "/later", safe=""), data=b"x")
+            self.assertEqual(later.code, 202)
+            topic = await client.post(base + "/dispatch?_topic=metrics-topic", data=b"x")
+            self.assertEqual(topic.code, 202)
+
+            async def finished() -> bool:
+                for i in ids:
+                    d = await service.store.get_delivery(i)
+                    if d.status not in (DELIVERED, FAILED):
+                        return False
+                return True
+
+            await poll("deliveries to finish", finished)
+            code, headers, body = await get(client, base + "/metrics")
+            self.assertEqual(code, 200)
+            self.assertTrue(headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain; version=0.0.4"))
+            found = samples(body.decode())
+
+            self.assertEqual(found["hookah_dispatches_accepted_total"][(("target", "url"),)], 5.0)
+            self.assertEqual(found["hookah_dispatches_accepted_total"][(("target", "topic"),)], 1.0)
+            self.assertEqual(found["hookah_deliveries_finished_total"][(("outcome", "delivered"),)], 3.0)
+            self.assertEqual(found["hookah_deliveries_finished_total"][(("outcome", "failed"),)], 1.0)
+            self.assertEqual(found["hookah_delivery_attempts_total"][(("result", "2xx"),)], 3.0)
+            self.assertEqual(found["hookah_delivery_attempts_total"][(("result", "5xx"),)], 1.0)
+            self.assertEqual(found["hookah_attempt_duration_seconds_count"][()], 4.0)
+            self.assertEqual(found["hookah_attempt_duration_seconds_bucket"][(("le", "+Inf"),)], 4.0)
+            self.assertEqual(found["hookah_delivery_queue_depth"][()], 1.0)
+            self.assertEqual(found["hookah_deliveries"][(("status", "scheduled"),)], 1.0)
+            self.assertEqual(found["hookah_deliveries"][(("status", "delivered"),)], 3.0)
+            self.assertEqual(found["hookah_deliveries"][(("status", "failed"),)], 1.0)
+            self.assertEqual(found["hookah_topics"][()], 1.0)
+            self.assertEqual(found["hookah_subscriptions"][()], 0.0)
+            self.assertEqual(found["hookah_events_published_total"][()], 1.0)
+            self.assertIn("hookah_open_streams", found)
+            self.assertIn("family:hookah_websub_verifications", found)
+
+            # A Prometheus server asks for OpenMetrics and gets it.
+            response = await client.get(base + "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+            self.assertTrue(response.headers.getRawHeaders(b"content-type")[0].startswith(b"application/openmetrics-text"))
+            self.assertTrue((await response.content()).endswith(b"# EOF\n"))
+
+        return ensureDeferred(go())
+
+
+class StatusPageContent(TestCase):
+    timeout = 30
+
+    def test_page_shows_state_and_escapes_user_text(self) -> Any:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            sink.respond = lambda r: (500, {}, b"no")
+            service, base = await start_hookah(self)
+            client = http_client(self)
+            evil = "<script>alert('topic')</script>"
+            response = await client.post(base + "/dispatch?_topic=" + quote(evil, safe=""), data=b"x")
+            self.assertEqual(response.code, 202)
+            target = sink_url + "/hook?<img src=x onerror=alert(1)>"
+            response = await client.post(base + "/dispatch?_retries=0&_url=" + quote(target, safe=""), data=b"x")
+            failed_id = (await response.json())["id"]
+            now = reactor.seconds()
+            await service.store.put_subscription(
+                Subscription("https://pub.example/feed", "https://sub.example/cb?<b>", None, 86400, now, now + 3 * 86400 + 60)
+            )
+            await poll("the failure", lambda: service.store.get_delivery(failed_id).addCallback(lambda d: d.status == FAILED))
+
+            code, headers, body = await get(client, base + "/")
+            self.assertEqual(code, 200)
+            html = body.decode()
+            csp = headers.getRawHeaders(b"content-security-policy")[0].decode()
+            self.assertIn("script-src 'nonce-", csp)
+            self.assertNotIn("<script>alert", html)
+            self.assertNotIn("<img src=x", html)
+            self.assertIn("&lt;script&gt;alert(&#x27;topic&#x27;)&lt;/script&gt;", html)
+            self.assertIn("&lt;img src=x onerror=alert(1)&gt;", html)
+            self.assertIn("https://sub.example/cb?&lt;b&gt;", html)
+            self.assertIn("in 3d", html)  # lease expiry, relative
+            self.assertIn(f'data-delivery="{failed_id}"', html)
+            self.assertIn(f'action="/dispatch/{failed_id}/retry"', html)
+            self.assertIn('<div class="value">1</div><div class="label">failed</div>', html)
+            self.assertEqual(html.count("<script"), 1)  # only ours, with its nonce
+
+        return ensureDeferred(go())
+
+
+class NewestDeliveries(TestCase):
+    def fill(self, store: MemoryStore, times: List[float]) -> List[str]:
+        ids = []
+        for n, t in enumerate(sorted(times)):
+            delivery_id = id_at(t)[:10] + f"{n:016d}"
+            ids.append(delivery_id)
+            status = FAILED if n % 3 == 0 else DELIVERED
+            store.add_deliveries([Delivery(id=delivery_id, url="http://x/", body=b"", status=status, created_at=t)])
+        return ids
+
+    def newest(self, store: MemoryStore, status: Any, count: int, now: float) -> List[str]:
+        d = ensureDeferred(newest_deliveries(store, status, count, now))
+        return [x.id for x in self.successResultOf(d)]
+
+    def test_sparse_dense_and_bursty_histories(self) -> None:
+        now = 1_800_000_000.0
+        histories = {
+            "sparse": [now - 86400 * k for k in range(1, 30)],
+            "dense": [now - 0.01 * k for k in range(1, 2000)],
+            "burst then quiet": [now - 7200 - 0.001 * k for k in range(1, 3000)] + [now - 5, now - 1],
+            "few": [now - 10, now - 20],
+        }
+        for name, times in histories.items():
+            store = MemoryStore(Clock())
+            ids = self.fill(store, times)
+            expected = list(reversed(ids))[:20]
+            self.assertEqual(self.newest(store, None, 20, now), expected, name)
+            failed = [i for n, i in enumerate(ids) if n % 3 == 0]
+            self.assertEqual(self.newest(store, FAILED, 5, now), list(reversed(failed))[:5], name)
+
+    def test_queries_stay_bounded(self) -> None:
+        now = 1_800_000_000.0
+        store = MemoryStore(Clock())
+        self.fill(store, [now - 0.05 * k for k in range(1, 5000)])
+        calls: List[int] = []
+        original = store.list_deliveries
+
+        def counted(status: Any, limit: int, after: Any) -> Any:
+            calls.append(limit)
+            return original(status, limit, after)
+
+        store.list_deliveries = counted  # type: ignore[assignment]
+        self.assertEqual(len(self.newest(store, None, 20, now)), 20)
+        self.assertLessEqual(len(calls), 60)
+        self.assertLessEqual(max(calls), 100)
+
+
+class JsonLogs(TestCase):
+    def test_one_json_object_per_line(self) -> None:
+        out = io.StringIO()
+        observer = JsonLineObserver(out)
+        log = Logger(namespace="hookah.test", observer=observer)
+        log.info("delivered {id} to {url} in {ms}ms", id="01X", url="http://x/", ms=12)
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.failure("attempt {id} broke", id="01Y")
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        first, second = (json.loads(line) for line in lines)
+        self.assertEqual(first["message"], "delivered 01X to http://x/ in 12ms")
+        self.assertEqual((first["level"], first["namespace"], first["id"], first["ms"]), ("info", "hookah.test", "01X", 12))
+        self.assertTrue(first["time"].endswith("+00:00"))
+        self.assertEqual(second["level"], LogLevel.critical.name)
+        self.assertIn("ZeroDivisionError", second["failure"])
