@@ -31,8 +31,11 @@ setup(
             "standardwebhooks>=1.0",
             "mypy>=1.8",
             "mypy-zope>=1.0",
+            "selenium>=4.10",
+            "flask-websub>=0.4",
         ],
     },
+    entry_points={"console_scripts": ["hookah=hookah.cli:main"]},
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",

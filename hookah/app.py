@@ -6,6 +6,8 @@ request storage cannot keep.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, List, Optional
 
 from twisted.application import strports
@@ -16,6 +18,7 @@ from twisted.web.resource import Resource
 
 from hookah.config import Config
 from hookah.dispatcher import Dispatcher
+from hookah.distribution import Distributor, Publisher
 from hookah.http import HTTPClient, pooled_treq
 from hookah.hosts import HostGate
 from hookah.ids import IdGenerator
@@ -24,8 +27,17 @@ from hookah.service import HookahCore
 from hookah.signing import Signer
 from hookah.ssrf import AddressPolicy
 from hookah.storage.interface import IStore
+from hookah.topics import TopicRegistry
 from hookah.web.common import make_site
+from hookah.auth import ADMIN, Tokens, describe, dispatch_policy, guard, hub_policy
 from hookah.web.dispatch import DispatchResource
+from hookah.web.stream import StreamResource
+from hookah.web.ops import (
+    HealthResource, LoginResource, LogoutResource, MetricsResource, StatusPage, login_or_json, stream_counts,
+)
+from hookah.web.hub import HubResource
+from hookah.web.topics import TopicsResource
+from hookah.websub import TopicPolicy, WebSubHub
 
 log = Logger()
 
@@ -40,17 +52,45 @@ def open_store(storage: str, reactor: Any) -> IStore:
     return SQLiteStore(storage[len("sqlite:"):], reactor)
 
 
-def build_root(core: HookahCore, config: Config) -> Resource:
+def build_root(
+    core: HookahCore, config: Config, websub: Optional[WebSubHub] = None, publisher: Optional[Publisher] = None,
+    streams: Optional[TopicRegistry] = None,
+) -> Resource:
     root = Resource()
-    root.putChild(b"dispatch", DispatchResource(core))
+    tokens = Tokens.from_config(config)
+    describe(tokens)
+    root.putChild(b"dispatch", guard(DispatchResource(core), tokens, dispatch_policy))
+    root.putChild(b"login", LoginResource(tokens))
+    root.putChild(b"logout", LogoutResource())
+    root.putChild(b"healthz", HealthResource(core.store, core.clock, lambda: core.dispatcher.running))
+    root.putChild(b"topics", guard(TopicsResource(core.store), tokens, ADMIN))
+    if streams is None:
+        streams = TopicRegistry(core.clock, config.keepalive)
+        core.event_listeners.append(streams.publish)
+    root.putChild(b"stream", StreamResource(streams, core.store, core.clock, config.stream_buffer))
+    root.putChild(b"", guard(StatusPage(core, tokens, stream_counts(streams)), tokens, ADMIN, login_or_json))
+    root.putChild(b"metrics", guard(MetricsResource(core), tokens, ADMIN))
+    if websub is not None and publisher is not None:
+        root.putChild(b"hub", guard(HubResource(websub, publisher, admin=True), tokens, hub_policy()))
+        root.putChild(b"subscribe", guard(HubResource(websub, publisher), tokens, hub_policy()))
+        root.putChild(b"publish", guard(HubResource(websub, publisher, default_mode="publish"), tokens, hub_policy("publish")))
     return root
+
+
+def _exit_with_failure() -> None:
+    # twistd has no exit status of its own to set: leave with 1 once the
+    # reactor has shut down and the log is flushed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 class HookahService(MultiService):
     """Opens storage first, then the dispatcher, then the listening port."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, exit_on_failure: bool = False) -> None:
         super().__init__()
+        self.exit_on_failure = exit_on_failure
         self.config = config
         self.reactor = reactor
         self.store = open_store(config.storage, reactor)
@@ -82,7 +122,20 @@ class HookahService(MultiService):
             metrics=self.metrics,
             address_policy=self.address_policy,
         )
-        self.site = make_site(build_root(self.core, config), config.max_body, reactor)
+        # WebSub: verification and leases, event -> deliveries, publish pings.
+        self.websub = WebSubHub(
+            self.store, self.client, reactor, config.lease_bounds, TopicPolicy(config.topic_allow),
+            timeout=config.timeout, metrics=self.metrics, address_policy=self.address_policy,
+        )
+        self.distributor = Distributor(self.store, self.new_id, config.public_url)
+        self.core.distribution = self.distributor
+        self.dispatcher.on_final.append(self.websub.delivery_finished)
+        self.publisher = Publisher(self.core, self.client, self.distributor, reactor, timeout=config.timeout)
+        # Live streams: fed with every stored event, ended cleanly on stop.
+        self.streams = TopicRegistry(reactor, config.keepalive)
+        self.core.event_listeners.append(self.streams.publish)
+        self.metrics.gauge("hookah_open_streams", "Open /stream responses", lambda: [((), float(len(self.streams)))])
+        self.site = make_site(build_root(self.core, config, self.websub, self.publisher, streams=self.streams), config.max_body, reactor)
         self.web = strports.service(config.listen, self.site, reactor=reactor)
         self._opened: Optional[Deferred] = None
         self._listening: List[Deferred] = []
@@ -113,6 +166,8 @@ class HookahService(MultiService):
 
     def _start_children(self) -> None:
         self.dispatcher.setServiceParent(self)
+        self.websub.setServiceParent(self)
+        self.publisher.setServiceParent(self)
         self.web.setServiceParent(self)
         waiting, self._listening = self._listening, []
         for d in waiting:
@@ -120,9 +175,24 @@ class HookahService(MultiService):
         log.info("hookah listening on {listen}, storage {storage}", listen=self.config.listen, storage=self.config.storage)
 
     def _failed_to_start(self, failure: Any) -> None:
-        log.failure("hookah could not start", failure)
-        if self.reactor.running:
+        """
+        Storage that cannot be opened or a port that cannot be bound ends
+        the process with one clear line and a non-zero status (when run as a
+        program); an embedding test or program gets the logged failure only.
+        """
+        if not self.exit_on_failure:
+            log.failure("hookah could not start", failure)
+            return
+        log.critical("hookah: cannot start: {reason}", reason=failure.getErrorMessage())
+
+        def stop() -> None:
+            self.reactor.addSystemEventTrigger("after", "shutdown", _exit_with_failure)
             self.reactor.stop()
+
+        if self.reactor.running:
+            stop()
+        else:
+            self.reactor.callWhenRunning(stop)
 
     def stopService(self) -> Deferred:
         async def stop() -> None:
@@ -131,6 +201,7 @@ class HookahService(MultiService):
             # Stop listening first, then let attempts in flight record their
             # outcome, then close storage after its last write.
             await MultiService.stopService(self)
+            await self.streams.close_all()
             await self.site.close_connections()
             await self.pool.closeCachedConnections()
             await self.store.close()

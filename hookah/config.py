@@ -65,8 +65,11 @@ def _positive_number(name: str, value: Any) -> float:
 
 
 def _non_negative_number(name: str, value: Any) -> float:
-    if value in (0, "0"):
-        return 0.0
+    try:
+        if float(value) == 0:
+            return 0.0
+    except (TypeError, ValueError):
+        pass
     return _positive_number(name, value)
 
 
@@ -121,9 +124,26 @@ def _schedule(name: str, value: Any) -> Tuple[float, ...]:
     return tuple(_non_negative_number(name, step) for step in steps)
 
 
+def _endpoint(name: str, value: Any) -> str:
+    """A server endpoint string, checked by parsing it (nothing listens yet)."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    text = str(value)
+    try:
+        serverFromString(MemoryReactor(), text)
+    except Exception as e:
+        raise ConfigError(f"--{name} is not a valid endpoint such as tcp:8080:interface=127.0.0.1: {text!r} ({e})")
+    return text
+
+
 def _public_url(name: str, value: Any) -> str:
     text = str(value)
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+        parts.port
+    except ValueError:
+        raise ConfigError(f"--{name} is not a valid URL: {text!r}")
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"--{name} must be an absolute http(s) URL, not {text!r}")
     return text
@@ -181,7 +201,7 @@ class Setting:
 SETTINGS: Sequence[Setting] = (
     Setting("port", "port", _port, "TCP port to listen on [default: 8080]", short="p"),
     Setting("interface", "interface", lambda n, v: str(v), "address to listen on [default: all]"),
-    Setting("listen", "listen", lambda n, v: str(v), "a full endpoint string, e.g. tcp:8080:interface=127.0.0.1 (overrides --port)"),
+    Setting("listen", "listen", _endpoint, "a full endpoint string, e.g. tcp:8080:interface=127.0.0.1 (overrides --port)"),
     Setting("storage", "storage", _storage, "memory:, or sqlite:<path> [default: sqlite:hookah.db]"),
     Setting("allow-private-targets", "allow_private_targets", _boolean, "allow deliveries to loopback and private addresses", flag=True),
     Setting("allowed-networks", "allowed_networks", _networks, "networks deliveries may reach despite the SSRF guard, comma-separated"),
@@ -246,10 +266,14 @@ def build_config(
     """
     path = config_path or environ.get("HOOKAH_CONFIG")
     merged: Dict[str, Any] = {}
-    if path:
-        merged.update(read_toml(path))
-    merged.update(from_environment(environ))
-    merged.update({k: v for k, v in command_line.items() if v is not None})
+    sources = [read_toml(path) if path else {}, from_environment(environ)]
+    sources.append({k: v for k, v in command_line.items() if v is not None})
+    for source in sources:
+        # --port or --interface from a stronger source beats a --listen
+        # from a weaker one: both say where to listen.
+        if ("port" in source or "interface" in source) and "listen" not in source:
+            merged.pop("listen", None)
+        merged.update(source)
     fields: Dict[str, Any] = {}
     port, interface = 8080, ""
     for name, raw in merged.items():

@@ -214,4 +214,4 @@ def pooled_treq(
     # A webhook target's Set-Cookie must never ride along on deliveries to
     # other users' webhooks: keep no cookies at all.
     no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-    return treq.client.HTTPClient(agent, cookiejar=no_cookies), pool
+    return treq.client.HTTPClient(agent, cookiejar=no_cookies), pool  # type: ignore[arg-type]

@@ -54,5 +54,6 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    configure_logging(options.config.log_format)
-    return HookahService(options.config, reactor)
+    service = HookahService(options.config, reactor, exit_on_failure=True)
+    configure_logging(options.config.log_format, service)
+    return service

@@ -369,9 +369,8 @@ class SQLiteStore:
                 self._accepting = False
                 stranded = [(op.deferred, False, failure) for op in self._pending]
                 self._pending.clear()
-            callFromThread(
-                log.failure, "cannot open SQLite store {path}", failure, path=self._path
-            )
+            # No log here: the failure goes to open()'s caller, which says
+            # it once (twistd: one line, then exit 1).
             callFromThread(self._opened.errback, failure)
             callFromThread(_fire, stranded)
             callFromThread(self._exit, None)
