@@ -109,7 +109,15 @@ class HookahService(MultiService):
             concurrency=config.concurrency,
             metrics=self.metrics,
             signer=Signer(config.signing_secrets) if config.signing_secrets else None,
-            hosts=HostGate(reactor, config.host_concurrency, config.breaker_threshold, config.breaker_cooldown),
+            hosts=HostGate(
+                reactor,
+                config.host_concurrency,
+                config.breaker_threshold,
+                config.breaker_cooldown,
+                # One host may hold a quarter of the dispatcher's slots
+                # waiting; the rest stay free for every other host.
+                max_waiting=max(config.host_concurrency, config.concurrency // 4),
+            ),
         )
         self.core = HookahCore(
             self.store,

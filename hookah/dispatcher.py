@@ -37,7 +37,7 @@ from hookah.model import (
     Attempt,
     Delivery,
 )
-from hookah.hosts import GO, WAIT, HostGate
+from hookah.hosts import DEFER, GO, WAIT, HostGate
 from hookah.retry import Decision, decide
 from hookah.signing import Signer
 from hookah.ssrf import TargetRefused
@@ -89,7 +89,7 @@ class Dispatcher(Service):
         self.concurrency = concurrency
         self.poll_interval = poll_interval
         self.signer = signer
-        self.hosts = hosts or HostGate(clock)
+        self.hosts = hosts if hosts is not None else HostGate(clock)
         self.rand = rand
         self.metrics = metrics or Metrics()
         # Called with each delivery that reached a final state, its attempts
@@ -173,11 +173,12 @@ class Dispatcher(Service):
         self._in_flight[delivery_id] = slot
         return slot
 
-    def _release(self, delivery_id: str, slot: Deferred) -> None:
+    def _release(self, delivery_id: str, slot: Deferred, wake: bool = True) -> None:
         if self._in_flight.get(delivery_id) is slot:
             del self._in_flight[delivery_id]
         slot.callback(None)
-        self._wake()
+        if wake:
+            self._wake()
 
     # -- the claim loop --------------------------------------------------------
 
@@ -223,7 +224,11 @@ class Dispatcher(Service):
                 # Our own claim expired while we still hold it: an attempt
                 # that outlived its lease; let the running one finish.
                 continue
-            self._dispatch(delivery, self._reserve(delivery.id))
+            if self._dispatch(delivery, self._reserve(delivery.id)) == DEFER:
+                # Rows of a busy or paused host came first: claim the next
+                # ones at once rather than leave other hosts' rows waiting
+                # behind its backlog (each deferred row is out of the way).
+                self._poll_again = True
         if len(deliveries) >= room:
             return succeed(None)
         return self.store.next_due().addCallback(self._sleep_until)
@@ -247,7 +252,7 @@ class Dispatcher(Service):
 
     # -- one attempt -----------------------------------------------------------
 
-    def _dispatch(self, delivery: Delivery, slot: Deferred) -> None:
+    def _dispatch(self, delivery: Delivery, slot: Deferred) -> str:
         """Send now, hold for a free slot to its host, or push back in storage."""
         host = host_key(delivery.url)
         verdict = self.hosts.admit(host)
@@ -255,15 +260,26 @@ class Dispatcher(Service):
             self._send(delivery, slot, host)
         elif verdict == WAIT:
             self.hosts.hold(host, (delivery, slot))
+        elif self.hosts.paused_until(host) is not None:
+            self._defer(delivery, slot, self._pause_end(host))
         else:
             self._defer(delivery, slot, self.hosts.retry_at(host))
+        return verdict
 
     def _defer(self, delivery: Delivery, slot: Deferred, at: float) -> None:
-        # Spread deferred deliveries over a second so a host that comes back
-        # is not met by its whole backlog at once.
-        d = self.store.reschedule(delivery.id, at + self.rand())
+        """
+        Put a claimed delivery back in storage until ``at``. The freed slot
+        does not wake the claim loop: the rows due next are likely the same
+        busy host's, and claiming them only to put them back would spin.
+        """
+        d = self.store.reschedule(delivery.id, at)
         d.addErrback(lambda f: log.failure("deferring {id} failed", f, id=delivery.id))
-        d.addBoth(lambda _: self._release(delivery.id, slot))
+        d.addBoth(lambda _: self._release(delivery.id, slot, wake=False))
+
+    def _pause_end(self, host: str) -> float:
+        # Spread over a second so a host that comes back is not met by its
+        # whole backlog at once.
+        return self.hosts.retry_at(host) + self.rand()
 
     def _send(self, delivery: Delivery, slot: Deferred, host: str) -> None:
         self.hosts.started(host)
@@ -278,21 +294,20 @@ class Dispatcher(Service):
         # maybeDeferred: a client that raises instead of failing its Deferred
         # must still end the attempt and free the slot and host counter.
         d = maybeDeferred(self.client.request, "POST", delivery.url, headers, delivery.body, timeout)
-        d.addBoth(self._host_finished, host)
+        d.addBoth(self._host_finished, host, started)
         d.addBoth(self._attempted, delivery, started, timeout)
         d.addErrback(lambda f: log.failure("recording an attempt of {id} failed", f, id=delivery.id))
         d.addBoth(lambda _: self._release(delivery.id, slot))
 
-    def _host_finished(self, outcome: Any, host: str) -> Any:
+    def _host_finished(self, outcome: Any, host: str, started: float) -> Any:
         if isinstance(outcome, Failure):
             healthy = bool(outcome.check(TargetRefused))
         else:
             healthy = outcome.code < 500 and outcome.code != 429
-        self.hosts.finished(host, healthy)
+        self.hosts.finished(host, healthy, self.clock.seconds() - started)
         if self.hosts.paused_until(host) is not None:
-            at = self.hosts.retry_at(host)
             for delivery, slot in self.hosts.drain_waiting(host):
-                self._defer(delivery, slot, at)
+                self._defer(delivery, slot, self._pause_end(host))
         else:
             held = self.hosts.next_waiting(host)
             if held is not None:

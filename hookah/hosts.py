@@ -5,14 +5,15 @@ probes it again after a cool-down.
 
 Together they keep one dead or slow endpoint from taking the dispatcher's
 capacity away from every other host: its deliveries wait their turn (a
-bounded number in memory) or are pushed back in storage, instead of each
-one spending a full timeout.
+bounded number in memory) or are pushed back in storage, spread over the
+time the host needs to work through them, so each one is pushed back about
+once instead of being claimed and returned over and over.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Any, Deque, Dict, List, Optional
+from collections import OrderedDict, deque
+from typing import Any, Deque, List, Optional
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -21,9 +22,14 @@ GO = "go"  # send now
 WAIT = "wait"  # hold in memory; a slot frees soon
 DEFER = "defer"  # push back in storage until ``retry_at``
 
+# Longest a delivery is pushed back because its host is busy (not paused).
+MAX_BUSY_DEFER = 300.0
+# Attempt duration assumed for a host not yet measured, in seconds.
+INITIAL_DURATION = 1.0
+
 
 class HostState:
-    __slots__ = ("in_flight", "waiting", "failures", "paused_until", "probing")
+    __slots__ = ("in_flight", "waiting", "failures", "paused_until", "probing", "trips", "avg_duration", "cursor")
 
     def __init__(self) -> None:
         self.in_flight = 0
@@ -31,6 +37,15 @@ class HostState:
         self.failures = 0
         self.paused_until: Optional[float] = None
         self.probing = False
+        self.trips = 0
+        self.avg_duration = INITIAL_DURATION
+        # The latest time a busy-host deferral was given: the next one goes
+        # after it, so a backlog is spread at the host's own pace.
+        self.cursor = 0.0
+
+    def idle(self, now: float) -> bool:
+        paused = self.paused_until is not None and self.paused_until > now
+        return self.in_flight == 0 and not self.waiting and not paused
 
 
 class HostGate:
@@ -41,6 +56,11 @@ class HostGate:
     response, a ``5xx`` or a ``429``); after ``cooldown`` seconds one probe
     is let through, and its success closes the breaker while its failure
     pauses the host again, for twice as long each time (at most 16x).
+    Failures of attempts that were already in flight when the host was
+    paused do not lengthen the pause.
+
+    State is kept for at most ``max_hosts`` hosts: idle ones are forgotten
+    first, so memory follows the hosts in use, not every host ever seen.
     """
 
     def __init__(
@@ -50,20 +70,37 @@ class HostGate:
         threshold: int = 5,
         cooldown: float = 60.0,
         max_waiting: Optional[int] = None,
+        max_hosts: int = 10000,
     ) -> None:
         self.clock = clock
         self.limit = limit
         self.threshold = threshold
         self.cooldown = cooldown
         self.max_waiting = limit if max_waiting is None else max_waiting
-        self._hosts: Dict[str, HostState] = {}
-        self._trips: Dict[str, int] = {}
+        self.max_hosts = max_hosts
+        self._hosts: "OrderedDict[str, HostState]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._hosts)
 
     def state(self, host: str) -> HostState:
         state = self._hosts.get(host)
         if state is None:
             state = self._hosts[host] = HostState()
+            self._evict()
+        else:
+            self._hosts.move_to_end(host)
         return state
+
+    def _evict(self) -> None:
+        if len(self._hosts) <= self.max_hosts:
+            return
+        now = self.clock.seconds()
+        for host in list(self._hosts):
+            if len(self._hosts) <= self.max_hosts:
+                break
+            if self._hosts[host].idle(now):
+                del self._hosts[host]
 
     def paused_until(self, host: str) -> Optional[float]:
         state = self._hosts.get(host)
@@ -85,38 +122,44 @@ class HostGate:
         return DEFER
 
     def retry_at(self, host: str) -> float:
-        """When a deferred delivery to ``host`` should be tried again."""
+        """
+        When a deferred delivery to ``host`` should come back: when the
+        pause ends, or (a busy host) after the deliveries deferred before it,
+        at the rate the host has been answering.
+        """
         state = self.state(host)
         now = self.clock.seconds()
-        if state.paused_until is not None and state.paused_until > now:
-            return state.paused_until
-        return now + 1.0
+        if state.paused_until is not None:
+            if state.paused_until > now:
+                return state.paused_until
+            # A probe is out: come back about when it will have answered.
+            return now + state.avg_duration + 1.0
+        spacing = max(state.avg_duration, 0.001) / self.limit
+        state.cursor = max(state.cursor, now) + spacing
+        return min(state.cursor, now + MAX_BUSY_DEFER)
 
     def started(self, host: str) -> None:
         self.state(host).in_flight += 1
 
-    def finished(self, host: str, healthy: bool) -> None:
+    def finished(self, host: str, healthy: bool, duration: float = 0.0) -> None:
         """Record an attempt's end; ``healthy`` when the host answered sanely."""
         state = self.state(host)
         state.in_flight -= 1
+        state.avg_duration += 0.2 * (duration - state.avg_duration)
         if healthy:
             state.failures = 0
             state.paused_until = None
             state.probing = False
-            self._trips.pop(host, None)
+            state.trips = 0
         else:
             state.failures += 1
-            if state.probing or state.failures >= self.threshold:
-                trips = self._trips.get(host, 0)
-                self._trips[host] = trips + 1
-                state.paused_until = self.clock.seconds() + self.cooldown * min(2**trips, 16)
+            now = self.clock.seconds()
+            paused = state.paused_until is not None and state.paused_until > now
+            if state.probing or (not paused and state.failures >= self.threshold):
+                state.paused_until = now + self.cooldown * min(2**state.trips, 16)
+                state.trips += 1
                 state.probing = False
-        self._forget_if_idle(host, state)
-
-    def _forget_if_idle(self, host: str, state: HostState) -> None:
-        # Nothing is kept for a healthy idle host, so memory follows the
-        # hosts in use rather than every host ever seen.
-        if state.in_flight == 0 and not state.waiting and state.paused_until is None and state.failures == 0:
+        if state.idle(self.clock.seconds()) and state.failures == 0:
             del self._hosts[host]
 
     def hold(self, host: str, item: Any) -> None:

@@ -1,0 +1,159 @@
+"""
+Per-host protection: ``HostGate`` on its own, and the dispatcher's handling
+of a host whose backlog it cannot send yet (each delivery pushed back about
+once, never claimed and returned in a loop).
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from hookah.dispatcher import Dispatcher
+from hookah.hosts import DEFER, GO, WAIT, HostGate
+from hookah.ids import IdGenerator
+from hookah.model import Delivery
+from hookah.storage.memory import MemoryStore
+from tests.test_dispatcher import FakeClient
+
+T0 = 1_700_000_000.0
+
+
+def clock_at(t: float = T0) -> Clock:
+    clock = Clock()
+    clock.advance(t)
+    return clock
+
+
+class HostGateTests(TestCase):
+    def test_limit_then_wait_then_defer(self) -> None:
+        gate = HostGate(clock_at(), limit=2, max_waiting=1)
+        verdicts = []
+        for _ in range(4):
+            verdict = gate.admit("h")
+            verdicts.append(verdict)
+            if verdict == GO:
+                gate.started("h")
+            elif verdict == WAIT:
+                gate.hold("h", object())
+        self.assertEqual(verdicts, [GO, GO, WAIT, DEFER])
+
+    def test_in_flight_failures_do_not_lengthen_a_pause(self) -> None:
+        clock = clock_at()
+        gate = HostGate(clock, limit=16, threshold=5, cooldown=60.0)
+        for _ in range(16):
+            self.assertEqual(gate.admit("h"), GO)
+            gate.started("h")
+        for _ in range(16):
+            gate.finished("h", healthy=False, duration=30.0)
+        self.assertEqual(gate.paused_until("h"), T0 + 60.0)
+
+    def test_failed_probe_doubles_the_pause_and_success_closes_it(self) -> None:
+        clock = clock_at()
+        gate = HostGate(clock, limit=4, threshold=1, cooldown=10.0)
+        gate.started("h")
+        gate.finished("h", healthy=False)
+        self.assertEqual(gate.paused_until("h"), T0 + 10.0)
+        self.assertEqual(gate.admit("h"), DEFER)
+        clock.advance(10.0)
+        self.assertEqual(gate.admit("h"), GO)  # the probe
+        self.assertEqual(gate.admit("h"), DEFER)  # only one probe at a time
+        gate.started("h")
+        gate.finished("h", healthy=False)
+        self.assertEqual(gate.paused_until("h"), T0 + 10.0 + 20.0)
+        clock.advance(20.0)
+        self.assertEqual(gate.admit("h"), GO)
+        gate.started("h")
+        gate.finished("h", healthy=True)
+        self.assertIsNone(gate.paused_until("h"))
+        self.assertEqual(gate.admit("h"), GO)
+
+    def test_busy_host_deferrals_are_spread_at_its_pace(self) -> None:
+        clock = clock_at()
+        gate = HostGate(clock, limit=2)
+        gate.started("h")
+        gate.finished("h", healthy=True, duration=1.0)
+        times = [gate.retry_at("h") for _ in range(4)]
+        self.assertEqual(times, sorted(times))
+        self.assertEqual(len(set(times)), 4)
+        self.assertLessEqual(times[-1] - T0, 4 * 1.0 / 2 + 1e-9)
+
+    def test_state_is_bounded_by_max_hosts(self) -> None:
+        gate = HostGate(clock_at(), threshold=1000, max_hosts=100)
+        for n in range(10_000):
+            host = f"http://dead{n}.example:80"
+            gate.started(host)
+            gate.finished(host, healthy=False)
+        self.assertLessEqual(len(gate), 100)
+
+    def test_healthy_idle_hosts_are_forgotten(self) -> None:
+        gate = HostGate(clock_at())
+        gate.started("h")
+        gate.finished("h", healthy=True)
+        self.assertEqual(len(gate), 0)
+
+
+class CountingStore(MemoryStore):
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.claimed = 0
+        self.rescheduled = 0
+
+    def claim_due(self, now: float, limit: int, lease_until: float) -> Deferred:
+        d = super().claim_due(now, limit, lease_until)
+        d.addCallback(self._count)
+        return d
+
+    def _count(self, rows: List[Any]) -> List[Any]:
+        self.claimed += len(rows)
+        return rows
+
+    def reschedule(self, delivery_id: str, next_attempt_at: float) -> Deferred:
+        self.rescheduled += 1
+        return super().reschedule(delivery_id, next_attempt_at)
+
+
+class BusyHostTests(TestCase):
+    def test_a_hanging_hosts_backlog_is_not_claimed_in_a_loop(self) -> None:
+        clock = clock_at()
+        store = CountingStore(clock)
+        backlog = 5000
+        self.successResultOf(
+            store.add_deliveries(
+                [
+                    Delivery(id=f"A{n:05d}", url="http://hang.example/hook", body=b"x", created_at=T0, next_attempt_at=T0)
+                    for n in range(backlog)
+                ]
+                + [
+                    Delivery(id=f"B{n:05d}", url="http://ok.example/hook", body=b"y", created_at=T0, next_attempt_at=T0 + 1)
+                    for n in range(10)
+                ]
+            )
+        )
+        client = FakeClient(clock, lambda sent: None if "hang" in sent.url else (200, (), b"ok"))
+        dispatcher = Dispatcher(
+            store,
+            client,
+            clock,
+            IdGenerator(clock.seconds),
+            (5.0,),
+            timeout=30.0,
+            concurrency=256,
+            hosts=HostGate(clock, limit=16, max_waiting=64),
+            rand=lambda: 0.5,
+        )
+        dispatcher.startService()
+        self.addCleanup(client.fail_outstanding)
+        clock.pump([0.1] * 250)  # 25 s, before any attempt could time out
+        to_ok = [s for s in client.sent if "ok.example" in s.url]
+        to_hang = [s for s in client.sent if "hang" in s.url]
+        # The other host is served on time, the hanging one at its cap...
+        self.assertEqual(len(to_ok), 10)
+        self.assertLessEqual(max(s.at for s in to_ok) - T0, 6.0)
+        self.assertEqual(len(to_hang), 16)
+        # ...and its backlog is pushed back about once, not claimed over and over.
+        self.assertLessEqual(store.rescheduled, 2 * backlog)
+        self.assertLessEqual(store.claimed, 2 * backlog + 100)
