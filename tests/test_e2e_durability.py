@@ -28,7 +28,6 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 from urllib.parse import quote
 
-import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
@@ -153,10 +152,12 @@ def listen_sink_on(testcase: TestCase, port: int) -> Sink:
     sink = Sink()
     site = HookahSite(sink)
     site.noisy = False
-    listening = reactor.listenTCP(port, site, interface="127.0.0.1")
+    listening = reactor.listenTCP(port, site, interface="127.0.0.1")  # type: ignore[arg-type]
 
     async def stop() -> None:
-        await listening.stopListening()
+        stopped = listening.stopListening()
+        if stopped is not None:
+            await stopped
         await site.close_connections()
 
     testcase.addCleanup(lambda: ensureDeferred(stop()))
@@ -235,7 +236,7 @@ class StartFailureTests(TestCase):
     stop the process just as clearly: non-zero status, no traceback.
     """
 
-    def assert_stops_clearly(self, args: List[str]) -> None:
+    def assert_stops_clearly(self, args: List[str], *expected: str) -> None:
         try:
             result = run_twistd(args, temp_dir(self), timeout=15)
         except subprocess.TimeoutExpired as e:
@@ -243,9 +244,14 @@ class StartFailureTests(TestCase):
         output = result.stdout.decode() + result.stderr.decode()
         self.assertNotEqual(result.returncode, 0, output)
         self.assertNotIn("Traceback", output)
+        # One line says why (in twistd's log, which -n sends to stdout).
+        reasons = [line for line in output.splitlines() if "cannot start" in line]
+        self.assertEqual(len(reasons), 1, output)
+        for text in expected:
+            self.assertIn(text, reasons[0])
 
     def test_unopenable_database(self) -> None:
-        self.assert_stops_clearly(["--port", "0", "--storage", "sqlite:/nonexistent/dir/hookah.db"])
+        self.assert_stops_clearly(["--port", "0", "--storage", "sqlite:/nonexistent/dir/hookah.db"], "database")
 
     def test_port_in_use_memory_storage(self) -> None:
         taken = socket.socket()
@@ -253,7 +259,7 @@ class StartFailureTests(TestCase):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = str(taken.getsockname()[1])
-        self.assert_stops_clearly(["--port", port, "--interface", "127.0.0.1", "--storage", "memory:"])
+        self.assert_stops_clearly(["--port", port, "--interface", "127.0.0.1", "--storage", "memory:"], port)
 
     def test_port_in_use_sqlite_storage(self) -> None:
         taken = socket.socket()
@@ -261,7 +267,7 @@ class StartFailureTests(TestCase):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = str(taken.getsockname()[1])
-        self.assert_stops_clearly(["--port", port, "--interface", "127.0.0.1", "--storage", "sqlite:hookah.db"])
+        self.assert_stops_clearly(["--port", port, "--interface", "127.0.0.1", "--storage", "sqlite:hookah.db"], port)
 
 
 class DurabilityTests(TestCase):
