@@ -42,20 +42,15 @@ _LINK_SAFE = "!#$%&'()*+,-./:;=?@[]_~"
 
 def hub_url(public_url: Optional[str], request_base: Optional[str] = None) -> str:
     """
-    The hub URL that notifications name in ``Link: <...>; rel="hub"``.
+    The hub URL of a base URL: its ``/hub`` path.
 
-    The rule: ``--public-url`` is the base URL of the whole service and the
-    hub is its ``/hub`` path, the configured URL taken byte for byte except
-    for trailing slashes: ``https://hooks.example.com`` (or
+    ``--public-url`` is the base URL of the whole service, taken byte for
+    byte except for trailing slashes: ``https://hooks.example.com`` (or
     ``https://hooks.example.com/``) gives ``https://hooks.example.com/hub``,
     and ``https://example.com/hookah`` gives ``https://example.com/hookah/hub``.
     That is the URL to give subscribers (and websub.rocks, which compares
-    rel=hub with it byte for byte).
-
-    Without ``--public-url``, the base is the one the publishing request
-    reached (scheme and ``Host`` header), so a hub reached directly needs no
-    configuration; behind a proxy that rewrites ``Host`` or terminates TLS,
-    set ``--public-url``.
+    rel=hub with it byte for byte). ``request_base`` is used only without
+    it; ``http://localhost`` when there is neither.
     """
     base = public_url if public_url else (request_base or "http://localhost")
     return base.rstrip("/") + HUB_PATH
@@ -78,42 +73,37 @@ class Distributor:
 
     Each is a POST of the event's exact body and ``Content-Type`` to the
     exact callback URL, with the Link header and, only for a subscription
-    with a secret, ``X-Hub-Signature``. The body and Link header are shared;
-    only the signature is computed per subscriber.
+    with a secret, ``X-Hub-Signature``. The body is shared; the Link header
+    is shared by the subscribers that name the same hub.
+
+    The hub URL in ``rel="hub"`` never comes from an unauthenticated
+    request that anyone could send with a forged ``Host``: it is
+    ``--public-url`` plus ``/hub`` when that is set, otherwise the hub URL
+    each subscriber itself sent its subscription request to
+    (``Subscription.hub_url``), so what a request claims reaches only the
+    subscriber that sent it. A subscription stored before Hookah kept that
+    URL names ``http://localhost/hub`` until it is renewed.
     """
 
     def __init__(self, store: Any, new_id: Any, public_url: Optional[str] = None) -> None:
         self.store = store
         self.new_id = new_id
         self.public_url = public_url
-        # The base URL a publishing request reached, per event being published
-        # (set by the Publisher around ``core.publish``), and the last one seen,
-        # for events published through /dispatch.
-        self._bases: Dict[str, str] = {}
-        self.last_base: Optional[str] = None
         self._warned = False
 
-    def expect(self, event_id: str, request_base: Optional[str]) -> None:
-        if request_base is not None:
-            self._bases[event_id] = request_base
-            self.last_base = request_base
-
-    def observe(self, request_base: str) -> None:
-        """Remember the base URL a hub request reached, for events published through /dispatch."""
-        self.last_base = request_base
-
-    def forget(self, event_id: str) -> None:
-        self._bases.pop(event_id, None)
-
-    def hub_url_for(self, event: Event) -> str:
-        base = self._bases.get(event.id, self.last_base)
-        if base is None and not self.public_url and not self._warned:
+    def hub_url_for(self, subscription: Subscription) -> str:
+        if self.public_url:
+            return hub_url(self.public_url)
+        if subscription.hub_url:
+            return subscription.hub_url
+        if not self._warned:
             self._warned = True
             log.warn(
-                "no --public-url and no hub request seen yet: notifications name http://localhost/hub "
-                "as their hub; set --public-url to this hub's public base URL"
+                "a subscription without a recorded hub URL and no --public-url: its notifications name "
+                "http://localhost/hub as their hub until it is renewed; set --public-url to this hub's "
+                "public base URL"
             )
-        return hub_url(self.public_url, base)
+        return hub_url(None)
 
     def __call__(self, event: Event, now: float) -> Deferred:
         d = self.store.active_subscriptions(event.topic, now)
@@ -123,11 +113,17 @@ class Distributor:
     def deliveries(self, subscriptions: Sequence[Subscription], event: Event, now: float) -> List[Delivery]:
         if not subscriptions:
             return []
-        shared: Headers = tuple(
+        extra: Headers = tuple(
             (name, value) for name, value in event.headers if name.lower() not in RESERVED_HEADERS
-        ) + (("Link", link_header(self.hub_url_for(event), event.topic)),)
+        )
+        # Usually every subscriber names the same hub: one header for all.
+        by_hub: Dict[str, Headers] = {}
         deliveries = []
         for subscription in subscriptions:
+            hub = self.hub_url_for(subscription)
+            shared = by_hub.get(hub)
+            if shared is None:
+                shared = by_hub[hub] = extra + (("Link", link_header(hub, event.topic)),)
             headers = shared
             if subscription.secret:
                 headers = shared + (("X-Hub-Signature", signature(subscription.secret, event.body)),)
@@ -182,39 +178,37 @@ class Publisher(Service):
         self.timeout = timeout
         self.max_redirects = max_redirects
         self.tasks = BackgroundTasks()
-        # Topics being fetched -> the request base of a ping that came during
-        # the fetch (so one more fetch is due), or None.
-        self._fetching: Dict[str, Optional[Tuple[Optional[str]]]] = {}
+        # Topics being fetched -> whether a ping came during the fetch (so
+        # one more fetch is due).
+        self._fetching: Dict[str, bool] = {}
 
     def stopService(self) -> Deferred:
         super().stopService()
         return self.tasks.cancel_all()
 
-    def publish(self, topics: Sequence[str], request_base: Optional[str] = None) -> List[Deferred]:
+    def publish(self, topics: Sequence[str]) -> List[Deferred]:
         """Refresh each topic in the background; Deferreds of the events (or None), for tests."""
         started = []
         for topic in topics:
             if topic in self._fetching:
-                self._fetching[topic] = (request_base,)
+                self._fetching[topic] = True
                 continue
-            self._fetching[topic] = None
-            started.append(self.tasks.run(self._refresh(topic, request_base), f"publish {topic}"))
+            self._fetching[topic] = False
+            started.append(self.tasks.run(self._refresh(topic), f"publish {topic}"))
         return started
 
-    async def _refresh(self, topic: str, request_base: Optional[str]) -> Optional[Event]:
+    async def _refresh(self, topic: str) -> Optional[Event]:
         event = None
         try:
             while True:
-                event = await self._publish_once(topic, request_base)
-                again = self._fetching.get(topic)
-                if again is None:
+                event = await self._publish_once(topic)
+                if not self._fetching.get(topic):
                     return event
-                self._fetching[topic] = None
-                request_base = again[0]
+                self._fetching[topic] = False
         finally:
             self._fetching.pop(topic, None)
 
-    async def _publish_once(self, topic: str, request_base: Optional[str]) -> Optional[Event]:
+    async def _publish_once(self, topic: str) -> Optional[Event]:
         try:
             body, content_type = await self.fetch(topic)
         except FetchError as e:
@@ -227,11 +221,7 @@ class Publisher(Service):
             content_type=content_type,
             created_at=self.clock.seconds(),
         )
-        self.distributor.expect(event.id, request_base)
-        try:
-            deliveries = await self.core.publish(event)
-        finally:
-            self.distributor.forget(event.id)
+        deliveries = await self.core.publish(event)
         log.info("published {topic} ({size} bytes) to {n} subscribers", topic=topic, size=len(body), n=len(deliveries))
         return event
 

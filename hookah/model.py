@@ -27,6 +27,12 @@ KIND_WEBSUB = "websub"
 
 Headers = Tuple[Tuple[str, str], ...]
 
+# Why queued WebSub notifications were cancelled: the ``error`` of the
+# attempt-less ``Attempt`` that ``IStore.cancel_deliveries`` appends.
+CANCELLED_UNSUBSCRIBED = "cancelled: the subscriber unsubscribed"
+CANCELLED_GONE = "cancelled: the callback answered 410 Gone"
+CANCELLED_EXPIRED = "cancelled: the subscription's lease expired"
+
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class Attempt:
@@ -118,7 +124,15 @@ class Event:
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class Subscription:
-    """A verified WebSub subscription: one per (topic, callback)."""
+    """
+    A verified WebSub subscription: one per (topic, callback).
+
+    ``hub_url`` is the hub URL the subscriber itself sent its request to
+    (scheme, ``Host`` and path as it sent them); without ``--public-url``
+    its notifications name that URL in ``Link: rel="hub"``, so that what
+    one request claims about the hub never reaches another subscriber.
+    ``None`` for subscriptions stored before Hookah kept it.
+    """
 
     topic: str
     callback: str
@@ -126,6 +140,7 @@ class Subscription:
     lease_seconds: int = 0
     created_at: float = 0.0
     expires_at: float = 0.0
+    hub_url: Optional[str] = None
 
     def to_json(self) -> dict:
         return {
@@ -135,4 +150,5 @@ class Subscription:
             "created_at": self.created_at,
             "expires_at": self.expires_at,
             "has_secret": self.secret is not None,
+            "hub_url": self.hub_url,
         }

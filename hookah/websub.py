@@ -9,6 +9,21 @@ request whose verification fails leaves the previous state exactly as it
 was, and when requests for one pair race, the most recent request that was
 verified wins, whatever order the verifications finish in.
 
+When a subscription ends (verified unsubscribe, ``410 Gone``, lease
+expiry), the notifications still queued for it are cancelled in storage
+(``IStore.cancel_deliveries``), so a gone subscriber is not retried for a
+day. A notification whose attempt was in flight at that moment finishes
+that attempt; if it was then scheduled for a retry, a second cancellation,
+one ``settle`` period later (on the next purge pass), ends it. Expired
+leases are purged, and their notifications cancelled, every
+``purge_interval`` seconds (60): that is how long a notification queued
+for a subscription whose lease just ended can still be attempted.
+
+The hub's background work is bounded: at most ``max_verifications`` (64)
+verification or denial requests are in flight at once, and at most
+``backlog`` (1024) more accepted requests wait for a turn or for a retry;
+beyond that ``submit`` raises ``HubBusy`` (the web layer answers ``503``).
+
 HTTP parsing lives in ``hookah.web.hub``; content distribution and topic
 fetching in ``hookah.distribution``. Every timer here runs on the injected
 clock, so leases, retries and purges are tested with ``task.Clock``.
@@ -25,7 +40,13 @@ from urllib.parse import urlencode, urlsplit
 
 import attr
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+    ensureDeferred,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -33,7 +54,14 @@ from twisted.python.failure import Failure
 
 from hookah.http import HTTPClient, describe_failure
 from hookah.metrics import Metrics
-from hookah.model import KIND_WEBSUB, Delivery, Subscription
+from hookah.model import (
+    CANCELLED_EXPIRED,
+    CANCELLED_GONE,
+    CANCELLED_UNSUBSCRIBED,
+    KIND_WEBSUB,
+    Delivery,
+    Subscription,
+)
 from hookah.ssrf import TargetRefused
 
 log = Logger()
@@ -54,6 +82,13 @@ VERIFY_RETRIES: Tuple[float, ...] = (5.0, 60.0, 300.0)
 
 # ``hub.secret`` must be under 200 bytes (5.1).
 MAX_SECRET_BYTES = 199
+
+# Verification and denial requests in flight at once, and accepted requests
+# allowed to wait beyond those (for a turn, or for a retry).
+MAX_VERIFICATIONS = 64
+VERIFY_BACKLOG = 1024
+# What a refused (busy) subscriber is told to wait, in seconds.
+BUSY_RETRY_AFTER = 30
 
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -148,6 +183,18 @@ class SubscriptionRequest:
     lease_seconds: Optional[int] = None
     secret: Optional[str] = None
     verify_token: Optional[str] = None  # PubSubHubbub 0.3, echoed back
+    # The hub URL this subscriber sent its request to (``Subscription.hub_url``).
+    hub_url: Optional[str] = None
+
+
+class HubBusy(Exception):
+    """Too many (un)subscription requests are being handled: try again later."""
+
+    def __init__(self, retry_after: int = BUSY_RETRY_AFTER) -> None:
+        super().__init__(
+            "The hub is handling too many subscription requests; try again later."
+        )
+        self.retry_after = retry_after
 
 
 class BackgroundTasks:
@@ -197,7 +244,8 @@ class WebSubHub(Service):
     ``verify_now`` is the PuSH 0.3 ``sync`` path, one attempt, whose result
     is the response. ``delivery_finished`` is the dispatcher's hook that ends
     a subscription whose callback answered ``410 Gone``. While running, a
-    loop purges expired subscriptions (they already receive nothing).
+    loop purges expired subscriptions (they already receive nothing) and
+    cancels their queued notifications; see the module docstring.
     """
 
     name = "websub"
@@ -211,9 +259,12 @@ class WebSubHub(Service):
         policy: Optional[TopicPolicy] = None,
         timeout: float = 30.0,
         verify_retries: Sequence[float] = VERIFY_RETRIES,
-        purge_interval: float = 300.0,
+        purge_interval: float = 60.0,
         metrics: Optional[Metrics] = None,
         address_policy: Optional[Any] = None,
+        max_verifications: int = MAX_VERIFICATIONS,
+        backlog: int = VERIFY_BACKLOG,
+        settle: Optional[float] = None,
     ) -> None:
         self.store = store
         self.address_policy = address_policy
@@ -227,10 +278,23 @@ class WebSubHub(Service):
         self.metrics = metrics or Metrics()
         self.tasks = BackgroundTasks()
         self._purger: Optional[LoopingCall] = None
+        self._purging: Optional[Deferred] = None
         # Per (topic, callback) with requests in progress: how many, and the
         # sequence number of the newest request whose outcome was applied.
         self._keys: Dict[Tuple[str, str], List[int]] = {}
         self._sequence = 0
+        # Requests being handled (waiting for a turn, verifying, or waiting
+        # to retry), bounded by max_verifications + backlog.
+        self.max_verifications = max_verifications
+        self.backlog = backlog
+        self._pending = 0
+        self._slots = DeferredSemaphore(max_verifications)
+        # Ended (topic, callback) pairs -> (when, why), cancelled once more
+        # ``settle`` seconds later: a notification in flight at the first
+        # cancellation may have been scheduled for a retry since. The
+        # default outlasts an attempt at the default timeout and its claim.
+        self.settle = settle if settle is not None else timeout + 60.0
+        self._settling: Dict[Tuple[str, str], Tuple[float, str]] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -245,19 +309,86 @@ class WebSubHub(Service):
         if self._purger is not None and self._purger.running:
             self._purger.stop()
         self._purger = None
-        return self.tasks.cancel_all()
+        waits = [self.tasks.cancel_all()]
+        if self._purging is not None:
+            # Storage closes after the purge pass in progress, not under it.
+            purging: Deferred = Deferred()
+
+            def finished(result: Any) -> Any:
+                purging.callback(None)
+                return result
+
+            self._purging.addBoth(finished)
+            waits.append(purging)
+        return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
 
     def purge(self) -> Deferred:
-        """Delete expired subscriptions; errors are logged so the loop goes on."""
-        d = self.store.purge_expired(self.clock.seconds())
+        """
+        Delete expired subscriptions (the store cancels their queued
+        notifications with them), then cancel once more for subscriptions
+        that ended at least ``settle`` seconds ago. Errors are logged so the
+        loop goes on.
+        """
 
-        def purged(count: int) -> None:
-            if count:
-                log.info("purged {count} expired WebSub subscriptions", count=count)
+        async def purge() -> None:
+            now = self.clock.seconds()
+            try:
+                removed = await self.store.purge_expired(now)
+            except CancelledError:
+                raise
+            except Exception:
+                log.failure("purging expired subscriptions failed")
+            else:
+                if removed:
+                    log.info("purged {count} expired WebSub subscriptions", count=len(removed))
+                for pair in removed:
+                    self._settling[pair] = (now, CANCELLED_EXPIRED)
+            await self._cancel_settled(now)
 
-        d.addCallback(purged)
-        d.addErrback(lambda f: log.failure("purging expired subscriptions failed", f))
+        d = ensureDeferred(purge())
+        if not d.called:
+            self._purging = d
+
+            def done(result: Any) -> Any:
+                if self._purging is d:
+                    self._purging = None
+                return result
+
+            d.addBoth(done)
         return d
+
+    async def _cancel_settled(self, now: float) -> None:
+        due = [(pair, why) for pair, (when, why) in self._settling.items() if when + self.settle <= now]
+        for pair, why in due:
+            del self._settling[pair]
+            topic, callback = pair
+            try:
+                if await self.store.get_subscription(topic, callback) is None:
+                    await self._cancel(topic, callback, why)
+            except CancelledError:
+                raise
+            except Exception:
+                log.failure("cancelling notifications of {callback} to {topic} failed", callback=callback, topic=topic)
+
+    async def _cancel(self, topic: str, callback: str, why: str) -> int:
+        count: int = await self.store.cancel_deliveries(topic, callback, why)
+        if count:
+            log.info(
+                "cancelled {count} queued notifications of {callback} to {topic} ({why})",
+                count=count, callback=callback, topic=topic, why=why,
+            )
+        return count
+
+    async def _ended(self, topic: str, callback: str, why: str) -> None:
+        """A subscription was removed: cancel its queued notifications, now and once settled."""
+        self._settling[(topic, callback)] = (self.clock.seconds(), why)
+        try:
+            await self._cancel(topic, callback, why)
+        except CancelledError:
+            raise
+        except Exception:
+            # The settled pass tries again; the removal itself stands.
+            log.failure("cancelling notifications of {callback} to {topic} failed", callback=callback, topic=topic)
 
     # -- requests ----------------------------------------------------------------
 
@@ -272,19 +403,47 @@ class WebSubHub(Service):
         reason: Optional[str] = self.address_policy.literal_refusal(url)
         return reason
 
+    def busy(self) -> bool:
+        """Whether a new request would exceed the bound on background work."""
+        return self._pending >= self.max_verifications + self.backlog
+
     def submit(self, request: SubscriptionRequest) -> Deferred:
         """
         Handle an accepted request in the background: deny it (policy) or
         verify it, retrying when the callback gives no usable answer.
         Deferred[str] with the outcome, for tests; the web layer ignores it.
+        Raises ``HubBusy`` (before anything starts) when the hub already
+        handles as many requests as it allows.
         """
+        if self.busy():
+            raise HubBusy()
         return self.tasks.run(self._handle(request, self.verify_retries), f"{request.mode} {request.callback}")
 
     async def verify_now(self, request: SubscriptionRequest) -> bool:
-        """One verification, applied if it succeeds (PuSH 0.3 ``hub.verify=sync``)."""
+        """
+        One verification, applied if it succeeds (PuSH 0.3
+        ``hub.verify=sync``). Raises ``HubBusy`` like ``submit``.
+        """
+        if self.busy():
+            raise HubBusy()
         return await self._handle(request, ()) == VERIFIED
 
     async def _handle(self, request: SubscriptionRequest, retries: Sequence[float]) -> str:
+        self._pending += 1
+        try:
+            return await self._handle_pending(request, retries)
+        finally:
+            self._pending -= 1
+
+    async def _get(self, url: str) -> Any:
+        """A GET to a subscriber, waiting for one of ``max_verifications`` turns."""
+        await self._slots.acquire()
+        try:
+            return await self.client.request("GET", url, (), None, self.timeout)
+        finally:
+            self._slots.release()
+
+    async def _handle_pending(self, request: SubscriptionRequest, retries: Sequence[float]) -> str:
         key = (request.topic, request.callback)
         self._sequence += 1
         sequence = self._sequence
@@ -327,9 +486,11 @@ class WebSubHub(Service):
         if request.verify_token is not None:
             params.append(("hub.verify_token", request.verify_token))
         url = verification_url(request.callback, params)
+        # The lease counts from here; a request that waits for a turn sends
+        # a little later, so its lease ends a little early, never late.
         sent_at = self.clock.seconds()
         try:
-            response = await self.client.request("GET", url, (), None, self.timeout)
+            response = await self._get(url)
         except CancelledError:
             raise
         except TargetRefused as e:
@@ -362,7 +523,11 @@ class WebSubHub(Service):
         renewed one.
         """
         if request.mode == UNSUBSCRIBE:
-            return self.store.remove_subscription(request.topic, request.callback)
+            d = self.store.remove_subscription(request.topic, request.callback)
+            d.addCallback(
+                lambda _: ensureDeferred(self._ended(request.topic, request.callback, CANCELLED_UNSUBSCRIBED))
+            )
+            return d
         return self.store.put_subscription(
             Subscription(
                 topic=request.topic,
@@ -371,6 +536,7 @@ class WebSubHub(Service):
                 lease_seconds=lease,
                 created_at=sent_at,
                 expires_at=sent_at + lease,
+                hub_url=request.hub_url,
             )
         )
 
@@ -383,7 +549,7 @@ class WebSubHub(Service):
         """
         url = verification_url(callback, [("hub.mode", DENIED), ("hub.topic", topic), ("hub.reason", reason)])
         try:
-            response = await self.client.request("GET", url, (), None, self.timeout)
+            response = await self._get(url)
         except CancelledError:
             raise
         except Exception:
@@ -418,6 +584,7 @@ class WebSubHub(Service):
                 return
             await self.store.remove_subscription(topic, callback)
             log.info("removed subscription of {callback} to {topic}: it answered 410 Gone", callback=callback, topic=topic)
+            await self._ended(topic, callback, CANCELLED_GONE)
 
         d = ensureDeferred(end())
         d.addErrback(lambda f: log.failure("removing a gone subscription failed", f))

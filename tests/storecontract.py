@@ -20,9 +20,12 @@ from zope.interface.verify import verifyObject
 
 from hookah.ids import IdGenerator
 from hookah.model import (
+    CANCELLED_EXPIRED,
+    CANCELLED_UNSUBSCRIBED,
     DELIVERED,
     DELIVERING,
     FAILED,
+    KIND_ERRBACK,
     KIND_WEBSUB,
     SCHEDULED,
     Attempt,
@@ -402,6 +405,146 @@ class StoreContractMixin(_Base):
             self.assertEqual((yield self.store.get_delivery(d.id)), d)
         self.assertIsNone((yield self.store.requeue("01NOSUCHDELIVERY", T0)))
 
+    # -- cancelling WebSub notifications ------------------------------------------
+
+    def notification(self, topic: str = "news", url: str = "https://a.example/cb", **fields: Any) -> Delivery:
+        fields.setdefault("next_attempt_at", T0 + 30)
+        return self.delivery(kind=KIND_WEBSUB, topic=topic, url=url, event_id="01EVENT", **fields)
+
+    def assertCancelled(self, got: Delivery, before: Delivery, reason: str) -> None:
+        self.assertEqual((got.status, got.next_attempt_at, got.claimed_until), (FAILED, None, None))
+        self.assertEqual(got.attempts[:-1], before.attempts)
+        mark = got.attempts[-1]
+        self.assertEqual((mark.status_code, mark.error, mark.duration_ms), (None, reason, 0))
+        self.assertIsInstance(mark.at, float)
+        self.assertEqual(attr.evolve(got, status=before.status, next_attempt_at=before.next_attempt_at,
+                                     attempts=before.attempts), before)
+
+    @inlineCallbacks
+    def test_cancel_deliveries_ends_queued_notifications_of_one_pair(self) -> _Gen:
+        retrying = self.notification(attempts=(Attempt(at=T0, status_code=500, error="HTTP 500"),))
+        untimed = self.notification(next_attempt_at=None)
+        in_flight = self.notification(status=DELIVERING, claimed_until=T0 + 60)
+        done = self.notification(status=DELIVERED, attempts=(Attempt(at=T0, status_code=200),))
+        other_callback = self.notification(url="https://b.example/cb")
+        other_topic = self.notification(topic="sport")
+        # Same URL and topic, but not a WebSub notification.
+        webhook = self.delivery(url="https://a.example/cb", topic="news", next_attempt_at=T0)
+        errback = self.delivery(kind=KIND_ERRBACK, url="https://a.example/cb", topic="news",
+                                next_attempt_at=T0)
+        untouched = [in_flight, done, other_callback, other_topic, webhook, errback]
+        yield self.store.add_deliveries([retrying, untimed] + untouched)
+
+        count = yield self.store.cancel_deliveries("news", "https://a.example/cb", CANCELLED_UNSUBSCRIBED)
+        self.assertEqual(count, 2)
+        for d in (retrying, untimed):
+            self.assertCancelled((yield self.store.get_delivery(d.id)), d, CANCELLED_UNSUBSCRIBED)
+        for d in untouched:
+            self.assertEqual((yield self.store.get_delivery(d.id)), d)
+        claimed = yield self.store.claim_due(FAR_FUTURE, 100, FAR_FUTURE + 60)
+        self.assertEqual({c.id for c in claimed},
+                         {in_flight.id, other_callback.id, other_topic.id, webhook.id, errback.id})
+        self.assertEqual(
+            (yield self.store.cancel_deliveries("news", "https://a.example/cb", CANCELLED_UNSUBSCRIBED)), 0
+        )
+        counts = yield self.store.count_deliveries()
+        self.assertEqual(counts[FAILED], 2)
+
+    @inlineCallbacks
+    def test_cancel_deliveries_after_a_retry_is_scheduled(self) -> _Gen:
+        """An attempt in flight at the first cancel, then rescheduled, is caught by the next."""
+        d = self.notification(next_attempt_at=T0)
+        yield self.store.add_deliveries([d])
+        yield self.store.claim_due(T0, 10, T0 + 60)
+        self.assertEqual((yield self.store.cancel_deliveries("news", d.url, "gone")), 0)
+        failed = Attempt(at=T0 + 1, status_code=503, error="HTTP 503")
+        yield self.store.finish_attempt(d.id, failed, SCHEDULED, T0 + 10)
+        self.assertEqual((yield self.store.cancel_deliveries("news", d.url, "gone")), 1)
+        got = yield self.store.get_delivery(d.id)
+        self.assertEqual(got.status, FAILED)
+        self.assertEqual([(a.status_code, a.error) for a in got.attempts], [(503, "HTTP 503"), (None, "gone")])
+        self.assertIsNone((yield self.store.next_due()))
+        # A manual resend of a cancelled notification is still possible.
+        requeued = yield self.store.requeue(d.id, T0 + 100)
+        self.assertEqual((requeued.status, requeued.retry_from), (SCHEDULED, 2))
+
+    # -- retention ---------------------------------------------------------------
+
+    @inlineCallbacks
+    def test_purge_finished_by_last_activity(self) -> _Gen:
+        long_ago = T0 - 10_000
+        old_failed = self.delivery(status=FAILED, created_at=long_ago)
+        old_delivered = self.delivery(
+            status=DELIVERED, created_at=long_ago,
+            attempts=(Attempt(at=T0 - 300, status_code=500), Attempt(at=T0 - 200, status_code=200)),
+        )
+        # Created long ago, but active recently: kept.
+        recent = self.delivery(status=FAILED, created_at=long_ago,
+                               attempts=(Attempt(at=T0 - 1, status_code=410),))
+        boundary = self.delivery(status=DELIVERED, created_at=long_ago,
+                                 attempts=(Attempt(at=T0, status_code=200),))
+        scheduled = self.delivery(created_at=long_ago, next_attempt_at=long_ago)
+        delivering = self.delivery(status=DELIVERING, created_at=long_ago, claimed_until=long_ago)
+        kept = [recent, boundary, scheduled, delivering]
+        yield self.store.add_deliveries([old_delivered, old_failed] + kept)
+
+        # Oldest activity first, at most ``limit`` per call.
+        self.assertEqual((yield self.store.purge_finished(T0 - 1, 1)), 1)
+        self.assertIsNone((yield self.store.get_delivery(old_failed.id)))
+        self.assertEqual((yield self.store.get_delivery(old_delivered.id)), old_delivered)
+        self.assertEqual((yield self.store.purge_finished(T0 - 1, 10)), 1)
+        self.assertIsNone((yield self.store.get_delivery(old_delivered.id)))
+        self.assertEqual((yield self.store.purge_finished(T0 - 1, 10)), 0)
+        for d in kept:
+            self.assertEqual((yield self.store.get_delivery(d.id)), d)
+        page = yield self.store.list_deliveries(None, 100, None)
+        self.assertEqual([d.id for d in page], [d.id for d in sorted(kept, key=lambda d: d.id)])
+        # The attempts went with it: the id, stored again, has only its own.
+        again = attr.evolve(old_delivered, attempts=(Attempt(at=T0, status_code=201),))
+        yield self.store.add_deliveries([again])
+        self.assertEqual((yield self.store.get_delivery(again.id)), again)
+
+    @inlineCallbacks
+    def test_purge_finished_follows_state_changes(self) -> _Gen:
+        """Finishing makes a delivery purgeable from its last attempt; a requeue makes it safe."""
+        d = self.delivery(created_at=T0 - 1000, next_attempt_at=T0 - 1000)
+        resent = self.delivery(status=FAILED, created_at=T0 - 1000)
+        yield self.store.add_deliveries([d, resent])
+        yield self.store.claim_due(T0, 10, T0 + 60)
+        yield self.store.finish_attempt(d.id, Attempt(at=T0 - 50, status_code=200), DELIVERED, None)
+        yield self.store.requeue(resent.id, T0)
+        self.assertEqual((yield self.store.purge_finished(T0 - 50, 100)), 0)
+        self.assertEqual((yield self.store.purge_finished(T0, 100)), 1)
+        self.assertIsNone((yield self.store.get_delivery(d.id)))
+        self.assertEqual((yield self.store.get_delivery(resent.id)).status, SCHEDULED)
+
+    @inlineCallbacks
+    def test_trim_events_across_topics(self) -> _Gen:
+        a1 = self.event("a", created_at=T0 - 100)
+        b1 = self.event("b", created_at=T0 - 50)
+        c1 = self.event("c", created_at=T0 - 10)
+        a2 = self.event("a", created_at=T0)
+        b2 = self.event("b", created_at=T0 + 10)
+        yield self.publish(a1, b1, c1, a2, b2)
+        self.assertEqual((yield self.store.trim_events(T0, 1)), 1)
+        self.assertIsNone((yield self.store.get_event(a1.id)))
+        self.assertEqual((yield self.store.get_event(b1.id)), b1)
+        self.assertEqual((yield self.store.trim_events(T0, 10)), 2)
+        self.assertEqual((yield self.store.trim_events(T0, 10)), 0)
+        self.assertEqual((yield self.history("a")), [a2.id])
+        self.assertEqual((yield self.history("b")), [b2.id])
+        self.assertEqual((yield self.history("c")), [])
+        self.assertEqual(sorted(t for t, _, _ in (yield self.store.list_topics())), ["a", "b"])
+        self.assertEqual((yield self.store.last_events(["a", "b", "c"], 10)), [a2, b2])
+
+    @inlineCallbacks
+    def test_trim_events_after_count_trims(self) -> _Gen:
+        """Events already trimmed by ``add_event`` are not counted twice."""
+        events = [self.event("a", created_at=T0 + i) for i in range(4)]
+        yield self.publish(*events, keep_count=2)
+        self.assertEqual((yield self.store.trim_events(T0 + 10, 100)), 2)
+        self.assertEqual((yield self.history("a")), [])
+
     # -- next_due ----------------------------------------------------------------
 
     @inlineCallbacks
@@ -567,12 +710,13 @@ class StoreContractMixin(_Base):
     @inlineCallbacks
     def test_subscription_roundtrip_and_replace(self) -> _Gen:
         sub = self.subscription("news", "https://cb/", secret="s3cret", lease_seconds=600,
-                                created_at=T0, expires_at=T0 + 600)
+                                created_at=T0, expires_at=T0 + 600,
+                                hub_url="https://hub.example:8443/hub/")
         yield self.store.put_subscription(sub)
         self.assertEqual((yield self.store.get_subscription("news", "https://cb/")), sub)
 
         renewed = attr.evolve(sub, secret=None, lease_seconds=900, created_at=T0 + 100,
-                              expires_at=T0 + 1000)
+                              expires_at=T0 + 1000, hub_url=None)
         yield self.store.put_subscription(renewed)
         self.assertEqual((yield self.store.get_subscription("news", "https://cb/")), renewed)
         self.assertEqual((yield self.store.list_subscriptions(None)), [renewed])
@@ -639,6 +783,15 @@ class StoreContractMixin(_Base):
         ]
         for sub in subs:
             yield self.store.put_subscription(sub)
-        self.assertEqual((yield self.store.purge_expired(T0)), 3)
+        queued_expired = self.notification("news", "https://a/")
+        queued_active = self.notification("news", "https://c/")
+        yield self.store.add_deliveries([queued_expired, queued_active])
+        removed = yield self.store.purge_expired(T0)
+        self.assertEqual(
+            sorted(removed), [("news", "https://a/"), ("news", "https://b/"), ("sport", "https://a/")]
+        )
         self.assertEqual((yield self.store.list_subscriptions(None)), [subs[2]])
-        self.assertEqual((yield self.store.purge_expired(T0)), 0)
+        self.assertEqual((yield self.store.purge_expired(T0)), [])
+        # Their queued notifications are cancelled with them, the others' not.
+        self.assertCancelled((yield self.store.get_delivery(queued_expired.id)), queued_expired, CANCELLED_EXPIRED)
+        self.assertEqual((yield self.store.get_delivery(queued_active.id)), queued_active)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from typing import Any, List, Tuple
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
@@ -76,6 +76,32 @@ class HubHTTPTests(TestCase):
             response = await http_client(self).get(self.hub)
             self.assertEqual(response.code, 405)
             await response.content()
+
+        return ensureDeferred(go())
+
+    def test_malformed_urls_are_400_not_500(self) -> Any:
+        """URLs ``urlsplit`` cannot parse (an unclosed or bogus IPv6 literal) are a plain-text ``400``."""
+
+        async def go() -> None:
+            await self.setup_hub()
+            topic, callback = self.topic, self.subscriber.callback
+            for bad in ("http://[zz/", "http://[::1/", "http://[zz]/feed", "https://a]/"):
+                cases = [
+                    ([("hub.mode", "subscribe"), ("hub.topic", topic), ("hub.callback", bad)], "hub.callback"),
+                    ([("hub.mode", "subscribe"), ("hub.topic", bad), ("hub.callback", callback)], "hub.topic"),
+                    ([("hub.mode", "unsubscribe"), ("hub.topic", bad), ("hub.callback", callback)], "hub.topic"),
+                    ([("hub.mode", "publish"), ("hub.url", bad)], "hub.url"),
+                    ([("hub.mode", "publish"), ("hub.topic", bad)], "hub.url"),
+                ]
+                for params, mentioned in cases:
+                    code, body, response = await post_form(self, self.hub, params)
+                    self.assertEqual(code, 400, (params, body))
+                    self.assertIn(mentioned, body.decode(), params)
+                    self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/plain; charset=utf-8"])
+                # The same in the query string, and at /publish.
+                code, body, _ = await post_form(self, f"{self.base}/publish?hub.url={quote(bad, safe='')}", [])
+                self.assertEqual(code, 400, body)
+            self.assertEqual(self.subscriber.sink.received, [], "bad requests start no verification")
 
         return ensureDeferred(go())
 
@@ -286,5 +312,135 @@ class HubHTTPTests(TestCase):
             response = await client.get(f"{self.base}/topics/orders")
             self.assertEqual(response.code, 404)
             await response.content()
+
+        return ensureDeferred(go())
+
+
+class HubSafetyHTTPTests(TestCase):
+    """What one request can change for others, and the bounds on background work."""
+
+    timeout = 30
+
+    async def setup_hub(self, **config: Any) -> None:
+        self.service, self.base = await start_hookah(self, **config)
+        self.hub = self.base + "/hub"
+        self.topic_server = TopicServer(self, "text/plain; charset=utf-8", b"news\n", hub=self.hub)
+        self.topic = self.topic_server.url("/feed")
+        self.subscriber = RocksSubscriber(self, self.topic)
+
+    async def post(self, url: str, params: List[Tuple[str, str]], host: str) -> Tuple[int, bytes, Any]:
+        response = await http_client(self).post(
+            url,
+            data=urlencode(params).encode(),
+            headers={b"Content-Type": [b"application/x-www-form-urlencoded"], b"Host": [host.encode()]},
+        )
+        return response.code, await response.content(), response
+
+    def test_forged_host_names_no_one_elses_hub(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub()
+            honest = RocksSubscriber(self, self.topic)
+            forger = RocksSubscriber(self, self.topic)
+            port = self.base.rsplit(":", 1)[1]
+            for subscriber, host in ((honest, f"127.0.0.1:{port}"), (forger, "evil.example")):
+                params = [("hub.mode", "subscribe"), ("hub.topic", self.topic), ("hub.callback", subscriber.callback)]
+                code, body, _ = await self.post(self.hub, params, host)
+                self.assertEqual(code, 202, body)
+            # Unverified requests and publish pings with a forged Host, too.
+            stranger = [("hub.mode", "subscribe"), ("hub.topic", self.topic), ("hub.callback", "http://127.0.0.1:9/cb")]
+            code, _, _ = await self.post(self.hub, stranger, "evil.example")
+            self.assertEqual(code, 202)
+            for subscriber in (honest, forger):
+                await eventually(lambda s=subscriber: self.service.store.get_subscription(self.topic, s.callback))
+            code, _, _ = await self.post(self.base + "/publish", [("hub.url", self.topic)], "evil.example")
+            self.assertEqual(code, 202)
+            for subscriber in (honest, forger):
+                await eventually(lambda s=subscriber: s.notifications, what="a notification")
+            response = await http_client(self).post(f"{self.base}/dispatch?_topic={quote(self.topic, safe='')}", data=b"x")
+            self.assertEqual(response.code, 202, await response.content())
+            for subscriber in (honest, forger):
+                await eventually(lambda s=subscriber: len(s.notifications) == 2, what="a second notification")
+            for notification in honest.notifications:
+                self.assertEqual(parse_links(notification.header("Link") or "")["hub"], [self.hub])
+            for notification in forger.notifications:
+                self.assertEqual(parse_links(notification.header("Link") or "")["hub"], ["http://evil.example/hub"])
+            stored = await self.service.store.get_subscription(self.topic, honest.callback)
+            self.assertEqual(stored.hub_url, self.hub)
+
+        return ensureDeferred(go())
+
+    def test_public_url_wins(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub(public_url="https://hooks.example.test/")
+            params = [("hub.mode", "subscribe"), ("hub.topic", self.topic), ("hub.callback", self.subscriber.callback)]
+            code, _, _ = await self.post(self.base + "/subscribe", params, "evil.example")
+            self.assertEqual(code, 202)
+            await eventually(lambda: self.service.store.get_subscription(self.topic, self.subscriber.callback))
+            code, _, _ = await post_form(self, self.hub, [("hub.mode", "publish"), ("hub.url", self.topic)])
+            self.assertEqual(code, 202)
+            [notification] = await eventually(lambda: self.subscriber.notifications, what="a notification")
+            self.assertEqual(parse_links(notification.header("Link") or "")["hub"], ["https://hooks.example.test/hub"])
+
+        return ensureDeferred(go())
+
+    def test_unsubscribe_cancels_queued_retries(self) -> Any:
+        """websub.rocks 104 and beyond: after an unsubscribe, a notification being retried stops."""
+        async def go() -> None:
+            await self.setup_hub(retry_schedule=(3600.0,))
+            params = [("hub.topic", self.topic), ("hub.callback", self.subscriber.callback)]
+            code, _, _ = await post_form(self, self.hub, [("hub.mode", "subscribe")] + params)
+            self.assertEqual(code, 202)
+            await eventually(lambda: self.service.store.get_subscription(self.topic, self.subscriber.callback))
+            self.subscriber.notify_code = 500
+            response = await http_client(self).post(f"{self.base}/dispatch?_topic={quote(self.topic, safe='')}", data=b"x")
+            self.assertEqual(response.code, 202)
+
+            async def retry_scheduled() -> Any:
+                page = await self.service.store.list_deliveries("scheduled", 10, None)
+                return [d for d in page if d.kind == KIND_WEBSUB and d.attempts]
+
+            [waiting] = await eventually(retry_scheduled, what="a scheduled retry")
+            code, _, _ = await post_form(self, self.hub, [("hub.mode", "unsubscribe")] + params)
+            self.assertEqual(code, 202)
+
+            async def cancelled() -> Any:
+                delivery = await self.service.store.get_delivery(waiting.id)
+                return delivery if delivery.status == "failed" else None
+
+            delivery = await eventually(cancelled, what="the cancellation")
+            self.assertEqual([a.status_code for a in delivery.attempts], [500, None])
+            self.assertIn("unsubscribed", delivery.attempts[-1].error)
+            listed = await get_json(self, f"{self.base}/dispatch/{waiting.id}")
+            self.assertEqual(listed["status"], "failed")
+            self.assertIn("unsubscribed", listed["attempts"][-1]["error"])
+
+        return ensureDeferred(go())
+
+    def test_too_many_topics_in_one_ping(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub()
+            code, body, _ = await post_form(self, self.hub, [("hub.mode", "publish")] + [("hub.url", self.topic)] * 101)
+            self.assertEqual(code, 400)
+            self.assertIn(b"at most 100", body)
+            code, body, _ = await post_form(self, self.hub, [("hub.mode", "publish")] + [("hub.topic", self.topic)] * 100)
+            self.assertEqual(code, 202, body)
+
+        return ensureDeferred(go())
+
+    def test_busy_hub_answers_503(self) -> Any:
+        async def go() -> None:
+            await self.setup_hub(timeout=5.0)
+            self.subscriber.sink.respond = lambda received: None  # never answers
+            self.service.websub.max_verifications = 1
+            self.service.websub.backlog = 0
+            params = [("hub.mode", "subscribe"), ("hub.topic", self.topic), ("hub.callback", self.subscriber.callback)]
+            code, _, _ = await post_form(self, self.hub, params)
+            self.assertEqual(code, 202)
+            for extra in ([], [("hub.verify", "sync")]):
+                code, body, response = await post_form(self, self.hub, params + extra)
+                self.assertEqual(code, 503, body)
+                self.assertIn(b"try again later", body)
+                self.assertEqual(response.headers.getRawHeaders("retry-after"), ["30"])
+                self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/plain; charset=utf-8"])
 
         return ensureDeferred(go())

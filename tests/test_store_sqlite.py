@@ -277,9 +277,59 @@ class SQLiteStoreTests(TestCase):
             (sqlitemodule.TRIM_BY_COUNT, ("t", "t", 10)),
             (sqlitemodule.TRIM_BY_AGE, ("t", T0)),
             (sqlitemodule.ACTIVE_SUBSCRIPTIONS, ("t", T0)),
+            (sqlitemodule.QUEUED_NOTIFICATIONS, ("t", "https://cb/")),
+            (sqlitemodule.CANCEL_DELIVERY, ("failed", T0, "id")),
+            (sqlitemodule.FINISHED_BEFORE, (T0, 10)),
+            (sqlitemodule.DELETE_ATTEMPTS, ("id",)),
+            (sqlitemodule.DELETE_DELIVERY, ("id",)),
+            (sqlitemodule.TRIM_EVENTS, (T0, 10)),
+            (sqlitemodule.EXPIRED_SUBSCRIPTIONS, (T0,)),
         ]
         for sql, args in statements:
             plan = " | ".join(
                 row[-1] for row in connection.execute(f"EXPLAIN QUERY PLAN {sql}", args)
             )
             self.assertNotIn("SCAN", plan, f"{sql}\n  plan: {plan}")
+
+
+class SQLiteMigrationTests(TestCase):
+    """A file written by the previous schema (version 1) opens and keeps working."""
+
+    @inlineCallbacks
+    def test_upgrade_from_version_1(self) -> _Gen:
+        path = temporaryDatabase(self)
+        connection = sqlite3.connect(path, isolation_level=None)
+        connection.executescript(
+            f"BEGIN; {sqlitemodule._MIGRATIONS[0]}; PRAGMA user_version = 1; COMMIT;"
+        )
+        columns = "id, url, body, headers, status, created_at, kind"
+        connection.executemany(
+            f"INSERT INTO deliveries ({columns}) VALUES (?, ?, x'00', '[]', ?, ?, 'dispatch')",
+            [("D1", "https://a/", "delivered", T0 - 1000), ("D2", "https://a/", "failed", T0 - 1000),
+             ("D3", "https://a/", "scheduled", T0 - 1000)],
+        )
+        connection.execute(
+            "INSERT INTO attempts (delivery_id, seq, at, status_code, error, duration_ms)"
+            " VALUES ('D1', 0, ?, 200, NULL, 5)", (T0 - 10,)
+        )
+        connection.execute(
+            "INSERT INTO subscriptions (topic, callback, secret, lease_seconds, created_at, expires_at)"
+            " VALUES ('news', 'https://cb/', NULL, 60, ?, ?)", (T0, T0 + 60)
+        )
+        connection.close()
+
+        store = SQLiteStore(path, reactor)
+        yield store.open()
+        self.addCleanup(store.close)
+        sub = yield store.get_subscription("news", "https://cb/")
+        self.assertEqual(sub, Subscription("news", "https://cb/", None, 60, T0, T0 + 60, hub_url=None))
+        # Existing finished deliveries got their last activity: D2 (created
+        # long ago, no attempt) goes first, D1 (attempted at T0 - 10) only later.
+        self.assertEqual((yield store.purge_finished(T0 - 100, 100)), 1)
+        self.assertIsNone((yield store.get_delivery("D2")))
+        self.assertIsNotNone((yield store.get_delivery("D1")))
+        self.assertEqual((yield store.purge_finished(T0, 100)), 1)
+        self.assertEqual([d.id for d in (yield store.list_deliveries(None, 10, None))], ["D3"])
+        check = sqlite3.connect(path)
+        self.addCleanup(check.close)
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0], sqlitemodule.SCHEMA_VERSION)

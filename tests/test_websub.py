@@ -10,7 +10,7 @@ import hmac
 from typing import Any, List, Optional
 
 import attr
-from twisted.internet.defer import ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -18,12 +18,26 @@ from hookah.dispatcher import Dispatcher
 from hookah.distribution import Distributor, Publisher, hub_url, link_header, signature
 from hookah.ids import IdGenerator
 from hookah.metrics import Metrics
-from hookah.model import FAILED, KIND_DISPATCH, KIND_WEBSUB, Attempt, Delivery, Event, Subscription
+from hookah.model import (
+    CANCELLED_EXPIRED,
+    CANCELLED_GONE,
+    CANCELLED_UNSUBSCRIBED,
+    DELIVERING,
+    FAILED,
+    KIND_DISPATCH,
+    KIND_WEBSUB,
+    SCHEDULED,
+    Attempt,
+    Delivery,
+    Event,
+    Subscription,
+)
 from hookah.ssrf import TargetRefused
 from hookah.storage.memory import MemoryStore
 from hookah.websub import (
     DENIED,
     REJECTED,
+    HubBusy,
     UNREACHABLE,
     VERIFIED,
     SubscriptionRequest,
@@ -34,7 +48,7 @@ from hookah.websub import (
     new_challenge,
     verification_url,
 )
-from tests.websubsupport import ScriptedClient
+from tests.websubsupport import ScriptedClient, parse_links
 
 T0 = 1_000_000.0
 TOPIC = "https://publisher.example/feed"
@@ -321,6 +335,151 @@ class HubTests(SynchronousTestCase):
         assert d is not None
         return d
 
+    def subscribed(self, **fields: Any) -> None:
+        d = self.hub.submit(sub(**fields))
+        self.client.pop().echo()
+        self.assertEqual(self.outcome(d), VERIFIED)
+
+    def queue(self, *ids: str, callback: str = CALLBACK, **fields: Any) -> None:
+        fields.setdefault("status", SCHEDULED)
+        fields.setdefault("next_attempt_at", T0 + 30)
+        self.successResultOf(self.store.add_deliveries([
+            Delivery(id=i, url=callback, body=b"x", kind=KIND_WEBSUB, topic=TOPIC, created_at=T0, **fields)
+            for i in ids
+        ]))
+
+    def delivery(self, delivery_id: str) -> Delivery:
+        found: Delivery = self.successResultOf(self.store.get_delivery(delivery_id))
+        return found
+
+    def assertCancelled(self, delivery_id: str, reason: str) -> None:
+        delivery = self.delivery(delivery_id)
+        self.assertEqual((delivery.status, delivery.next_attempt_at), (FAILED, None))
+        self.assertEqual((delivery.attempts[-1].status_code, delivery.attempts[-1].error), (None, reason))
+
+    def test_hub_url_kept_with_the_subscription(self) -> None:
+        self.subscribed(hub_url="https://seen.example/hub")
+        stored = self.stored()
+        assert stored is not None
+        self.assertEqual(stored.hub_url, "https://seen.example/hub")
+
+    def test_unsubscribe_cancels_queued_notifications(self) -> None:
+        self.subscribed()
+        self.queue("N1", "N2")
+        self.queue("OTHER", callback="https://other.example/cb")
+        d = self.hub.submit(sub("unsubscribe"))
+        call = self.client.pop()
+        self.assertEqual(self.delivery("N1").status, SCHEDULED, "nothing changes before verification")
+        call.echo()
+        self.outcome(d)
+        self.assertIsNone(self.stored())
+        for delivery_id in ("N1", "N2"):
+            self.assertCancelled(delivery_id, CANCELLED_UNSUBSCRIBED)
+        self.assertEqual(self.delivery("OTHER").status, SCHEDULED)
+
+    def test_failed_unsubscribe_cancels_nothing(self) -> None:
+        self.subscribed()
+        self.queue("N1")
+        d = self.hub.submit(sub("unsubscribe"))
+        self.client.pop().answer(404)
+        self.outcome(d)
+        self.assertEqual(self.delivery("N1").status, SCHEDULED)
+
+    def test_notification_in_flight_is_cancelled_once_settled(self) -> None:
+        """An attempt in flight at unsubscription, then scheduled again, is cancelled by the settle pass."""
+        self.hub.settle = 90
+        self.hub.startService()
+        self.addCleanup(self.hub.stopService)
+        self.subscribed()
+        self.queue("N1", status=DELIVERING, claimed_until=T0 + 90)
+        d = self.hub.submit(sub("unsubscribe"))
+        self.client.pop().echo()
+        self.outcome(d)
+        self.assertEqual(self.delivery("N1").status, DELIVERING, "its attempt goes on")
+        self.successResultOf(self.store.finish_attempt("N1", Attempt(T0 + 1, 503, "HTTP 503"), SCHEDULED, T0 + 31))
+        self.clock.advance(89)
+        self.assertEqual(self.delivery("N1").status, SCHEDULED, "not yet settled")
+        self.clock.advance(100)  # the next purge pass after the settle period
+        self.assertCancelled("N1", CANCELLED_UNSUBSCRIBED)
+        self.assertEqual(self.hub._settling, {})
+
+    def test_settle_pass_spares_a_renewed_subscription(self) -> None:
+        self.hub.settle = 90
+        self.hub.startService()
+        self.addCleanup(self.hub.stopService)
+        self.subscribed()
+        d = self.hub.submit(sub("unsubscribe"))
+        self.client.pop().echo()
+        self.outcome(d)
+        self.clock.advance(10)
+        self.subscribed()
+        self.queue("NEW")
+        self.clock.advance(200)
+        self.assertEqual(self.delivery("NEW").status, SCHEDULED)
+        self.assertEqual(self.hub._settling, {})
+
+    def test_expired_lease_cancels_queued_notifications(self) -> None:
+        self.subscribed(lease_seconds=60)
+        self.queue("N1", next_attempt_at=T0 + 500)
+        self.hub.startService()
+        self.addCleanup(self.hub.stopService)
+        self.assertEqual(self.delivery("N1").status, SCHEDULED)
+        # The purge pass after the lease ended (every 100 s here).
+        self.clock.advance(100)
+        self.assertIsNone(self.stored())
+        self.assertCancelled("N1", CANCELLED_EXPIRED)
+
+    def test_410_cancels_the_other_queued_notifications(self) -> None:
+        self.subscribed()
+        self.queue("N2")
+        self.successResultOf(self.finished(self.gone(410, T0 + 1)))
+        self.assertIsNone(self.stored())
+        self.assertCancelled("N2", CANCELLED_GONE)
+
+    def test_verifications_in_flight_are_bounded(self) -> None:
+        self.hub = WebSubHub(
+            self.store, self.client, self.clock, BOUNDS, timeout=10, verify_retries=(5,),
+            max_verifications=2, backlog=2,
+        )
+        callbacks = [f"https://s{i}.example/cb" for i in range(4)]
+        results = [self.hub.submit(sub(callback=cb)) for cb in callbacks]
+        self.assertEqual(len(self.client.calls), 2, "two in flight, two waiting for a turn")
+        self.assertTrue(self.hub.busy())
+        self.assertRaises(HubBusy, self.hub.submit, sub(callback="https://more.example/cb"))
+        self.failureResultOf(ensureDeferred(self.hub.verify_now(sub(callback="https://sync.example/cb"))), HubBusy)
+        # A verification that will be retried frees its turn while it waits.
+        self.client.pop().answer(503)
+        self.assertEqual(len(self.client.calls), 2)
+        self.client.pop().echo()
+        self.assertFalse(self.hub.busy())
+        self.client.pop().echo()
+        self.client.pop().echo()
+        self.clock.advance(5)
+        self.client.pop().echo()
+        self.assertEqual([self.outcome(d) for d in results], [VERIFIED] * 4)
+        self.assertEqual(self.hub._pending, 0)
+        self.assertEqual(len(self.successResultOf(self.store.list_subscriptions(TOPIC))), 4)
+
+    def test_stop_waits_for_the_purge_in_progress(self) -> None:
+        pending: Deferred = Deferred()
+        self.store.purge_expired = lambda now: pending  # type: ignore[method-assign]
+        self.hub.startService()
+        stopped = self.hub.stopService()
+        self.assertNoResult(stopped)
+        pending.callback([])
+        self.successResultOf(stopped)
+
+    def test_cancelled_while_waiting_for_a_turn(self) -> None:
+        self.hub = WebSubHub(self.store, self.client, self.clock, BOUNDS, max_verifications=1)
+        self.hub.startService()
+        first = self.hub.submit(sub(callback="https://one.example/cb"))
+        waiting = self.hub.submit(sub(callback="https://two.example/cb"))
+        self.assertEqual(len(self.client.calls), 1)
+        self.successResultOf(self.hub.stopService())
+        self.assertIsNone(self.successResultOf(first))
+        self.assertIsNone(self.successResultOf(waiting))
+        self.assertEqual(self.hub._pending, 0)
+
     def test_410_removes_subscription(self) -> None:
         d = self.hub.submit(sub())
         self.client.pop().echo()
@@ -400,18 +559,30 @@ class DistributorTests(SynchronousTestCase):
     def test_no_subscribers(self) -> None:
         self.assertEqual(self.successResultOf(self.distributor(Event("E2", "nobody", b""), T0)), [])
 
-    def test_hub_url_from_the_publishing_request(self) -> None:
-        distributor = Distributor(self.store, lambda: next(self.ids))
-        distributor.observe("http://seen.example:8080")
-        distributor.expect("E3", "https://pinged.example")
+    def test_hub_url_is_each_subscribers_own(self) -> None:
+        """Without --public-url, each subscriber's Link names the hub URL it subscribed at."""
+        store = MemoryStore(Clock())
+        for callback, hub in (
+            ("https://a.example/cb", "http://127.0.0.1:8080/hub"),
+            ("https://b.example/cb", "https://forged.example/subscribe"),
+            ("https://c.example/cb", "http://127.0.0.1:8080/hub"),
+            ("https://old.example/cb", None),
+        ):
+            store.put_subscription(Subscription(TOPIC, callback, None, 10, T0, T0 + 10, hub_url=hub))
+        distributor = Distributor(store, lambda: next(self.ids))
         deliveries = self.successResultOf(distributor(Event("E3", TOPIC, b""), T0))
-        self.assertTrue(deliveries[0].headers[0][1].startswith('<https://pinged.example/hub>; rel="hub"'))
-        distributor.forget("E3")
-        distributor.observe("http://seen.example:8080")
-        # An event from /dispatch: the base of the last hub request seen.
-        deliveries = self.successResultOf(distributor(Event("E4", TOPIC, b""), T0))
-        self.assertTrue(deliveries[0].headers[0][1].startswith('<http://seen.example:8080/hub>; rel="hub"'))
-        self.assertEqual(distributor._bases, {})
+        hubs = {d.url: parse_links(dict(d.headers)["Link"])["hub"] for d in deliveries}
+        self.assertEqual(hubs, {
+            "https://a.example/cb": ["http://127.0.0.1:8080/hub"],
+            "https://b.example/cb": ["https://forged.example/subscribe"],
+            "https://c.example/cb": ["http://127.0.0.1:8080/hub"],
+            "https://old.example/cb": ["http://localhost/hub"],
+        })
+        # --public-url wins over what any request said.
+        configured = Distributor(store, lambda: next(self.ids), "https://hooks.example.com/")
+        deliveries = self.successResultOf(configured(Event("E4", TOPIC, b""), T0))
+        self.assertEqual({parse_links(dict(d.headers)["Link"])["hub"][0] for d in deliveries},
+                         {"https://hooks.example.com/hub"})
 
 
 @attr.s(auto_attribs=True)
@@ -437,7 +608,7 @@ class PublisherTests(SynchronousTestCase):
         self.publisher = Publisher(self.core, self.client, self.distributor, self.clock, max_redirects=2)
 
     def test_fetch_follows_redirects_and_keeps_content_type(self) -> None:
-        [d] = self.publisher.publish([TOPIC], "http://hub.example")
+        [d] = self.publisher.publish([TOPIC])
         first = self.client.pop()
         self.assertEqual((first.method, first.url), ("GET", TOPIC))
         first.answer(301, headers=[("Location", "/moved?x=1")])

@@ -88,6 +88,37 @@ class IStore(Interface):
         Deferred[Optional[float]].
         """
 
+    def cancel_deliveries(topic, callback, reason):  # type: ignore[misc]
+        """
+        End the WebSub notifications still queued for a subscription that is
+        gone (unsubscribed, ``410 Gone``, lease expired): every ``scheduled``
+        delivery of kind ``websub`` with this ``topic`` and ``url ==
+        callback`` becomes ``failed``, with no next attempt and no claim.
+
+        The reason is recorded where a person inspecting the delivery looks:
+        one more ``Attempt`` is appended with ``status_code=None``,
+        ``error=reason``, ``duration_ms=0`` and ``at`` the store's clock
+        (nothing was sent: that attempt marks the cancellation). No errback
+        is sent for it.
+
+        A ``delivering`` delivery is left alone: its attempt is in progress
+        and its deliverer records the outcome (the caller cancels again
+        after that attempt, see ``hookah.websub``). Finished deliveries and
+        deliveries of other kinds are never touched. An index search, never
+        a scan of all deliveries. Deferred[int]: how many were cancelled.
+        """
+
+    def purge_finished(before, limit):  # type: ignore[misc]
+        """
+        Delete at most ``limit`` finished (``delivered`` or ``failed``)
+        deliveries, with their attempts, whose last activity is strictly
+        before ``before``: the time of their last attempt, or ``created_at``
+        when they have none. Never a ``scheduled`` or ``delivering`` one.
+        Oldest activity first, found through an index (the retention
+        service calls it again while a batch comes back full).
+        Deferred[int]: how many deliveries were deleted.
+        """
+
     def count_deliveries():  # type: ignore[misc]
         """Deferred[Dict[str, int]]: number of deliveries per status."""
 
@@ -122,6 +153,14 @@ class IStore(Interface):
         Deferred[List[Event]].
         """
 
+    def trim_events(before, limit):  # type: ignore[misc]
+        """
+        Delete at most ``limit`` events, of any topic, created strictly
+        before ``before``, oldest first, through an index (``add_event``
+        trims only the topic it publishes on; this trims topics that went
+        quiet). Deferred[int]: how many were deleted.
+        """
+
     def list_topics():  # type: ignore[misc]
         """
         Deferred[List[Tuple[str, int, int]]]: (topic, events in history,
@@ -149,4 +188,9 @@ class IStore(Interface):
         """All subscriptions, or those of ``topic`` when not ``None``. Deferred[List[Subscription]]."""
 
     def purge_expired(now):  # type: ignore[misc]
-        """Delete subscriptions whose lease ended at or before ``now``. Deferred[int]: how many."""
+        """
+        Delete subscriptions whose lease ended at or before ``now`` and, in
+        the same transaction, cancel their queued notifications as
+        ``cancel_deliveries`` does (reason ``model.CANCELLED_EXPIRED``).
+        Deferred[List[Tuple[str, str]]]: the (topic, callback) pairs removed.
+        """

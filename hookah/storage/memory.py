@@ -3,23 +3,28 @@
 
 Nothing survives a restart, so a ``202`` from a memory-backed Hookah promises
 delivery only while the process lives. Lookups that the dispatcher does per
-delivery use a heap, so cost stays flat as the queue grows.
+delivery use a heap, so cost stays flat as the queue grows; so do the
+retention purges (a heap of finished deliveries by last activity, one of
+events by creation) and WebSub cancellation (scheduled notifications
+indexed by (topic, callback)).
 """
 
 from __future__ import annotations
 
 import heapq
 from bisect import bisect_right, insort
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import attr
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from hookah.model import (
+    CANCELLED_EXPIRED,
     DELIVERED,
     DELIVERING,
     FAILED,
+    KIND_WEBSUB,
     SCHEDULED,
     STATUSES,
     Attempt,
@@ -42,6 +47,12 @@ class MemoryStore:
         self._topic_events: Dict[str, List[str]] = {}
         self._subscriptions: Dict[Tuple[str, str], Subscription] = {}
         self._topic_subscribers: Dict[str, Dict[str, Subscription]] = {}
+        # Scheduled WebSub notifications by (topic, callback), for cancellation.
+        self._queued_notifications: Dict[Tuple[str, str], Set[str]] = {}
+        # (last activity, id) of finished deliveries and (created_at, id) of
+        # events, for retention; stale entries are skipped lazily.
+        self._finished: List[Tuple[float, str]] = []
+        self._event_times: List[Tuple[float, str]] = []
 
     def open(self) -> Deferred:
         return succeed(None)
@@ -59,6 +70,18 @@ class MemoryStore:
         when = self._claimable_at(delivery)
         if when is not None:
             heapq.heappush(self._due, (when, delivery.id))
+        if delivery.status in (DELIVERED, FAILED):
+            heapq.heappush(self._finished, (_last_activity(delivery), delivery.id))
+        if delivery.kind == KIND_WEBSUB and delivery.topic is not None:
+            key = (delivery.topic, delivery.url)
+            if delivery.status == SCHEDULED:
+                self._queued_notifications.setdefault(key, set()).add(delivery.id)
+            else:
+                queued = self._queued_notifications.get(key)
+                if queued is not None:
+                    queued.discard(delivery.id)
+                    if not queued:
+                        del self._queued_notifications[key]
 
     @staticmethod
     def _claimable_at(delivery: Delivery) -> Optional[float]:
@@ -169,6 +192,38 @@ class MemoryStore:
             heapq.heappop(self._due)
         return succeed(None)
 
+    def cancel_deliveries(self, topic: str, callback: str, reason: str) -> Deferred:
+        queued = sorted(self._queued_notifications.get((topic, callback), ()))
+        cancelled = Attempt(at=self._clock.seconds(), status_code=None, error=reason, duration_ms=0)
+        for delivery_id in queued:
+            delivery = self._deliveries[delivery_id]
+            self._put(
+                attr.evolve(
+                    delivery,
+                    status=FAILED,
+                    next_attempt_at=None,
+                    claimed_until=None,
+                    attempts=delivery.attempts + (cancelled,),
+                )
+            )
+        return succeed(len(queued))
+
+    def purge_finished(self, before: float, limit: int = 10_000) -> Deferred:
+        doomed: Set[str] = set()
+        while self._finished and len(doomed) < limit and self._finished[0][0] < before:
+            when, delivery_id = heapq.heappop(self._finished)
+            delivery = self._deliveries.get(delivery_id)
+            if (
+                delivery is not None
+                and delivery.status in (DELIVERED, FAILED)
+                and _last_activity(delivery) == when
+            ):
+                del self._deliveries[delivery_id]
+                doomed.add(delivery_id)
+        if doomed:
+            self._ids = [i for i in self._ids if i not in doomed]
+        return succeed(len(doomed))
+
     def count_deliveries(self) -> Deferred:
         counts = dict.fromkeys(STATUSES, 0)
         for delivery in self._deliveries.values():
@@ -192,6 +247,7 @@ class MemoryStore:
             return fail(ValueError("duplicate event or delivery id"))
         self.add_deliveries(deliveries)
         self._events[event.id] = event
+        heapq.heappush(self._event_times, (event.created_at, event.id))
         history = self._topic_events.setdefault(event.topic, [])
         insort(history, event.id)
         while history and (
@@ -201,6 +257,24 @@ class MemoryStore:
         if not history:
             del self._topic_events[event.topic]
         return succeed(None)
+
+    def trim_events(self, before: float, limit: int = 10_000) -> Deferred:
+        doomed: Dict[str, Set[str]] = {}
+        count = 0
+        while self._event_times and count < limit and self._event_times[0][0] < before:
+            created_at, event_id = heapq.heappop(self._event_times)
+            event = self._events.get(event_id)
+            if event is not None and event.created_at == created_at:
+                del self._events[event_id]
+                doomed.setdefault(event.topic, set()).add(event_id)
+                count += 1
+        for topic, ids in doomed.items():
+            history = [i for i in self._topic_events[topic] if i not in ids]
+            if history:
+                self._topic_events[topic] = history
+            else:
+                del self._topic_events[topic]
+        return succeed(count)
 
     def get_event(self, event_id: str) -> Deferred:
         return succeed(self._events.get(event_id))
@@ -264,6 +338,14 @@ class MemoryStore:
 
     def purge_expired(self, now: float) -> Deferred:
         expired = [s for s in self._subscriptions.values() if s.expires_at <= now]
+        removed: List[Tuple[str, str]] = []
         for subscription in expired:
             self.remove_subscription(subscription.topic, subscription.callback)
-        return succeed(len(expired))
+            self.cancel_deliveries(subscription.topic, subscription.callback, CANCELLED_EXPIRED)
+            removed.append((subscription.topic, subscription.callback))
+        return succeed(removed)
+
+
+def _last_activity(delivery: Delivery) -> float:
+    """When a delivery last did something: its last attempt, else its creation."""
+    return delivery.attempts[-1].at if delivery.attempts else delivery.created_at

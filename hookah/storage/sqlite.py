@@ -15,9 +15,15 @@ work while the rest of the batch commits.
 
 Decisions where ``IStore`` leaves room:
 
-- ``finish_attempt`` on an unknown id errbacks with ``KeyError``: deliveries
-  are never deleted, so it is a caller's bug, and an orphan attempt row would
-  hide it.
+- ``finish_attempt`` on an unknown id errbacks with ``KeyError``: only
+  finished deliveries are ever deleted (``purge_finished``), never a claimed
+  one, so it is a caller's bug, and an orphan attempt row would hide it.
+- A delivery's last activity (for ``purge_finished``) is kept in a column of
+  its own, ``finished_at``, set when it reaches ``delivered``/``failed`` and
+  cleared when it is requeued, so the purge is an index range, not a scan.
+- ``cancel_deliveries``, ``purge_finished``, ``trim_events`` and
+  ``purge_expired`` (which cancels the expired pairs' notifications) take
+  the cancellation attempt's time from ``reactor.seconds()``.
 - ``reschedule`` only touches a ``delivering`` delivery; on any other it does
   nothing, so that a late reschedule cannot resurrect a delivery that another
   deliverer (after the lease ran out) already finished.
@@ -62,9 +68,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hookah.model import (
+    CANCELLED_EXPIRED,
     DELIVERED,
     DELIVERING,
     FAILED,
+    KIND_WEBSUB,
     SCHEDULED,
     STATUSES,
     Attempt,
@@ -77,7 +85,7 @@ from hookah.storage.interface import IStore
 
 log = Logger()
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Schema migrations by the version they upgrade from. A fresh file runs them
 # all; a file written by a newer Hookah is refused rather than misread.
@@ -150,6 +158,22 @@ CREATE TABLE IF NOT EXISTS subscriptions (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS subscriptions_expiry ON subscriptions (expires_at);
 """,
+    # Retention, WebSub cancellation and each subscriber's own hub URL.
+    1: f"""
+ALTER TABLE subscriptions ADD COLUMN hub_url TEXT;
+ALTER TABLE deliveries ADD COLUMN finished_at REAL;
+UPDATE deliveries SET finished_at = COALESCE(
+    (SELECT at FROM attempts WHERE delivery_id = deliveries.id
+     ORDER BY seq DESC LIMIT 1),
+    created_at)
+  WHERE status IN ('{DELIVERED}', '{FAILED}');
+CREATE INDEX IF NOT EXISTS deliveries_finished
+    ON deliveries (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS deliveries_queued_notifications
+    ON deliveries (topic, url)
+    WHERE kind = '{KIND_WEBSUB}' AND status = '{SCHEDULED}';
+CREATE INDEX IF NOT EXISTS events_created ON events (created_at);
+""",
 }
 
 _DELIVERY_COLUMNS = (
@@ -158,7 +182,7 @@ _DELIVERY_COLUMNS = (
     " idempotency_key, retry_from, claimed_until"
 )
 _EVENT_COLUMNS = "id, topic, body, content_type, headers, created_at, idempotency_key"
-_SUBSCRIPTION_COLUMNS = "topic, callback, secret, lease_seconds, created_at, expires_at"
+_SUBSCRIPTION_COLUMNS = "topic, callback, secret, lease_seconds, created_at, expires_at, hub_url"
 
 # The statements the dispatcher runs per delivery; each must be an index
 # search, never a scan (tests/test_store_sqlite.py checks their plans).
@@ -212,6 +236,30 @@ TRIM_BY_COUNT = (
     " WHERE topic = ? ORDER BY id DESC LIMIT 1 OFFSET ?)"
 )
 TRIM_BY_AGE = "DELETE FROM events WHERE topic = ? AND created_at <= ?"
+# Retention and WebSub cancellation: index ranges, batched by the caller.
+# INDEXED BY, because without ANALYZE statistics the planner prefers the
+# status indexes, which would walk every scheduled or finished delivery
+# (and SQLite refuses the statement if the index ever stops fitting it).
+QUEUED_NOTIFICATIONS = (
+    "SELECT id FROM deliveries INDEXED BY deliveries_queued_notifications"
+    " WHERE topic = ? AND url = ?"
+    f" AND kind = '{KIND_WEBSUB}' AND status = '{SCHEDULED}' ORDER BY id"
+)
+CANCEL_DELIVERY = (
+    "UPDATE deliveries SET status = ?, next_attempt_at = NULL,"
+    " claimed_until = NULL, finished_at = ? WHERE id = ?"
+)
+FINISHED_BEFORE = (
+    "SELECT id FROM deliveries INDEXED BY deliveries_finished WHERE finished_at < ?"
+    f" AND status IN ('{DELIVERED}', '{FAILED}') ORDER BY finished_at LIMIT ?"
+)
+DELETE_ATTEMPTS = "DELETE FROM attempts WHERE delivery_id = ?"
+DELETE_DELIVERY = "DELETE FROM deliveries WHERE id = ?"
+TRIM_EVENTS = (
+    "DELETE FROM events WHERE id IN (SELECT id FROM events"
+    " WHERE created_at < ? ORDER BY created_at LIMIT ?)"
+)
+EXPIRED_SUBSCRIPTIONS = "SELECT topic, callback FROM subscriptions WHERE expires_at <= ?"
 ACTIVE_SUBSCRIPTIONS = (
     f"SELECT {_SUBSCRIPTION_COLUMNS} FROM subscriptions"
     " WHERE topic = ? AND expires_at > ? ORDER BY callback"
@@ -535,11 +583,13 @@ class SQLiteStore:
         status: str,
         next_attempt_at: Optional[float],
     ) -> Deferred[None]:
+        finished_at = attempt.at if status in (DELIVERED, FAILED) else None
+
         def work(c: sqlite3.Connection) -> None:
             updated = c.execute(
                 "UPDATE deliveries SET status = ?, next_attempt_at = ?,"
-                " claimed_until = NULL WHERE id = ?",
-                (status, next_attempt_at, delivery_id),
+                " claimed_until = NULL, finished_at = ? WHERE id = ?",
+                (status, next_attempt_at, finished_at, delivery_id),
             ).rowcount
             if not updated:
                 raise KeyError(delivery_id)
@@ -574,7 +624,8 @@ class SQLiteStore:
             ).fetchone()
             c.execute(
                 "UPDATE deliveries SET status = ?, next_attempt_at = ?,"
-                " retry_from = ?, claimed_until = NULL WHERE id = ?",
+                " retry_from = ?, claimed_until = NULL, finished_at = NULL"
+                " WHERE id = ?",
                 (SCHEDULED, now, attempts, delivery_id),
             )
             return _get_delivery(c, delivery_id)
@@ -593,6 +644,19 @@ class SQLiteStore:
             return min(times) if times else None
 
         return self._read(work)
+
+    def cancel_deliveries(self, topic: str, callback: str, reason: str) -> Deferred[int]:
+        now = self._reactor.seconds()
+        return self._write(lambda c: _cancel_deliveries(c, topic, callback, reason, now))
+
+    def purge_finished(self, before: float, limit: int = 10_000) -> Deferred[int]:
+        def work(c: sqlite3.Connection) -> int:
+            ids = [(row[0],) for row in c.execute(FINISHED_BEFORE, (before, max(limit, 0)))]
+            c.executemany(DELETE_ATTEMPTS, ids)
+            c.executemany(DELETE_DELIVERY, ids)
+            return len(ids)
+
+        return self._write(work)
 
     def count_deliveries(self) -> Deferred[Dict[str, int]]:
         def work(c: sqlite3.Connection) -> Dict[str, int]:
@@ -645,6 +709,11 @@ class SQLiteStore:
                 c.execute(TRIM_BY_AGE, (event.topic, keep_after))
 
         return self._write(work)
+
+    def trim_events(self, before: float, limit: int = 10_000) -> Deferred[int]:
+        return self._write(
+            lambda c: c.execute(TRIM_EVENTS, (before, max(limit, 0))).rowcount
+        )
 
     def get_event(self, event_id: str) -> Deferred[Optional[Event]]:
         def work(c: sqlite3.Connection) -> Optional[Event]:
@@ -710,13 +779,16 @@ class SQLiteStore:
 
     def put_subscription(self, subscription: Subscription) -> Deferred[None]:
         s = subscription
-        row = (s.topic, s.callback, s.secret, s.lease_seconds, s.created_at, s.expires_at)
+        row = (
+            s.topic, s.callback, s.secret, s.lease_seconds, s.created_at,
+            s.expires_at, s.hub_url,
+        )
 
         def work(c: sqlite3.Connection) -> None:
             # REPLACE deletes the old row of the (topic, callback) key first.
             c.execute(
                 f"INSERT OR REPLACE INTO subscriptions ({_SUBSCRIPTION_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
 
@@ -766,12 +838,17 @@ class SQLiteStore:
 
         return self._read(work)
 
-    def purge_expired(self, now: float) -> Deferred[int]:
-        return self._write(
-            lambda c: c.execute(
-                "DELETE FROM subscriptions WHERE expires_at <= ?", (now,)
-            ).rowcount
-        )
+    def purge_expired(self, now: float) -> Deferred[List[Tuple[str, str]]]:
+        at = self._reactor.seconds()
+
+        def work(c: sqlite3.Connection) -> List[Tuple[str, str]]:
+            pairs = [(t, cb) for t, cb in c.execute(EXPIRED_SUBSCRIPTIONS, (now,))]
+            c.execute("DELETE FROM subscriptions WHERE expires_at <= ?", (now,))
+            for topic, callback in pairs:
+                _cancel_deliveries(c, topic, callback, CANCELLED_EXPIRED, at)
+            return pairs
+
+        return self._write(work)
 
 
 # -- rows <-> records (these run on the worker thread) ----------------------------
@@ -789,16 +866,34 @@ def _attempt_row(attempt: Attempt) -> Tuple[Any, ...]:
     return (attempt.at, attempt.status_code, attempt.error, attempt.duration_ms)
 
 
+def _finished_at(d: Delivery) -> Optional[float]:
+    """A finished delivery's last activity: its last attempt, else its creation."""
+    if d.status not in (DELIVERED, FAILED):
+        return None
+    return d.attempts[-1].at if d.attempts else d.created_at
+
+
+def _cancel_deliveries(
+    c: sqlite3.Connection, topic: str, callback: str, reason: str, at: float
+) -> int:
+    ids = [row[0] for row in c.execute(QUEUED_NOTIFICATIONS, (topic, callback))]
+    c.executemany(
+        APPEND_ATTEMPT, [(i, i, at, None, reason, 0) for i in ids]
+    )
+    c.executemany(CANCEL_DELIVERY, [(FAILED, at, i) for i in ids])
+    return len(ids)
+
+
 def _insert_deliveries(c: sqlite3.Connection, deliveries: List[Delivery]) -> None:
     c.executemany(
-        f"INSERT INTO deliveries ({_DELIVERY_COLUMNS})"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}, finished_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 d.id, d.url, d.body, d.content_type, _dump_headers(d.headers),
                 d.status, d.created_at, d.next_attempt_at, d.retries, d.timeout,
                 d.errback, d.callback, d.kind, d.topic, d.event_id, d.parent_id,
-                d.idempotency_key, d.retry_from, d.claimed_until,
+                d.idempotency_key, d.retry_from, d.claimed_until, _finished_at(d),
             )
             for d in deliveries
         ],

@@ -11,6 +11,12 @@ text) and never a half-started verification; a good one is answered
 PubSubHubbub 0.3 subscribers send ``hub.verify``: ``sync`` is verified
 before the answer (``204`` verified, ``409`` not), ``async`` gets ``202``.
 
+Background work is bounded: a subscription request that would exceed the
+hub's bound on verifications is answered ``503`` with ``Retry-After``
+(``WebSubHub.busy``), and a publish ping names at most
+``MAX_PUBLISH_TOPICS`` topics. The hub URL a subscriber used is kept with
+its request (``subscriber_hub_url``) for its own notifications' ``Link``.
+
 ``GET /hub/subscriptions?topic=T`` lists subscriptions for operators.
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
+import attr
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,10 +35,11 @@ from twisted.web.server import NOT_DONE_YET
 
 from hookah.distribution import Publisher
 from hookah.payload import PayloadError, parse_form, parse_multipart, parse_query
-from hookah.web.common import json_body, query_args, render_async
+from hookah.web.common import JsonResource, json_body, query_args, render_async
 from hookah.websub import (
     MAX_SECRET_BYTES,
     SUBSCRIBE,
+    HubBusy,
     UNSUBSCRIBE,
     SubscriptionRequest,
     WebSubHub,
@@ -47,6 +55,8 @@ ASYNC = "async"
 MAX_LEASE_DIGITS = 12
 # Longer URLs are refused: they are keys in storage and go out in requests.
 MAX_URL_LENGTH = 4096
+# Topic URLs one publish ping may name: each starts a fetch.
+MAX_PUBLISH_TOPICS = 100
 
 
 class HubError(Exception):
@@ -94,13 +104,25 @@ def _all(params: Params, name: str) -> List[str]:
     return [v for n, v in params if n == name]
 
 
+def hub_mode(params: Params, default_mode: Optional[str] = None) -> Optional[str]:
+    """
+    What a hub request asks for: its ``hub.mode``, or ``default_mode`` when
+    that is absent or empty (``/publish``). The one rule for the hub and for
+    the guard deciding whether the request needs a publisher token.
+    """
+    return _single(params, "hub.mode") or default_mode
+
+
 def check_url(name: str, value: Optional[str]) -> str:
     """An absolute http(s) URL, percent-normalized as 5.1.1 requires."""
     if not value:
         raise HubError(400, f"{name} is required.")
     if len(value) > MAX_URL_LENGTH:
         raise HubError(400, f"{name} is longer than {MAX_URL_LENGTH} characters.")
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise HubError(400, f"{name} is not a well-formed URL: {value}")
     try:
         parts.port
     except ValueError:
@@ -155,6 +177,8 @@ def parse_publish(params: Params) -> List[str]:
     urls = [v for n, v in params if n in ("hub.url", "hub.topic", "hub.url[]")]
     if not urls:
         raise HubError(400, "A publish request needs at least one hub.url or hub.topic.")
+    if len(urls) > MAX_PUBLISH_TOPICS:
+        raise HubError(400, f"A publish request may name at most {MAX_PUBLISH_TOPICS} hub.url or hub.topic values.")
     topics: List[str] = []
     for url in urls:
         topic = check_url("hub.url", url)
@@ -173,19 +197,37 @@ def request_base(request: server.Request) -> str:
     return f"{scheme}://{getattr(address, 'host', 'localhost')}:{getattr(address, 'port', 80)}"
 
 
+def subscriber_hub_url(request: server.Request) -> Optional[str]:
+    """
+    The hub URL a subscriber sent its request to: scheme, ``Host`` and path
+    as it sent them, never the query string (it may carry ``hub.secret``).
+    Kept with its subscription and named in its own notifications only, so
+    a forged ``Host`` misleads no one but its sender. ``None`` when absurdly
+    long.
+    """
+    url = request_base(request) + request.path.decode("latin-1")
+    return url if len(url) <= MAX_URL_LENGTH else None
+
+
 def _plain(request: server.Request, status: int, text: str) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
     return (text + "\n").encode("utf-8") if text else b""
 
 
-class HubResource(Resource):
+class HubResource(JsonResource):
     """
     ``POST /hub``: subscribe, unsubscribe, publish. Mounted again at
     ``/subscribe`` and ``/publish``; ``default_mode`` is the mode assumed
     when a request has no ``hub.mode`` (``publish`` at ``/publish``, where
-    some ping tools send only ``hub.url``).
+    some ping tools send only ``hub.url``). Other methods get the JSON
+    ``405`` every resource gives (they are not WebSub requests).
     """
+
+    not_allowed_message = (
+        "This is a WebSub hub. POST hub.mode=subscribe|unsubscribe with hub.callback and hub.topic, "
+        "or hub.mode=publish with hub.url or hub.topic."
+    )
 
     def __init__(
         self,
@@ -206,19 +248,13 @@ class HubResource(Resource):
             return self
         return super().getChild(path, request)
 
-    def render_GET(self, request: server.Request) -> bytes:
-        request.setHeader(b"Allow", b"POST")
-        return _plain(
-            request,
-            405,
-            "This is a WebSub hub. POST hub.mode=subscribe|unsubscribe with hub.callback and hub.topic, "
-            "or hub.mode=publish with hub.url or hub.topic.",
-        )
-
     def render_POST(self, request: server.Request) -> Any:
         d = ensureDeferred(self._handle(request))
 
         def failed(failure: Failure) -> bytes:
+            if isinstance(failure.value, HubBusy):
+                request.setHeader(b"Retry-After", str(failure.value.retry_after).encode("ascii"))
+                return _plain(request, 503, str(failure.value))
             if isinstance(failure.value, HubError):
                 return _plain(request, failure.value.status, failure.value.reason)
             log.failure("unhandled error in a hub request", failure)
@@ -242,7 +278,7 @@ class HubResource(Resource):
 
     async def _handle(self, request: server.Request) -> bytes:
         params = hub_params(request)
-        mode = _single(params, "hub.mode") or self.default_mode
+        mode = hub_mode(params, self.default_mode)
         if mode is None:
             raise HubError(400, "hub.mode is required: subscribe, unsubscribe or publish.")
         if mode == PUBLISH:
@@ -252,14 +288,13 @@ class HubResource(Resource):
                 if reason is not None:
                     raise HubError(403, f"{reason} ({topic})")
                 self._check_target("hub.url", topic)
-            self.publisher.publish(topics, request_base(request))
+            self.publisher.publish(topics)
             return _plain(request, 202, f"Accepted: fetching {len(topics)} topic(s) to distribute.")
         if mode not in (SUBSCRIBE, UNSUBSCRIBE):
             raise HubError(400, f"Unknown hub.mode {mode!r}: use subscribe, unsubscribe or publish.")
         verify = parse_verify(params)
-        subscription = parse_subscription(params, mode)
+        subscription = attr.evolve(parse_subscription(params, mode), hub_url=subscriber_hub_url(request))
         self._check_target("hub.callback", subscription.callback)
-        self.publisher.distributor.observe(request_base(request))
         if verify == SYNC:
             if mode == SUBSCRIBE:
                 reason = self.hub.policy.refusal(subscription.topic)
@@ -272,10 +307,8 @@ class HubResource(Resource):
         return _plain(request, 202, "Accepted: verification of intent will follow.")
 
 
-class SubscriptionsResource(Resource):
+class SubscriptionsResource(JsonResource):
     """``GET /hub/subscriptions?topic=T``: subscriptions, all or of one topic."""
-
-    isLeaf = True
 
     def __init__(self, hub: WebSubHub) -> None:
         super().__init__()
