@@ -209,23 +209,24 @@ def hub_policy(default_mode: Optional[str] = None) -> PolicyFunction:
             return ADMIN
         if request.method != b"POST":
             return None
-        modes = _hub_modes(request) or ([default_mode] if default_mode else [])
-        return PUBLISHER if "publish" in modes else None
+        return PUBLISHER if _hub_mode(request, default_mode) == "publish" else None
 
     return policy
 
 
-def _hub_modes(request: server.Request) -> List[str]:
-    from hookah.web.hub import HubError, hub_params
+def _hub_mode(request: server.Request, default_mode: Optional[str]) -> Optional[str]:
+    """The mode the hub will act on, by the hub's own rule (``hub_mode``)."""
+    from hookah.web.hub import HubError, hub_mode, hub_params
 
     try:
-        params = hub_params(request)
+        return hub_mode(hub_params(request), default_mode)
     except HubError:
-        return []  # malformed: the hub itself answers 400
+        # Malformed (bad encoding, hub.mode given twice differently): the
+        # hub refuses it with the same error before acting on anything.
+        return default_mode
     finally:
         if request.content is not None:
             request.content.seek(0)
-    return [value for name, value in params if name == "hub.mode"]
 
 
 # What a guard answers a denied request with; the status page shows people

@@ -111,7 +111,7 @@ def send_one(args: argparse.Namespace, destination: Tuple[str, str]) -> int:
         print(json.dumps(reply))
     else:
         print(reply.get("id", ""))
-        if "subscribers" in reply:
+        if reply.get("subscribers") is not None:
             say(f"published to {reply['subscribers']} subscriber(s) and the topic's open streams")
         if reply.get("duplicate"):
             say("duplicate: this idempotency key was used before; nothing new was queued")

@@ -45,10 +45,18 @@ class DispatchRequest:
 
 @attr.s(auto_attribs=True, frozen=True)
 class Accepted:
+    """
+    What a dispatch became. For an event on a topic (``topic`` set),
+    ``subscribers`` is the number of deliveries it fanned out to; a
+    duplicate answers ``None`` there (the first request's count is not kept),
+    the same whether the first is stored or still being stored.
+    """
+
     id: str
     location: str
     subscribers: Optional[int] = None
     duplicate: bool = False
+    topic: Optional[str] = None
 
 
 class HookahCore:
@@ -98,12 +106,12 @@ class HookahCore:
             since = self.clock.seconds() - self.idempotency_window
             existing = await self.store.find_idempotency_key(key, since)
             if existing is not None:
-                return Accepted(existing, _location(request, existing), duplicate=True)
+                return Accepted(existing, _location(request, existing), duplicate=True, topic=request.topic)
         if key in self._pending_keys:
             waiter: Deferred = Deferred()
             self._pending_keys[key].append(waiter)
             first = await waiter
-            return attr.evolve(first, duplicate=True)
+            return attr.evolve(first, duplicate=True, subscribers=None)
         self._pending_keys[key] = []
         try:
             accepted = await self._accept(request)
@@ -149,7 +157,7 @@ class HookahCore:
             idempotency_key=request.idempotency_key,
         )
         deliveries = await self.publish(event, request)
-        return Accepted(event.id, _location(request, event.id), subscribers=len(deliveries))
+        return Accepted(event.id, _location(request, event.id), subscribers=len(deliveries), topic=event.topic)
 
     async def publish(self, event: Event, request: Optional[DispatchRequest] = None) -> List[Delivery]:
         """

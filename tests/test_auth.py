@@ -9,12 +9,14 @@ status page's cookie works for browsers and not for other sites.
 from __future__ import annotations
 
 import hmac
+import io
 import json
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 from unittest import mock
 from urllib.parse import quote
 
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -141,6 +143,80 @@ class TokenChecks(TestCase):
             for path in ("/hub", "/subscribe"):
                 code, _, body = await client.call("POST", path, None, subscribe, form)
                 self.assertEqual(code, 202, f"subscribe via {path} must stay open: {body!r}")
+
+        return ensureDeferred(go())
+
+    def test_publish_with_an_empty_mode_needs_a_token(self) -> Any:
+        """
+        An empty ``hub.mode`` at ``/publish`` means publish to the hub, so
+        it means publish to the guard too (one rule, ``hub_mode``).
+        """
+
+        async def go() -> None:
+            _, client, sink_url = await self.start()
+            form = {"Content-Type": "application/x-www-form-urlencoded"}
+            feed = quote(sink_url + "/feed", safe="")
+            for path, data in (
+                (f"/publish?hub.mode=&hub.url={feed}", None),
+                ("/publish", f"hub.mode=&hub.url={feed}".encode()),
+                (f"/publish?hub.url={feed}", None),
+            ):
+                code, _, body = await client.call("POST", path, None, data, form)
+                self.assertEqual(code, 401, f"{path} {data!r}: {body!r}")
+                code, _, body = await client.call("POST", path, PUBLISHER_TOKEN, data, form)
+                self.assertEqual(code, 202, f"{path} {data!r}: {body!r}")
+            # At /hub an empty mode is no mode at all: the hub refuses it.
+            code, _, body = await client.call("POST", f"/hub?hub.mode=&hub.url={feed}", None, None, form)
+            self.assertEqual(code, 400, body)
+            self.assertIn(b"hub.mode is required", body)
+            # Only the three authorised pings fetched the feed.
+            await self.sink.wait_for(3)
+            self.assertEqual(len(self.sink.received), 3)
+
+        return ensureDeferred(go())
+
+    def test_stream_needs_the_admin_token(self) -> Any:
+        """``/stream`` replays history (``count``, ``last_event_id``): admin only, like ``/topics``."""
+
+        async def go() -> None:
+            _, client, _ = await self.start()
+            code, _, body = await client.call("POST", "/dispatch?_topic=secret", PUBLISHER_TOKEN, b"classified", {"Content-Type": "text/plain"})
+            self.assertEqual(code, 202, body)
+            event_id = json.loads(body)["id"]
+            for path in ("/stream?topic=secret&count=5", f"/stream?topic=secret&last_event_id={event_id}"):
+                await self.assert_refused(client, "GET", path)
+                code, headers, body = await client.call("GET", path, PUBLISHER_TOKEN)
+                self.assertEqual(code, 403, body)
+                self.assertIn(b'error="insufficient_scope"', headers.getRawHeaders(b"www-authenticate")[0])
+            code, _, body = await client.call("GET", "/stream?topic=secret", headers={"Cookie": "hookah_session=forged"})
+            self.assertEqual(code, 401, body)
+
+            # `hookah tail --token` sends the token (and gets the replay).
+            from hookah.cli import build_parser, client_for
+            from hookah.client import follow
+
+            args = build_parser().parse_args(["tail", "secret", "--server", client.base, "--token", ADMIN_TOKEN])
+            seen: List[Dict[str, Any]] = []
+            count = await deferToThread(
+                follow, client_for(args), args.topics, seen.append, lambda notice: None, count=1, limit=1, idle_timeout=10
+            )
+            self.assertEqual(count, 1)
+            self.assertEqual((seen[0]["id"], seen[0]["data"]), (event_id, "classified"))
+
+            # The status page's sign-in cookie opens it too (a GET needs no Origin).
+            cookie = "hookah_session=" + session_value(ADMIN_TOKEN.encode()).decode()
+            reader = client_for(build_parser().parse_args(["tail", "secret", "--server", client.base]))
+
+            def read_one() -> bytes:
+                connection, response = reader.open_stream("/stream?topic=secret&count=1", {"Cookie": cookie}, 10)
+                try:
+                    return response.readline()
+                finally:
+                    response.close()
+                    connection.close()
+
+            line = await deferToThread(read_one)
+            self.assertEqual(json.loads(line)["id"], event_id)
 
         return ensureDeferred(go())
 
@@ -278,3 +354,25 @@ class Units(TestCase):
         self.assertEqual(dispatch_policy(get, []), ADMIN)
         self.assertEqual(hub_policy()(get, [b"subscriptions"]), ADMIN)
         self.assertIsNone(hub_policy()(get, []))
+
+    def test_hub_policy_uses_the_hubs_mode_rule(self) -> None:
+        def hub_post(query: bytes, body: bytes = b"") -> Any:
+            request: Any = DummyRequest([b""])
+            request.method = b"POST"
+            request.uri = b"/publish?" + query
+            request.content = io.BytesIO(body)
+            if body:
+                request.requestHeaders.setRawHeaders(b"content-type", [b"application/x-www-form-urlencoded"])
+            return request
+
+        publish, hub = hub_policy("publish"), hub_policy()
+        self.assertEqual(publish(hub_post(b"hub.mode=&hub.url=http://x/"), []), PUBLISHER)
+        self.assertEqual(publish(hub_post(b"hub.url=http://x/"), []), PUBLISHER)
+        self.assertEqual(publish(hub_post(b"", b"hub.mode=&hub.url=http://x/"), []), PUBLISHER)
+        self.assertEqual(hub(hub_post(b"hub.mode=publish&hub.url=http://x/"), []), PUBLISHER)
+        self.assertIsNone(hub(hub_post(b"hub.mode=&hub.url=http://x/"), []))  # the hub answers 400
+        self.assertIsNone(publish(hub_post(b"hub.mode=subscribe"), []))
+        # The guard leaves the body where the hub reads it.
+        request = hub_post(b"", b"hub.mode=publish&hub.url=http://x/")
+        self.assertEqual(hub(request, []), PUBLISHER)
+        self.assertEqual(request.content.read(), b"hub.mode=publish&hub.url=http://x/")

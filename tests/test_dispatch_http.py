@@ -10,6 +10,7 @@ import email.parser
 import email.policy
 import json
 import shutil
+import socket
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import parse_qsl, quote
@@ -17,9 +18,13 @@ from urllib.parse import parse_qsl, quote
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
+from twisted.web.test.requesthelper import DummyRequest
 
 from hookah import __version__
+from hookah.web.common import ApiError
+from hookah.web.dispatch import delivery_headers
 from tests.support import Received, http_client, listen_sink, start_hookah
 
 JSON_BODY = b'{"z": 1,   "a": [1, 2.50, "\\u00e9"],\n "nested": {"k": null}}\n'
@@ -72,6 +77,26 @@ class DispatchHTTPTestCase(TestCase):
 
 def q(url: str) -> str:
     return quote(url, safe="")
+
+
+def raw_exchange(base: str, request: bytes) -> Tuple[int, Dict[str, str], bytes]:
+    """
+    One request written byte for byte on its own connection (HTTP clients
+    refuse to send control characters in headers): status, headers, body.
+    """
+    host, port = base.split("//", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(request)
+        data = b""
+        while True:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
 
 
 class PayloadTests(DispatchHTTPTestCase):
@@ -189,6 +214,56 @@ class PayloadTests(DispatchHTTPTestCase):
             self.assertApiError(code, headers, body, 400, "bad_header")
 
         return ensureDeferred(go())
+
+    def test_headers_hookah_sets_cannot_be_forged(self) -> None:
+        async def go() -> None:
+            await self.start()
+            for name in (
+                "Content-Type", "content-type", "User-Agent", "webhook-id", "Webhook-Timestamp", "webhook-signature",
+                "Link", "X-Hub-Signature", "X-Hookah-Delivery-Id", "x-hookah-anything", "Host", "Transfer-Encoding",
+            ):
+                code, headers, body = await self.request(
+                    "POST", "/dispatch?_url=http://127.0.0.1:9/", b"{}", {f"X-Hookah-Header-{name}": "forged"}
+                )
+                self.assertApiError(code, headers, body, 400, "bad_header")
+            # Control characters in a value (other than a tab) are refused too.
+            for value in (b"a\x01b", b"a\x7fb", b"a\x1bb"):
+                code, headers, body = await deferToThread(
+                    raw_exchange,
+                    self.base,
+                    b"POST /dispatch?_url=http://127.0.0.1:9/ HTTP/1.0\r\nHost: x\r\n"
+                    b"Content-Length: 0\r\nX-Hookah-Header-X-Trace: " + value + b"\r\n\r\n",
+                )
+                self.assertEqual((code, headers.get("content-type")), (400, "application/json"), (value, body))
+                self.assertEqual(json.loads(body)["error"], "bad_header")
+            counts = await self.service.store.count_deliveries()
+            self.assertEqual(sum(counts.values()), 0)
+
+        return ensureDeferred(go())
+
+    def test_header_names_and_values_are_checked(self) -> None:
+        # Twisted's own parser refuses most of these before Hookah sees them;
+        # the check does not depend on it.
+        class RawHeaders:
+            def __init__(self, name: bytes, value: bytes) -> None:
+                self.raw = [(b"X-Hookah-Header-" + name, [value])]
+
+            def getAllRawHeaders(self) -> Any:
+                return iter(self.raw)
+
+        def request(name: bytes, value: bytes) -> Any:
+            r: Any = DummyRequest([b""])
+            r.requestHeaders = RawHeaders(name, value)
+            return r
+
+        for name, value in ((b"Bad Name", b"v"), (b"Bad(Name)", b"v"), (b"", b"v"), (b"A\xe9", b"v"), (b"X-Ok", b"a\x00b")):
+            with self.assertRaises(ApiError) as caught:
+                delivery_headers(request(name, value))
+            self.assertEqual((caught.exception.status, caught.exception.error), (400, "bad_header"))
+        # Tabs and non-ASCII (obs-text, e.g. UTF-8) values pass.
+        self.assertEqual(
+            delivery_headers(request(b"X-Trace", b"a\tb \xc3\xa9")), [("X-Trace", "a\tb \xc3\xa9")]
+        )
 
 
 class InspectionTests(DispatchHTTPTestCase):
@@ -335,6 +410,28 @@ class BadInputTests(DispatchHTTPTestCase):
                 (f"_url={ok}&_timeout=abc", "bad_parameter"),
                 (f"_url={ok}&_timeout=-1", "bad_parameter"),
                 (f"_url={ok}&_timeout=nan", "bad_parameter"),
+                # Spellings float() and str.isdigit() accept but no decimal number has.
+                (f"_url={ok}&_retries=%C2%B2", "bad_parameter"),
+                (f"_url={ok}&_retries=%D9%A3", "bad_parameter"),
+                (f"_url={ok}&_retries={'1' * 5000}", "bad_parameter"),
+                (f"_url={ok}&_delay=1_0", "bad_parameter"),
+                (f"_url={ok}&_delay=Infinity", "bad_parameter"),
+                (f"_url={ok}&_delay=1e3", "bad_parameter"),
+                (f"_url={ok}&_delay=%2B5", "bad_parameter"),
+                (f"_url={ok}&_delay=%205", "bad_parameter"),
+                (f"_url={ok}&_delay=%D9%A3", "bad_parameter"),
+                (f"_url={ok}&_timeout=1_0", "bad_parameter"),
+                (f"_url={ok}&_timeout=inf", "bad_parameter"),
+                (f"_url={ok}&_timeout=0.05", "bad_parameter"),
+                (f"_url={ok}&_timeout=0.0001", "bad_parameter"),
+                (f"_url={ok}&_timeout=3601", "bad_parameter"),
+                # URLs urlsplit cannot parse.
+                ("_url=http://[zz/", "bad_url"),
+                ("_url=http://[::1/", "bad_url"),
+                (f"_url={q('http://[zz]/hook')}", "bad_url"),
+                (f"_url={q('https://a]/')}", "bad_url"),
+                (f"_url={ok}&_errback={q('http://[zz/')}", "bad_url"),
+                (f"_url={ok}&_callback={q('http://[::1/')}", "bad_url"),
                 (f"_url={ok}&_bogus=1", "unknown_parameter"),
                 (f"_url={ok}&_URL=x", "unknown_parameter"),
                 (f"_url={ok}&_topic=news", "bad_parameter"),
@@ -355,6 +452,24 @@ class BadInputTests(DispatchHTTPTestCase):
             self.assertApiError(code, headers, body, 400)
             counts = await self.service.store.count_deliveries()
             self.assertEqual(sum(counts.values()), 0)
+
+        return ensureDeferred(go())
+
+    def test_plain_decimals_are_accepted(self) -> None:
+        async def go() -> None:
+            await self.start()
+            ok = q("http://127.0.0.1:9/hook")
+            for query, delay, timeout, retries in (
+                ("_delay=0060.25&_timeout=0.1", 60.25, 0.1, None),
+                ("_delay=60.&_timeout=.5", 60.0, 0.5, None),
+                ("_delay=3600&_timeout=3600&_retries=0", 3600.0, 3600.0, 0),
+                ("_delay=100&_retries=007&_timeout=2.50", 100.0, 2.5, 7),
+            ):
+                code, _, accepted = await self.dispatch(f"_url={ok}&{query}")
+                self.assertEqual(code, 202, (query, accepted))
+                delivery = await self.delivery(accepted["id"])
+                self.assertEqual((delivery["timeout"], delivery["retries"]), (timeout, retries), query)
+                self.assertAlmostEqual(delivery["next_attempt_at"] - delivery["created_at"], delay, places=3)
 
         return ensureDeferred(go())
 
@@ -382,13 +497,22 @@ class BadInputTests(DispatchHTTPTestCase):
 
         return ensureDeferred(go())
 
+    def test_underscore_and_ipv6_hosts_are_accepted(self) -> None:
+        async def go() -> None:
+            await self.start()
+            for url in ("http://my_service.example/hook", "http://[::1]:9/hook"):
+                code, headers, body = await self.request("POST", f"/dispatch?_url={q(url)}", b"{}")
+                self.assertEqual(code, 202, body)
+
+        return ensureDeferred(go())
+
     def test_unencodable_host_is_refused_at_submission(self) -> None:
         async def go() -> None:
             await self.start()
             for query in (
-                f"_url={q('http://my_service.example/hook')}",
-                f"_url={q('http://[::1]:9/hook')}",
-                f"_url=http://127.0.0.1:9/&_errback={q('http://bad_host.example/')}",
+                f"_url={q('http://☃️.example/hook')}",
+                f"_url={q('http://a b.example/hook')}",
+                f"_url=http://127.0.0.1:9/&_errback={q('http://☃️.example/')}",
             ):
                 code, headers, body = await self.request("POST", f"/dispatch?{query}", b"{}")
                 parsed = self.assertApiError(code, headers, body, 400, "bad_url")
@@ -440,6 +564,34 @@ class IdempotencyTests(DispatchHTTPTestCase):
 
         return ensureDeferred(go())
 
+    def test_duplicate_topic_event_keeps_the_reply_shape(self) -> None:
+        async def go() -> None:
+            await self.start()
+            code, _, first = await self.dispatch("_topic=orders", b'{"n":1}', Idempotency_Key="evt-1")
+            self.assertEqual(code, 202)
+            self.assertEqual(first, {"id": first["id"], "status": "scheduled", "subscribers": 0})
+            for attempt in range(2):
+                code, headers, again = await self.dispatch("_topic=orders", b'{"n":1}', Idempotency_Key="evt-1")
+                self.assertEqual(code, 200)
+                self.assertEqual(
+                    again, {"id": first["id"], "status": "scheduled", "subscribers": None, "duplicate": True}
+                )
+                self.assertEqual(headers.getRawHeaders("location"), ["/topics/orders/events"])
+            # Concurrent repeats of a new key: the waiters answer the same shape.
+            results = await gatherResults(
+                [ensureDeferred(self.dispatch("_topic=orders&_id=evt-2", b"{}")) for _ in range(3)]
+            )
+            bodies = sorted((body for _, _, body in results), key=lambda b: "duplicate" in b)
+            self.assertEqual(bodies[0]["subscribers"], 0)
+            for body in bodies[1:]:
+                self.assertEqual((body["subscribers"], body["duplicate"]), (None, True))
+            # A duplicate URL dispatch has no subscribers field at all.
+            _, _, url_first = await self.dispatch("_url=http://127.0.0.1:9/&_delay=3600", Idempotency_Key="url-1")
+            code, _, url_again = await self.dispatch("_url=http://127.0.0.1:9/&_delay=3600", Idempotency_Key="url-1")
+            self.assertEqual((code, url_again), (200, {"id": url_first["id"], "status": "scheduled", "duplicate": True}))
+
+        return ensureDeferred(go())
+
     def test_concurrent_repeats_queue_once(self) -> None:
         async def go() -> None:
             sink, sink_url = listen_sink(self)
@@ -476,6 +628,103 @@ class IdempotencyTests(DispatchHTTPTestCase):
             self.assertEqual(delivery["status"], "scheduled")
             counts = await self.service.store.count_deliveries()
             self.assertEqual(sum(counts.values()), 1)
+
+        return ensureDeferred(go())
+
+
+class MethodTests(DispatchHTTPTestCase):
+    """Every resource answers an unsupported method with a JSON 405 and Allow, an unknown path with a JSON 404."""
+
+    ALLOWED = {
+        "/dispatch": "GET, HEAD, POST",
+        "/dispatch/": "GET, HEAD, POST",
+        "/dispatch/{id}": "GET, HEAD",
+        "/dispatch/{id}/retry": "POST",
+        "/topics": "GET, HEAD",
+        "/topics/t/events": "GET, HEAD",
+        "/hub": "POST",
+        "/subscribe": "POST",
+        "/publish": "POST",
+        "/hub/subscriptions": "GET, HEAD",
+        "/": "GET, HEAD",
+        "/healthz": "GET, HEAD",
+        "/metrics": "GET, HEAD",
+        "/stream?topic=t": "GET, HEAD",
+        "/login": "GET, HEAD, POST",
+        "/logout": "POST",
+    }
+    METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+
+    async def delivery_id(self) -> str:
+        _, _, accepted = await self.dispatch("_url=http://127.0.0.1:9/&_delay=3600")
+        return str(accepted["id"])
+
+    def test_unsupported_methods_get_json_405_with_allow(self) -> None:
+        async def go() -> None:
+            await self.start()
+            delivery = await self.delivery_id()
+            for template, allow in self.ALLOWED.items():
+                path = template.format(id=delivery)
+                allowed = allow.split(", ")
+                for method in self.METHODS:
+                    if method in allowed:
+                        continue
+                    code, headers, body = await self.request(method, path)
+                    where = f"{method} {path}"
+                    self.assertEqual(code, 405, f"{where}: {body!r}")
+                    self.assertEqual(headers.getRawHeaders("allow"), [allow], where)
+                    self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"], where)
+                    if method != "HEAD":
+                        parsed = json.loads(body)
+                        self.assertEqual(set(parsed), {"error", "message"}, where)
+                        self.assertEqual(parsed["error"], "method_not_allowed", where)
+                        self.assertTrue(parsed["message"], where)
+
+        return ensureDeferred(go())
+
+    def test_head_works_where_get_does(self) -> None:
+        async def go() -> None:
+            await self.start()
+            delivery = await self.delivery_id()
+            for template, allow in self.ALLOWED.items():
+                if "HEAD" not in allow or template == "/login":  # /login redirects without admin tokens
+                    continue
+                path = template.format(id=delivery)
+                code, _, body = await self.request("HEAD", path)
+                self.assertEqual(code, 200, f"HEAD {path}")
+                self.assertEqual(body, b"", f"HEAD {path}")
+                get_code, _, _ = await self.request("GET", path) if "stream" not in path else (code, None, b"")
+                self.assertEqual(code, get_code, f"HEAD and GET {path}")
+
+        return ensureDeferred(go())
+
+    def test_unknown_paths_get_json_404(self) -> None:
+        async def go() -> None:
+            await self.start()
+            delivery = await self.delivery_id()
+            paths = [
+                "/nope", "/nope/deeper", "/favicon.ico", "/hub/zzz", "/hub/subscriptions/x", "/subscribe/x",
+                f"/dispatch/{delivery}/nope", f"/dispatch/{delivery}/retry/x", "/topics/t", "/topics/t/events/x/y",
+                "/healthz/x", "/metrics/x", "/stream/x?topic=t", "/login/x", "/logout/x",
+            ]
+            for path in paths:
+                for method in ("GET", "POST", "PUT", "DELETE"):
+                    code, headers, body = await self.request(method, path)
+                    parsed = self.assertApiError(code, headers, body, 404, "not_found")
+                    self.assertTrue(parsed["message"], f"{method} {path}")
+
+        return ensureDeferred(go())
+
+    def test_admin_tokens_do_not_change_the_answers(self) -> None:
+        async def go() -> None:
+            await self.start(admin_tokens=("adm",), publisher_tokens=("pub",))
+            auth = {"Authorization": "Bearer adm"}
+            for method, path, status in (
+                ("PUT", "/dispatch", 405), ("DELETE", "/topics", 405), ("PATCH", "/hub", 405),
+                ("OPTIONS", "/metrics", 405), ("PUT", "/", 405), ("GET", "/hub/zzz", 404), ("GET", "/nope", 404),
+            ):
+                code, headers, body = await self.request(method, path, headers=auth)
+                self.assertApiError(code, headers, body, status)
 
         return ensureDeferred(go())
 

@@ -8,33 +8,54 @@ storage has committed the delivery.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
-from urllib.parse import urlsplit
+import re
+from typing import Any, Dict, List, Tuple
+from urllib.parse import SplitResult, urlsplit
 
-from hyperlink import EncodedURL
 from twisted.internet.defer import Deferred
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from hookah.http import wire_url
 from hookah.model import STATUSES
-from hookah.payload import PayloadError, parse_query, split_payload
+from hookah.payload import PayloadError, split_payload
 from hookah.service import Accepted, HookahCore, DispatchRequest
-from hookah.web.common import ApiError, int_arg, json_body, query_args, render_async
+from hookah.web.common import ApiError, JsonResource, int_arg, json_body, query_args, render_async
 
 CONTROLS = ("_url", "_topic", "_errback", "_callback", "_retries", "_delay", "_timeout", "_id")
 HEADER_PREFIX = b"x-hookah-header-"
-# Headers a caller must not set on a delivery: they belong to the connection.
+# Headers a caller must not set on a delivery: those that belong to the
+# connection, and those Hookah sets itself (content type, identity,
+# signatures, WebSub links), which a caller could otherwise forge.
 FORBIDDEN_HEADERS = {
     "host", "content-length", "transfer-encoding", "connection", "keep-alive",
     "te", "trailer", "upgrade", "proxy-connection", "expect",
+    "content-type", "user-agent", "webhook-id", "webhook-timestamp", "webhook-signature",
+    "link", "x-hub-signature",
 }
+FORBIDDEN_HEADER_PREFIX = "x-hookah-"
+# RFC 7230 3.2.6: a header name is a token.
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# A header value: visible characters, spaces and tabs (obs-text allowed), no other control characters.
+HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*\Z")
+# Seconds as plain decimals: no signs, exponents, underscores, nan or inf.
+DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
 MAX_RETRIES = 100
 MAX_DELAY = 30 * 86400.0
+MIN_TIMEOUT = 0.1
 MAX_TIMEOUT = 3600.0
 
 
+def _split(name: str, value: str) -> SplitResult:
+    """``urlsplit`` with its ``ValueError`` (``http://[zz/``) as a ``400``."""
+    try:
+        return urlsplit(value)
+    except ValueError:
+        raise ApiError(400, "bad_url", f"{name} is not a well-formed URL: {value!r}.")
+
+
 def check_url(name: str, value: str) -> str:
-    parts = urlsplit(value)
+    parts = _split(name, value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ApiError(400, "bad_url", f"{name} must be an absolute http or https URL, not {value!r}.")
     try:
@@ -46,44 +67,78 @@ def check_url(name: str, value: str) -> str:
 
 def check_sendable(request: DispatchRequest) -> None:
     """
-    Refuse target URLs the outgoing client cannot put on the wire (treq
-    IDNA-encodes every host: "my_host" and IPv6 literals fail), rather than
-    accept them and fail every attempt for a day.
+    Refuse target URLs the outgoing client cannot put on the wire (a host
+    that fails IDNA, whitespace), rather than accept them and fail every
+    attempt for a day. ASCII URLs cost one scan; only others are encoded.
     """
     for name, url in (("_url", request.url), ("_errback", request.errback), ("_callback", request.callback)):
         if url is None:
             continue
         try:
-            EncodedURL.from_text(url).to_uri()
+            if any(c.isspace() for c in url):
+                raise ValueError("whitespace")
+            wire_url(url)
         except Exception:
             host = urlsplit(url).hostname
             raise ApiError(
                 400,
                 "bad_url",
-                f"{name} cannot be sent: its host {host!r} is not a valid DNS name or IPv4 address "
-                "(letters, digits, hyphens and dots; IPv6 literals are not supported).",
+                f"{name} cannot be sent: its host {host!r} is not a valid host name, IPv4 or IPv6 address, "
+                "or the URL contains whitespace.",
             )
 
 
-def _number(name: str, raw: str, maximum: float, positive: bool) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ApiError(400, "bad_parameter", f"{name} must be a number of seconds, not {raw!r}.")
-    if not (value > 0 if positive else value >= 0) or not value <= maximum:
-        low = "above 0" if positive else "0 or more"
-        raise ApiError(400, "bad_parameter", f"{name} must be {low} and at most {maximum:g}.")
+def _number(name: str, raw: str, minimum: float, maximum: float) -> float:
+    if not DECIMAL.match(raw):
+        raise ApiError(400, "bad_parameter", f"{name} must be a number of seconds such as 1.5, not {raw!r}.")
+    value = float(raw)
+    if not minimum <= value <= maximum:
+        raise ApiError(400, "bad_parameter", f"{name} must be from {minimum:.10g} to {maximum:.10g} seconds.")
     return value
+
+
+def delivery_headers(request: server.Request) -> List[Tuple[str, str]]:
+    """The ``X-Hookah-Header-<Name>: v`` headers, checked: names a caller may set, values without control characters."""
+    headers: List[Tuple[str, str]] = []
+    for raw_name, raw_values in request.requestHeaders.getAllRawHeaders():
+        if not raw_name.lower().startswith(HEADER_PREFIX):
+            continue
+        name = raw_name[len(HEADER_PREFIX):].decode("latin-1")
+        if not HEADER_NAME.match(name):
+            raise ApiError(400, "bad_header", f"X-Hookah-Header-{name} does not name a valid header.")
+        lowered = name.lower()
+        if lowered in FORBIDDEN_HEADERS or lowered.startswith(FORBIDDEN_HEADER_PREFIX):
+            raise ApiError(400, "bad_header", f"X-Hookah-Header-{name} cannot be set on a delivery: Hookah sets {name} itself.")
+        for raw_value in raw_values:
+            value = raw_value.decode("latin-1")
+            if not HEADER_VALUE.match(value):
+                raise ApiError(400, "bad_header", f"X-Hookah-Header-{name} has a control character in its value.")
+            headers.append((name, value))
+    return headers
+
+
+def _query_controls(args: Dict[bytes, List[bytes]]) -> List[Tuple[str, str]]:
+    """
+    The ``_``-parameters of the query string, from the ``request.args``
+    Twisted has already parsed (parsing the query again would cost as much).
+    """
+    controls: List[Tuple[str, str]] = []
+    for name, values in args.items():
+        if name.startswith(b"_"):
+            try:
+                text = name.decode("utf-8")
+                controls.extend((text, value.decode("utf-8")) for value in values)
+            except UnicodeDecodeError:
+                raise PayloadError("Control parameters in the query string must be UTF-8.")
+    return controls
 
 
 def parse_dispatch(request: server.Request) -> DispatchRequest:
     """Turn an HTTP request into a checked ``DispatchRequest`` or raise ``ApiError``."""
-    uri = request.uri
-    query = uri.split(b"?", 1)[1] if b"?" in uri else b""
     raw_type = request.getHeader(b"content-type")
     content_type = raw_type.decode("latin-1") if raw_type is not None else None
     try:
-        controls: List[Tuple[str, str]] = [(k, v) for k, v in parse_query(query) if k.startswith("_")]
+        controls = _query_controls(request.args or {})
         body = request.content.read() if request.content is not None else b""
         payload = split_payload(body, content_type)
     except PayloadError as e:
@@ -102,13 +157,7 @@ def parse_dispatch(request: server.Request) -> DispatchRequest:
         raise ApiError(400, "missing_destination", "Give the destination as _url (one target) or _topic (its subscribers and streams).")
     if url and topic:
         raise ApiError(400, "bad_parameter", "Give either _url or _topic, not both.")
-    headers: List[Tuple[str, str]] = []
-    for raw_name, raw_values in request.requestHeaders.getAllRawHeaders():
-        if raw_name.lower().startswith(HEADER_PREFIX):
-            name = raw_name[len(HEADER_PREFIX):].decode("latin-1")
-            if not name or name.lower() in FORBIDDEN_HEADERS:
-                raise ApiError(400, "bad_header", f"X-Hookah-Header-{name} cannot be set on a delivery.")
-            headers.extend((name, v.decode("latin-1")) for v in raw_values)
+    headers = delivery_headers(request)
     raw_key = request.getHeader(b"idempotency-key")
     key = raw_key.decode("utf-8", "replace") if raw_key is not None else values.get("_id")
     if key is not None and not 0 < len(key) <= 255:
@@ -116,7 +165,7 @@ def parse_dispatch(request: server.Request) -> DispatchRequest:
     retries = None
     if "_retries" in values:
         raw = values["_retries"]
-        if not raw.isdigit() or int(raw) > MAX_RETRIES:
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) > MAX_RETRIES:
             raise ApiError(400, "bad_parameter", f"_retries must be a whole number from 0 to {MAX_RETRIES}, not {raw!r}.")
         retries = int(raw)
     return DispatchRequest(
@@ -128,22 +177,22 @@ def parse_dispatch(request: server.Request) -> DispatchRequest:
         errback=check_url("_errback", values["_errback"]) if "_errback" in values else None,
         callback=check_url("_callback", values["_callback"]) if "_callback" in values else None,
         retries=retries,
-        delay=_number("_delay", values["_delay"], MAX_DELAY, False) if "_delay" in values else 0.0,
-        timeout=_number("_timeout", values["_timeout"], MAX_TIMEOUT, True) if "_timeout" in values else None,
+        delay=_number("_delay", values["_delay"], 0.0, MAX_DELAY) if "_delay" in values else 0.0,
+        timeout=_number("_timeout", values["_timeout"], MIN_TIMEOUT, MAX_TIMEOUT) if "_timeout" in values else None,
         idempotency_key=key,
     )
 
 
 def accepted_body(request: server.Request, accepted: Accepted) -> bytes:
     body: Dict[str, Any] = {"id": accepted.id, "status": "scheduled"}
-    if accepted.subscribers is not None:
-        body["subscribers"] = accepted.subscribers
+    if accepted.topic is not None:
+        body["subscribers"] = accepted.subscribers  # null on a duplicate
     if accepted.duplicate:
         return json_body(request, 200, dict(body, duplicate=True), Location=accepted.location)
     return json_body(request, 202, body, Location=accepted.location)
 
 
-class DispatchResource(Resource):
+class DispatchResource(JsonResource):
     """``/dispatch``: POST to queue, GET to list."""
 
     def __init__(self, core: HookahCore) -> None:
@@ -188,26 +237,23 @@ class DispatchResource(Resource):
         return render_async(request, handle)
 
 
-class DeliveryResource(Resource):
-    """``/dispatch/<id>`` and ``/dispatch/<id>/retry``."""
+class DeliveryResource(JsonResource):
+    """``GET /dispatch/<id>``: one delivery and its attempts."""
 
-    def __init__(self, core: HookahCore, delivery_id: str, action: Optional[str] = None) -> None:
+    def __init__(self, core: HookahCore, delivery_id: str) -> None:
         super().__init__()
         self.core = core
         self.delivery_id = delivery_id
-        self.action = action
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:
-        if self.action is None and path == b"retry":
-            return DeliveryResource(self.core, self.delivery_id, "retry")
+        if path == b"retry":
+            return RetryResource(self.core, self.delivery_id)
         if path == b"":
             return self
-        return _NotFound()
+        return super().getChild(path, request)
 
     def render_GET(self, request: server.Request) -> object:
         async def handle() -> bytes:
-            if self.action is not None:
-                raise ApiError(405, "method_not_allowed", "Use POST to retry a delivery.")
             delivery = await self.core.store.get_delivery(self.delivery_id)
             if delivery is None:
                 raise ApiError(404, "not_found", f"There is no delivery {self.delivery_id}.")
@@ -215,10 +261,24 @@ class DeliveryResource(Resource):
 
         return render_async(request, handle)
 
+
+class RetryResource(JsonResource):
+    """``POST /dispatch/<id>/retry``: resend a finished delivery."""
+
+    not_allowed_message = "POST to /dispatch/<id>/retry to resend a delivery."
+
+    def __init__(self, core: HookahCore, delivery_id: str) -> None:
+        super().__init__()
+        self.core = core
+        self.delivery_id = delivery_id
+
+    def getChild(self, path: bytes, request: server.Request) -> Resource:
+        if path == b"":
+            return self
+        return super().getChild(path, request)
+
     def render_POST(self, request: server.Request) -> object:
         async def handle() -> bytes:
-            if self.action != "retry":
-                raise ApiError(405, "method_not_allowed", "POST to /dispatch/<id>/retry to resend a delivery.")
             delivery = await self.core.store.get_delivery(self.delivery_id)
             if delivery is None:
                 raise ApiError(404, "not_found", f"There is no delivery {self.delivery_id}.")
@@ -228,10 +288,3 @@ class DeliveryResource(Resource):
             return json_body(request, 202, {"id": requeued.id, "status": requeued.status}, Location=f"/dispatch/{requeued.id}")
 
         return render_async(request, handle)
-
-
-class _NotFound(Resource):
-    isLeaf = True
-
-    def render(self, request: server.Request) -> bytes:
-        return json_body(request, 404, {"error": "not_found", "message": "No such resource."})

@@ -19,14 +19,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import server
-from twisted.web.resource import Resource
 
 from hookah import __version__
 from hookah.auth import COOKIE_MAX_AGE, COOKIE_NAME, Tokens, session_value
 from hookah.metrics import Metrics
 from hookah.model import FAILED, STATUSES
 from hookah.recent import newest_deliveries
-from hookah.web.common import ApiError, json_body, render_async
+from hookah.web.common import ApiError, JsonResource, json_body, render_async
 from hookah.web.status_html import Snapshot, TopicRow, content_security_policy, login_page, status_page
 
 log = Logger()
@@ -66,7 +65,7 @@ def login_or_json(request: server.Request, error: ApiError) -> bytes:
     return json_body(request, error.status, {"error": error.error, "message": error.message})
 
 
-class StatusPage(Resource):
+class StatusPage(JsonResource):
     """``GET /``: what is queued, what failed, who listens to what."""
 
     isLeaf = True
@@ -111,7 +110,7 @@ class StatusPage(Resource):
         return render_async(request, handle)
 
 
-class LoginResource(Resource):
+class LoginResource(JsonResource):
     """
     ``POST /login`` (form field ``token``): exchange an admin token for the
     status page's session cookie, then back to ``/``.
@@ -152,7 +151,7 @@ class LoginResource(Resource):
         return _redirect(request, b"/")
 
 
-class LogoutResource(Resource):
+class LogoutResource(JsonResource):
     """``POST /logout``: forget the session cookie."""
 
     isLeaf = True
@@ -180,7 +179,7 @@ def _client(request: server.Request) -> str:
     return str(getattr(peer, "host", peer))
 
 
-class HealthResource(Resource):
+class HealthResource(JsonResource):
     """
     ``GET /healthz``: ``200`` when the service runs and storage answers a
     ping within ``timeout`` seconds, ``503`` otherwise, for load balancers
@@ -229,7 +228,7 @@ def _reason(error: Exception) -> str:
     return text if len(text) <= 200 else text[:200] + "…"
 
 
-class MetricsResource(Resource):
+class MetricsResource(JsonResource):
     """
     ``GET /metrics``: the Prometheus exposition of ``Metrics``. Counters
     are kept up to date where things happen; the state gauges (queue depth,

@@ -26,11 +26,10 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import server
-from twisted.web.resource import Resource
 
 from hookah.streamformat import FORMATS, JSON_LINES, LENGTH_DELIMITED, SSE, StreamFormat
 from hookah.topics import TopicRegistry
-from hookah.web.common import ApiError, error_body, int_arg
+from hookah.web.common import ApiError, JsonResource, error_body, int_arg
 from hookah.web.httpstream import HTTPStream
 
 __all__ = ["StreamResource", "StreamRequest", "parse_stream_request", "MAX_COUNT", "MAX_TOPICS"]
@@ -113,8 +112,9 @@ def parse_stream_request(request: server.Request) -> StreamRequest:
     return StreamRequest(topics, fmt, count, last_id)
 
 
-class StreamResource(Resource):
+class StreamResource(JsonResource):
     isLeaf = True
+    not_allowed_message = "A stream is read with GET."
 
     def __init__(self, registry: TopicRegistry, store: Any, clock: IReactorTime, buffer_limit: int) -> None:
         super().__init__()
@@ -122,12 +122,6 @@ class StreamResource(Resource):
         self.store = store
         self.clock = clock
         self.buffer_limit = buffer_limit
-
-    def render(self, request: server.Request) -> Any:
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"Allow", b"GET, HEAD")
-            return error_body(request, ApiError(405, "method_not_allowed", "A stream is read with GET."))
-        return super().render(request)
 
     def render_GET(self, request: server.Request) -> Any:
         try:

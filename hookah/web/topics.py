@@ -16,13 +16,14 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from hookah.eventjson import event_to_json
-from hookah.web.common import int_arg, json_body, query_args, render_async
+from hookah.web.common import JsonResource, NotFound, int_arg, json_body, query_args, render_async
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
+HOW_TO = "Use /topics/<percent-encoded topic>/events."
 
 
-class TopicsResource(Resource):
+class TopicsResource(JsonResource):
     """``GET /topics``: each topic with its number of stored events and active subscribers."""
 
     def __init__(self, store: Any) -> None:
@@ -35,14 +36,14 @@ class TopicsResource(Resource):
         rest: List[bytes] = list(request.postpath or [])
         segments = [path] + rest
         if len(segments) < 2 or segments[-1] != b"events" or segments[:-1] == [b""]:
-            return _NotFound()
+            return NotFound(HOW_TO)
         if request.prepath is not None:
             request.prepath.extend(rest)
         request.postpath = []
         try:
             topic = b"/".join(segments[:-1]).decode("utf-8")
         except UnicodeDecodeError:
-            return _NotFound("A topic name must be UTF-8 once percent-decoded.")
+            return NotFound("A topic name must be UTF-8 once percent-decoded.")
         return TopicEventsResource(self.store, topic)
 
     def render_GET(self, request: server.Request) -> Any:
@@ -57,7 +58,7 @@ class TopicsResource(Resource):
         return render_async(request, handle)
 
 
-class TopicEventsResource(Resource):
+class TopicEventsResource(JsonResource):
     """``GET /topics/<T>/events?after=<event id>&limit=N``: a page of history, oldest first."""
 
     isLeaf = True
@@ -85,13 +86,3 @@ class TopicEventsResource(Resource):
 
         return render_async(request, handle)
 
-
-class _NotFound(Resource):
-    isLeaf = True
-
-    def __init__(self, message: str = "Use /topics/<percent-encoded topic>/events.") -> None:
-        super().__init__()
-        self.message = message
-
-    def render(self, request: server.Request) -> bytes:
-        return json_body(request, 404, {"error": "not_found", "message": self.message})
