@@ -19,16 +19,17 @@ from twisted.web.resource import Resource
 from hookah.config import Config
 from hookah.dispatcher import Dispatcher
 from hookah.distribution import Distributor, Publisher
-from hookah.http import HTTPClient, pooled_treq
+from hookah.http import HTTPClient, pooled_agent
 from hookah.hosts import HostGate
 from hookah.ids import IdGenerator
 from hookah.metrics import Metrics
+from hookah.retention import RetentionService
 from hookah.service import HookahCore
 from hookah.signing import Signer
 from hookah.ssrf import AddressPolicy
 from hookah.storage.interface import IStore
 from hookah.topics import TopicRegistry
-from hookah.web.common import make_site
+from hookah.web.common import JsonResource, make_site
 from hookah.auth import ADMIN, Tokens, describe, dispatch_policy, guard, hub_policy
 from hookah.web.dispatch import DispatchResource
 from hookah.web.stream import StreamResource
@@ -56,7 +57,7 @@ def build_root(
     core: HookahCore, config: Config, websub: Optional[WebSubHub] = None, publisher: Optional[Publisher] = None,
     streams: Optional[TopicRegistry] = None,
 ) -> Resource:
-    root = Resource()
+    root = JsonResource()  # unknown paths: a JSON 404
     tokens = Tokens.from_config(config)
     describe(tokens)
     root.putChild(b"dispatch", guard(DispatchResource(core), tokens, dispatch_policy))
@@ -67,7 +68,8 @@ def build_root(
     if streams is None:
         streams = TopicRegistry(core.clock, config.keepalive)
         core.event_listeners.append(streams.publish)
-    root.putChild(b"stream", StreamResource(streams, core.store, core.clock, config.stream_buffer))
+    # Streams replay topic history (count, Last-Event-ID): as admin-only as /topics.
+    root.putChild(b"stream", guard(StreamResource(streams, core.store, core.clock, config.stream_buffer), tokens, ADMIN))
     root.putChild(b"", guard(StatusPage(core, tokens, stream_counts(streams)), tokens, ADMIN, login_or_json))
     root.putChild(b"metrics", guard(MetricsResource(core), tokens, ADMIN))
     if websub is not None and publisher is not None:
@@ -95,8 +97,8 @@ class HookahService(MultiService):
         self.reactor = reactor
         self.store = open_store(config.storage, reactor)
         self.address_policy = AddressPolicy(config.allow_private_targets, config.allowed_networks)
-        treq_client, self.pool = pooled_treq(reactor, config.host_concurrency, self.address_policy)
-        self.client = HTTPClient(treq_client, reactor)
+        agent, self.pool = pooled_agent(reactor, config.host_concurrency, self.address_policy)
+        self.client = HTTPClient(agent, reactor)
         self.new_id = IdGenerator(reactor.seconds)
         self.metrics = Metrics()
         self.dispatcher = Dispatcher(
@@ -139,11 +141,13 @@ class HookahService(MultiService):
         self.core.distribution = self.distributor
         self.dispatcher.on_final.append(self.websub.delivery_finished)
         self.publisher = Publisher(self.core, self.client, self.distributor, reactor, timeout=config.timeout)
+        # Retention: finished deliveries and old events are deleted in batches.
+        self.retention = RetentionService(self.store, reactor, config.retention, config.history_age)
         # Live streams: fed with every stored event, ended cleanly on stop.
         self.streams = TopicRegistry(reactor, config.keepalive)
         self.core.event_listeners.append(self.streams.publish)
         self.metrics.gauge("hookah_open_streams", "Open /stream responses", lambda: [((), float(len(self.streams)))])
-        self.site = make_site(build_root(self.core, config, self.websub, self.publisher, streams=self.streams), config.max_body, reactor)
+        self.site = make_site(build_root(self.core, config, self.websub, self.publisher, streams=self.streams), config.max_body, reactor, config.access_log)
         self.web = strports.service(config.listen, self.site, reactor=reactor)
         self._opened: Optional[Deferred] = None
         self._listening: List[Deferred] = []
@@ -176,6 +180,7 @@ class HookahService(MultiService):
         self.dispatcher.setServiceParent(self)
         self.websub.setServiceParent(self)
         self.publisher.setServiceParent(self)
+        self.retention.setServiceParent(self)
         self.web.setServiceParent(self)
         waiting, self._listening = self._listening, []
         for d in waiting:

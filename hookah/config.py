@@ -46,12 +46,14 @@ class Config:
     breaker_cooldown: float = 60.0
     history_count: int = 1000
     history_age: float = 7 * 86400.0
+    retention: float = 7 * 86400.0
     idempotency_window: float = 86400.0
     topic_allow: Tuple[str, ...] = ()
     publisher_tokens: Tuple[str, ...] = ()
     admin_tokens: Tuple[str, ...] = ()
     stream_buffer: int = 1024 * 1024
     log_format: str = "text"
+    access_log: bool = False
 
 
 def _positive_number(name: str, value: Any) -> float:
@@ -218,12 +220,14 @@ SETTINGS: Sequence[Setting] = (
     Setting("breaker-cooldown", "breaker_cooldown", _positive_number, "seconds a paused host rests before a probe [default: 60]"),
     Setting("history-count", "history_count", lambda n, v: _integer(n, v, 0), "events kept per topic [default: 1000]"),
     Setting("history-age", "history_age", _positive_number, "seconds events are kept [default: 604800]"),
+    Setting("retention", "retention", _positive_number, "seconds finished (delivered or failed) deliveries are kept [default: 604800]"),
     Setting("idempotency-window", "idempotency_window", _positive_number, "seconds an Idempotency-Key is remembered [default: 86400]"),
     Setting("topic-allow", "topic_allow", lambda n, v: _listing(v), "topic URL prefixes the hub accepts (all when empty)"),
     Setting("publisher-token", "publisher_tokens", _secrets, "bearer token(s) for /dispatch and publish, space-separated"),
     Setting("admin-token", "admin_tokens", _secrets, "bearer token(s) for the admin endpoints, space-separated"),
     Setting("stream-buffer", "stream_buffer", lambda n, v: _integer(n, v, 1024), "bytes a slow stream may lag before it is closed [default: 1048576]"),
     Setting("log-format", "log_format", _log_format, "text or json [default: text]"),
+    Setting("access-log", "access_log", _boolean, "log a line per HTTP request", flag=True),
 )
 _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
 

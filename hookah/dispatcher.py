@@ -344,14 +344,17 @@ class Dispatcher(Service):
         self.metrics.attempt_seconds.observe(now - started)
         if decision.final:
             self.metrics.deliveries.labels(decision.status).inc()
-        log.info(
-            "attempt of {id} to {url}: {outcome} in {ms}ms, now {status}",
-            id=delivery.id,
-            url=delivery.url,
-            outcome=attempt.status_code or attempt.error,
-            ms=duration_ms,
-            status=decision.status,
-        )
+        if decision.status != DELIVERED:
+            # Successes are counted in the metrics and kept in storage; a log
+            # line each would cost more than the rest of the bookkeeping.
+            log.info(
+                "attempt of {id} to {url}: {outcome} in {ms}ms, now {status}",
+                id=delivery.id,
+                url=delivery.url,
+                outcome=attempt.status_code or attempt.error,
+                ms=duration_ms,
+                status=decision.status,
+            )
         finished = attr.evolve(delivery, attempts=delivery.attempts + (attempt,), status=decision.status)
         d = self.store.finish_attempt(delivery.id, attempt, decision.status, decision.next_attempt_at)
         if decision.status == DELIVERED and delivery.callback and response is not None:

@@ -347,7 +347,7 @@ class TwistdJsonLogs(TestCase):
             twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
             server = spawn(
                 self,
-                ["-n", "--pidfile=", "hookah", "--storage", "memory:", "--listen", f"tcp:{port}:interface=127.0.0.1", "--log-format", "json"],
+                ["-n", "--pidfile=", "hookah", "--storage", "memory:", "--listen", f"tcp:{port}:interface=127.0.0.1", "--log-format", "json", "--access-log"],
                 command=[twistd],
             )
             await server.seen(b"hookah listening")

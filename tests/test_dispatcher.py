@@ -215,7 +215,7 @@ class DispatcherTestCase(TestCase):
     def stub(self, respond: Callable[[Seen], Any], clock: Optional[Clock] = None, **kwargs: Any) -> Tuple[Clock, Target, Dispatcher]:
         clock = clock or self.clock()
         target = Target(respond)
-        client = HTTPClient(StubTreq(target), clock)
+        client = HTTPClient(StubTreq(target)._agent, clock)
         return clock, target, self.dispatcher(clock, client, **kwargs)
 
     def delivery(self, id: str, url: str = "http://a.example/hook", clock: Optional[Clock] = None, **kwargs: Any) -> Delivery:
@@ -454,10 +454,10 @@ class RealClientTests(DispatcherTestCase):
         self.assertIsNone(seen.header("webhook-signature"))
 
     def test_unencodable_url_fails_the_attempt_and_frees_its_slot(self) -> None:
-        # A hostname the HTTP stack cannot encode (an underscore) must be a
-        # failed attempt, not an exception that leaks the dispatcher's slot.
+        # A hostname the HTTP stack cannot encode (a snowman fails IDNA) must
+        # be a failed attempt, not an exception that leaks the dispatcher's slot.
         clock, target, dispatcher = self.stub(lambda seen: (200, [], b""))
-        self.submit(dispatcher, self.delivery("BAD", url="http://my_service.example/hook", retries=1))
+        self.submit(dispatcher, self.delivery("BAD", url="http://\u2603\ufe0f.example/hook", retries=1))
         bad = self.get(dispatcher, "BAD")
         self.assertEqual(bad.status, SCHEDULED)
         self.assertEqual(len(bad.attempts), 1)

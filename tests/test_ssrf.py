@@ -142,7 +142,7 @@ def guarded_client(testcase: TestCase, clock, policy: AddressPolicy, resolve: Fa
     testcase.addCleanup(pool.closeCachedConnections)
     endpoints = GuardedEndpointFactory(reactor, policy, resolve=resolve, connect_timeout=5)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-    return HTTPClient(treq.client.HTTPClient(agent), clock)
+    return HTTPClient(agent, clock)
 
 
 async def wait_for_status(store: MemoryStore, delivery_id: str, statuses, timeout: float = 10.0) -> Delivery:
