@@ -50,6 +50,10 @@ log = Logger()
 CLAIM_MARGIN = 60.0
 
 
+def _call_hook(_: object, hook: Callable[[Delivery], Any], delivery: Delivery) -> Any:
+    return hook(delivery)
+
+
 def host_key(url: str) -> str:
     """The host a per-host limit applies to: scheme, name and port."""
     parts = urlsplit(url)
@@ -356,19 +360,28 @@ class Dispatcher(Service):
                 status=decision.status,
             )
         finished = attr.evolve(delivery, attempts=delivery.attempts + (attempt,), status=decision.status)
-        d = self.store.finish_attempt(delivery.id, attempt, decision.status, decision.next_attempt_at)
+        follow_ups: List[Delivery] = []
         if decision.status == DELIVERED and delivery.callback and response is not None:
-            d.addCallback(lambda _: self._report(self._callback_delivery(finished, response)))
+            follow_ups.append(self._callback_delivery(finished, response))
         elif decision.status == FAILED and delivery.errback:
-            d.addCallback(lambda _: self._report(self._errback_delivery(finished, decision.reason)))
+            follow_ups.append(self._errback_delivery(finished, decision.reason))
+        if follow_ups:
+            # The report is stored with the outcome, in one transaction: a
+            # kill cannot leave a failed delivery whose errback was never
+            # queued. It is sent at once, like any new delivery.
+            def record(reports: List[Delivery]) -> Deferred:
+                return self.store.finish_attempt(
+                    delivery.id, attempt, decision.status, decision.next_attempt_at, reports
+                )
+
+            d: Deferred = self.submit(follow_ups, write=record)
+        else:
+            d = self.store.finish_attempt(delivery.id, attempt, decision.status, decision.next_attempt_at)
         for hook in self.on_final if decision.final else ():
-            d.addCallback(lambda _, hook=hook: hook(finished))
+            d.addCallback(_call_hook, hook, finished)
         return d
 
     # -- reports: errback and callback -----------------------------------------
-
-    def _report(self, delivery: Delivery) -> Deferred:
-        return self.submit([delivery])
 
     def _follow_up(self, parent: Delivery, kind: str, url: str, body: bytes, content_type: str, headers: Sequence[Any]) -> Delivery:
         return Delivery(
@@ -378,6 +391,7 @@ class Dispatcher(Service):
             content_type=content_type,
             headers=tuple(headers) + (("X-Hookah-Delivery-Id", parent.id),),
             created_at=self.clock.seconds(),
+            next_attempt_at=self.clock.seconds(),
             kind=kind,
             parent_id=parent.id,
             timeout=parent.timeout,

@@ -362,6 +362,28 @@ class StoreContractMixin(_Base):
         self.assertEqual((yield self.store.next_due()), None)
 
     @inlineCallbacks
+    def test_finish_attempt_stores_follow_ups_with_the_outcome(self) -> _Gen:
+        d = self.delivery(next_attempt_at=T0, errback="http://errors.example/")
+        yield self.store.add_deliveries([d])
+        yield self.store.claim_due(T0, 10, T0 + 60)
+        report = self.delivery(url="http://errors.example/", kind=KIND_ERRBACK, parent_id=d.id, next_attempt_at=T0 + 1)
+        gone = Attempt(at=T0 + 1, status_code=410)
+        yield self.store.finish_attempt(d.id, gone, FAILED, None, [report])
+        self.assertEqual((yield self.store.get_delivery(d.id)).status, FAILED)
+        self.assertEqual((yield self.store.get_delivery(report.id)), report)
+        claimed = yield self.store.claim_due(T0 + 1, 10, T0 + 60)
+        self.assertEqual([c.id for c in claimed], [report.id])
+
+    @inlineCallbacks
+    def test_finish_attempt_of_an_unknown_delivery_stores_no_follow_up(self) -> _Gen:
+        report = self.delivery(kind=KIND_ERRBACK)
+        yield self.assertFailure(
+            self.store.finish_attempt("01UNKNOWN0000000000000000", Attempt(at=T0), FAILED, None, [report]),
+            KeyError,
+        )
+        self.assertIsNone((yield self.store.get_delivery(report.id)))
+
+    @inlineCallbacks
     def test_reschedule_releases_claim_without_attempt(self) -> _Gen:
         d = self.delivery(next_attempt_at=T0, attempts=(Attempt(at=T0 - 1, status_code=502),))
         yield self.store.add_deliveries([d])

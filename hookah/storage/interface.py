@@ -51,11 +51,15 @@ class IStore(Interface):
         Deferred[List[Delivery]].
         """
 
-    def finish_attempt(delivery_id, attempt, status, next_attempt_at):  # type: ignore[misc]
+    def finish_attempt(delivery_id, attempt, status, next_attempt_at, follow_ups=()):  # type: ignore[misc]
         """
         Append ``attempt`` and move the delivery to ``status`` (``scheduled``
         with ``next_attempt_at`` for a retry, or ``delivered``/``failed``),
-        releasing its claim. Deferred[None].
+        releasing its claim; store the new ``follow_ups`` deliveries (the
+        errback or callback report this outcome promises) in the same
+        transaction, so no kill can record the outcome and lose its report.
+        Deferred[None]; an unknown ``delivery_id`` fails with ``KeyError``
+        and stores nothing.
         """
 
     def release_claims():  # type: ignore[misc]

@@ -137,11 +137,20 @@ class MemoryStore:
         return succeed(claimed)
 
     def finish_attempt(
-        self, delivery_id: str, attempt: Attempt, status: str, next_attempt_at: Optional[float]
+        self,
+        delivery_id: str,
+        attempt: Attempt,
+        status: str,
+        next_attempt_at: Optional[float],
+        follow_ups: Sequence[Delivery] = (),
     ) -> Deferred:
         delivery = self._deliveries.get(delivery_id)
         if delivery is None:
             return fail(KeyError(delivery_id))
+        if follow_ups:
+            if self._duplicates(follow_ups):
+                return fail(ValueError("duplicate delivery id"))
+            self.add_deliveries(follow_ups)
         self._put(
             attr.evolve(
                 delivery,
