@@ -100,6 +100,7 @@ class Dispatcher(Service):
         # included (WebSub ends a subscription on 410); must not raise.
         self.on_final: List[Callable[[Delivery], Any]] = []
         self._in_flight: Dict[str, Deferred] = {}
+        self._counters: Dict[Any, Any] = {}
         self._timer: Optional[IDelayedCall] = None
         self._polling = False
         self._poll_again = False
@@ -344,10 +345,10 @@ class Dispatcher(Service):
             now=now,
             rand=self.rand,
         )
-        self.metrics.attempts.labels(result_class(attempt.status_code)).inc()
+        self._counter(self.metrics.attempts, result_class(attempt.status_code)).inc()
         self.metrics.attempt_seconds.observe(now - started)
         if decision.final:
-            self.metrics.deliveries.labels(decision.status).inc()
+            self._counter(self.metrics.deliveries, decision.status).inc()
         if decision.status != DELIVERED:
             # Successes are counted in the metrics and kept in storage; a log
             # line each would cost more than the rest of the bookkeeping.
@@ -380,6 +381,15 @@ class Dispatcher(Service):
         for hook in self.on_final if decision.final else ():
             d.addCallback(_call_hook, hook, finished)
         return d
+
+    def _counter(self, metric: Any, label: str) -> Any:
+        # prometheus_client's labels() hashes and locks on every call; the
+        # few label values there are are looked up once.
+        key = (id(metric), label)
+        child = self._counters.get(key)
+        if child is None:
+            child = self._counters[key] = metric.labels(label)
+        return child
 
     # -- reports: errback and callback -----------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import quote
 
 import attr
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -81,6 +81,8 @@ class HookahCore:
         self.history_count = history_count
         self.history_age = history_age
         self.metrics = metrics or Metrics()
+        self._url_dispatches = self.metrics.dispatches.labels("url")
+        self._topic_dispatches = self.metrics.dispatches.labels("topic")
         # Requests whose idempotency key is being stored right now: a
         # concurrent repeat waits for the first instead of queueing twice.
         self._pending_keys: Dict[str, List[Deferred]] = {}
@@ -98,10 +100,17 @@ class HookahCore:
                     return f"{url} is refused: {reason}; allow it with --allow-private-targets or --allowed-networks"
         return None
 
-    async def dispatch(self, request: DispatchRequest) -> Accepted:
-        key = request.idempotency_key
-        if key is None:
-            return await self._accept(request)
+    def dispatch(self, request: DispatchRequest) -> Deferred:
+        """
+        Deferred[Accepted], fired once the request is durable. The common
+        case (no idempotency key) stays on plain Deferred callbacks: a
+        coroutine per request is a measurable share of a dispatch's cost.
+        """
+        if request.idempotency_key is None:
+            return self._accept(request)
+        return ensureDeferred(self._dispatch_once(request, request.idempotency_key))
+
+    async def _dispatch_once(self, request: DispatchRequest, key: str) -> Accepted:
         if key not in self._pending_keys:
             since = self.clock.seconds() - self.idempotency_window
             existing = await self.store.find_idempotency_key(key, since)
@@ -123,11 +132,12 @@ class HookahCore:
             waiter.callback(accepted)
         return accepted
 
-    async def _accept(self, request: DispatchRequest) -> Accepted:
+    def _accept(self, request: DispatchRequest) -> Deferred:
         now = self.clock.seconds()
-        self.metrics.dispatches.labels("topic" if request.topic is not None else "url").inc()
         if request.topic is not None:
-            return await self._publish(request, now)
+            self._topic_dispatches.inc()
+            return ensureDeferred(self._publish(request, now))
+        self._url_dispatches.inc()
         delivery = Delivery(
             id=self.new_id(),
             url=request.url or "",
@@ -143,8 +153,8 @@ class HookahCore:
             callback=request.callback,
             idempotency_key=request.idempotency_key,
         )
-        await self.dispatcher.submit([delivery])
-        return Accepted(delivery.id, f"/dispatch/{delivery.id}")
+        accepted = Accepted(delivery.id, f"/dispatch/{delivery.id}")
+        return self.dispatcher.submit([delivery]).addCallback(lambda _: accepted)
 
     async def _publish(self, request: DispatchRequest, now: float) -> Accepted:
         event = Event(

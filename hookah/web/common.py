@@ -69,6 +69,8 @@ def render_async(
         result = handler()
     except ApiError as e:
         return error_body(request, e)
+    except Exception:
+        return failed(Failure())
     d = ensureDeferred(result) if not isinstance(result, Deferred) else result
     d.addErrback(failed)
     d.addCallback(lambda body: _finish(request, body))
