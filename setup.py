@@ -18,7 +18,6 @@ setup(
     include_package_data=True,
     install_requires=[
         "twisted[tls]>=23.10",
-        "treq>=23.11",
         "attrs>=22.2",
         "zope.interface>=6.0",
         "prometheus_client>=0.17",
@@ -27,6 +26,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=7",
+            "treq>=23.11",
             "hypothesis>=6.80",
             "standardwebhooks>=1.0",
             "mypy>=1.8",

@@ -452,7 +452,7 @@ class Bench:
     def hookah(self, work: str, sink: Child) -> Dict[str, Any]:
         port = free_port()
         database = os.path.join(work, "hookah.db")
-        argv = [TWISTD, "-n", "--pidfile=", "hookah", "--listen", f"tcp:{port}:interface=127.0.0.1:backlog=4096",
+        argv = [self.args.twistd or TWISTD, "-n", "--pidfile=", "hookah", "--listen", f"tcp:{port}:interface=127.0.0.1:backlog=4096",
                 "--storage", f"sqlite:{database}", "--allow-private-targets", *self.args.hookah_option]
         server = Child("hookah", argv, port, work)
         profiler: Optional[Profiler] = None
@@ -659,6 +659,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--no-wrk", action="store_true", help="use the asyncio generator even if wrk is installed")
     parser.add_argument("--budget", type=float, default=300.0, help="seconds before giving up altogether [300]")
     parser.add_argument("--hookah-option", action="append", default=[], help="extra hookah option (repeatable), e.g. --hookah-option=--concurrency=512")
+    parser.add_argument("--twistd", help="the twistd to run Hookah with, e.g. one in a PyPy virtualenv [next to this Python]")
     parser.add_argument("--profile", help="record the server with py-spy during the measured run into this file (collapsed stacks)")
     parser.add_argument("--readme", help="write the figures into this Markdown file's Dispatch section")
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ wants them (fetching a published topic) follows them itself.
 
 from __future__ import annotations
 
+import socket
 from typing import Any, List, Optional, Sequence, Tuple
 
 import attr
@@ -103,7 +104,7 @@ def describe_failure(failure: Failure, timeout: float) -> str:
         return f"timed out after {timeout:g}s"
     if failure.check(neterror.ConnectionRefusedError):
         return "connection refused"
-    if failure.check(neterror.DNSLookupError):
+    if failure.check(neterror.DNSLookupError, socket.gaierror):
         return "DNS lookup failed"
     if failure.check(webclient.ResponseNeverReceived, webclient.RequestTransmissionFailed):
         reasons = getattr(failure.value, "reasons", None)
