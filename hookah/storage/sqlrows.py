@@ -1,0 +1,170 @@
+"""
+Hookah's records as SQLite rows: deliveries with their attempts, and events.
+
+These functions run on the worker thread, inside the batch's transaction,
+with the connection the worker passes to each operation. They encode what
+the schema (``sqlschema``) stores, decode it back into ``hookah.model``
+records, and do the multi-statement delivery work that must see a
+consistent set of rows: claiming due deliveries, cancelling queued ones.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import sqlite3
+from typing import Any, Dict, List, Optional, Tuple
+
+import attr
+
+from hookah.model import (
+    DELIVERED,
+    DELIVERING,
+    FAILED,
+    SCHEDULED,
+    Attempt,
+    Delivery,
+    Event,
+    Headers,
+)
+from hookah.storage.sqlschema import (
+    APPEND_ATTEMPT,
+    CANCEL_DELIVERY,
+    CLAIM_EXPIRED,
+    CLAIM_SCHEDULED,
+    CLAIM_UNTIMED,
+    DELIVERY_COLUMNS,
+    QUEUED_NOTIFICATIONS,
+    UNTIMED,
+)
+
+# SQLite's historical limit on bound variables is 999.
+_IN_CHUNK = 500
+
+
+def dump_headers(headers: Headers) -> str:
+    return json.dumps([[name, value] for name, value in headers])
+
+
+def load_headers(text: str) -> Headers:
+    return tuple((name, value) for name, value in json.loads(text))
+
+
+def attempt_row(attempt: Attempt) -> Tuple[Any, ...]:
+    return (attempt.at, attempt.status_code, attempt.error, attempt.duration_ms)
+
+
+def _finished_at(d: Delivery) -> Optional[float]:
+    """A finished delivery's last activity: its last attempt, else its creation."""
+    if d.status not in (DELIVERED, FAILED):
+        return None
+    return d.attempts[-1].at if d.attempts else d.created_at
+
+
+def cancel_deliveries(
+    c: sqlite3.Connection, topic: str, callback: str, reason: str, at: float
+) -> int:
+    """Fail the notifications queued for (topic, callback), ``reason`` as their last attempt."""
+    ids = [row[0] for row in c.execute(QUEUED_NOTIFICATIONS, (topic, callback))]
+    c.executemany(
+        APPEND_ATTEMPT, [(i, i, at, None, reason, 0) for i in ids]
+    )
+    c.executemany(CANCEL_DELIVERY, [(FAILED, at, i) for i in ids])
+    return len(ids)
+
+
+def insert_deliveries(c: sqlite3.Connection, deliveries: List[Delivery]) -> None:
+    c.executemany(
+        f"INSERT INTO deliveries ({DELIVERY_COLUMNS}, finished_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                d.id, d.url, d.body, d.content_type, dump_headers(d.headers),
+                d.status, d.created_at, d.next_attempt_at, d.retries, d.timeout,
+                d.errback, d.callback, d.kind, d.topic, d.event_id, d.parent_id,
+                d.idempotency_key, d.retry_from, d.claimed_until, _finished_at(d),
+            )
+            for d in deliveries
+        ],
+    )
+    c.executemany(
+        "INSERT INTO attempts (delivery_id, seq, at, status_code, error, duration_ms)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            (d.id, seq, *attempt_row(a))
+            for d in deliveries
+            for seq, a in enumerate(d.attempts)
+        ],
+    )
+
+
+def get_delivery(c: sqlite3.Connection, delivery_id: str) -> Optional[Delivery]:
+    rows = c.execute(
+        f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (delivery_id,)
+    ).fetchall()
+    loaded = load_deliveries(c, rows)
+    return loaded[0] if loaded else None
+
+
+def load_deliveries(c: sqlite3.Connection, rows: List[Any]) -> List[Delivery]:
+    """Build deliveries from rows, fetching their attempts in a few queries."""
+    attempts: Dict[str, List[Attempt]] = {}
+    ids = [row[0] for row in rows]
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        for delivery_id, at, code, error, ms in c.execute(
+            "SELECT delivery_id, at, status_code, error, duration_ms FROM attempts"
+            f" WHERE delivery_id IN ({marks}) ORDER BY delivery_id, seq",
+            chunk,
+        ):
+            attempts.setdefault(delivery_id, []).append(Attempt(at, code, error, ms))
+    return [
+        Delivery(
+            id=row[0], url=row[1], body=bytes(row[2]), content_type=row[3],
+            headers=load_headers(row[4]), status=row[5], created_at=row[6],
+            next_attempt_at=row[7], attempts=tuple(attempts.get(row[0], ())),
+            retries=row[8], timeout=row[9], errback=row[10], callback=row[11],
+            kind=row[12], topic=row[13], event_id=row[14], parent_id=row[15],
+            idempotency_key=row[16], retry_from=row[17], claimed_until=row[18],
+        )
+        for row in rows
+    ]
+
+
+def claim_due(
+    c: sqlite3.Connection, now: float, limit: int, lease_until: float
+) -> List[Delivery]:
+    """Select then update, in the batch's transaction: no one else can claim."""
+    if limit <= 0:
+        return []
+    untimed = c.execute(CLAIM_UNTIMED, (SCHEDULED, limit)).fetchall()
+    scheduled = c.execute(CLAIM_SCHEDULED, (SCHEDULED, now, limit)).fetchall()
+    expired = c.execute(CLAIM_EXPIRED, (DELIVERING, now, limit)).fetchall()
+    # Due time of a scheduled row is next_attempt_at (7); of a lapsed claim,
+    # claimed_until (18).
+    merged = heapq.merge(
+        ((UNTIMED, row[0], row) for row in untimed),
+        ((row[7], row[0], row) for row in scheduled),
+        ((row[18], row[0], row) for row in expired),
+    )
+    rows = [row for _, _, row in itertools.islice(merged, limit)]
+    c.executemany(
+        "UPDATE deliveries SET status = ?, claimed_until = ? WHERE id = ?",
+        [(DELIVERING, lease_until, row[0]) for row in rows],
+    )
+    return [
+        _evolve_claimed(d, lease_until) for d in load_deliveries(c, rows)
+    ]
+
+
+def _evolve_claimed(delivery: Delivery, lease_until: float) -> Delivery:
+    return attr.evolve(delivery, status=DELIVERING, claimed_until=lease_until)
+
+
+def event_from_row(row: Any) -> Event:
+    return Event(
+        id=row[0], topic=row[1], body=bytes(row[2]), content_type=row[3],
+        headers=load_headers(row[4]), created_at=row[5], idempotency_key=row[6],
+    )
