@@ -66,6 +66,8 @@ class AddressPolicy:
 
     def literal_refusal(self, url: str) -> Optional[str]:
         """For a URL whose host is an IP literal: why it is refused, if it is."""
+        if self.allow_private:
+            return None
         host = urlsplit(url).hostname or ""
         try:
             ipaddress.ip_address(host.split("%", 1)[0])
