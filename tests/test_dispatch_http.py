@@ -788,3 +788,24 @@ class ReportTests(DispatchHTTPTestCase):
             Webhook(secret).verify(received.body, headers)
 
         return ensureDeferred(go())
+
+
+class TopicNameTests(DispatchHTTPTestCase):
+    def test_escaped_and_plain_unreserved_characters_name_one_topic(self) -> None:
+        # The hub stores http://feeds.example/a~b for a subscription to
+        # .../a%7Eb (WebSub 5.1.1); /dispatch?_topic= must reach it either way.
+        async def go() -> None:
+            from hookah.model import Subscription
+
+            service, _ = await self.start()
+            await service.store.put_subscription(
+                Subscription(topic="http://feeds.example/a~b", callback="http://127.0.0.1:9/cb", expires_at=4e9)
+            )
+            for spelling in ("http://feeds.example/a~b", "http://feeds.example/a%7Eb", "http://feeds.example/a%7eb"):
+                code, _, body = await self.request("POST", f"/dispatch?_topic={q(spelling)}", b"{}")
+                self.assertEqual(code, 202, body)
+                self.assertEqual(json.loads(body)["subscribers"], 1, spelling)
+            code, _, body = await self.request("POST", f"/dispatch?_topic={q('http://feeds.example/a%2Fb')}", b"{}")
+            self.assertEqual(json.loads(body)["subscribers"], 0)
+
+        return ensureDeferred(go())

@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 
 from hookah.http import wire_url
 from hookah.model import STATUSES
+from hookah.websub import decode_unreserved
 from hookah.payload import PayloadError, split_payload
 from hookah.service import Accepted, HookahCore, DispatchRequest
 from hookah.web.common import ApiError, JsonResource, int_arg, json_body, query_args, render_async
@@ -170,7 +171,8 @@ def parse_dispatch(request: server.Request) -> DispatchRequest:
         retries = int(raw)
     return DispatchRequest(
         url=check_url("_url", url) if url else None,
-        topic=topic or None,
+        # The hub's rule for topic URLs (5.1.1), so that one topic has one name.
+        topic=decode_unreserved(topic) if topic else None,
         body=payload.body,
         content_type=payload.content_type,
         headers=tuple(headers),

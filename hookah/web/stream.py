@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import server
 
+from hookah.websub import decode_unreserved
 from hookah.streamformat import FORMATS, JSON_LINES, LENGTH_DELIMITED, SSE, StreamFormat
 from hookah.topics import TopicRegistry
 from hookah.web.common import ApiError, JsonResource, error_body, int_arg
@@ -78,7 +79,7 @@ def parse_stream_request(request: server.Request) -> StreamRequest:
     topics: List[str] = []
     for value in _values(request, b"topic"):
         for topic in value.split(","):
-            topic = topic.strip()
+            topic = decode_unreserved(topic.strip())
             if topic and topic not in topics:
                 topics.append(topic)
     if not topics:

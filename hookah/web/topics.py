@@ -15,6 +15,7 @@ from typing import Any, List
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from hookah.websub import decode_unreserved
 from hookah.eventjson import event_to_json
 from hookah.web.common import JsonResource, NotFound, int_arg, json_body, query_args, render_async
 
@@ -41,7 +42,7 @@ class TopicsResource(JsonResource):
             request.prepath.extend(rest)
         request.postpath = []
         try:
-            topic = b"/".join(segments[:-1]).decode("utf-8")
+            topic = decode_unreserved(b"/".join(segments[:-1]).decode("utf-8"))
         except UnicodeDecodeError:
             return NotFound("A topic name must be UTF-8 once percent-decoded.")
         return TopicEventsResource(self.store, topic)
