@@ -147,14 +147,24 @@ class Dispatcher(Service):
         """
         now = self.clock.seconds()
         room = self.concurrency - len(self._in_flight) if self.running else 0
+        host_room: Dict[str, int] = {}
         stored: List[Delivery] = []
         start_now: List[Delivery] = []
         for delivery in deliveries:
             due = delivery.next_attempt_at is None or delivery.next_attempt_at <= now
             if due and room > 0 and delivery.status == SCHEDULED:
-                delivery = attr.evolve(delivery, status=DELIVERING, claimed_until=self._lease(delivery))
-                start_now.append(delivery)
-                room -= 1
+                host = host_key(delivery.url)
+                left = host_room[host] if host in host_room else self.hosts.room(host)
+                if left > 0:
+                    delivery = attr.evolve(delivery, status=DELIVERING, claimed_until=self._lease(delivery))
+                    start_now.append(delivery)
+                    room -= 1
+                    host_room[host] = left - 1
+                else:
+                    # Its host is busy or paused: stored already pushed back,
+                    # rather than claimed now only to be put back at once.
+                    delivery = attr.evolve(delivery, next_attempt_at=self._deferral(host))
+                    host_room[host] = 0
             stored.append(delivery)
         reserved = [self._reserve(d.id) for d in start_now]
         d = (write or self.store.add_deliveries)(stored)
@@ -265,10 +275,8 @@ class Dispatcher(Service):
             self._send(delivery, slot, host)
         elif verdict == WAIT:
             self.hosts.hold(host, (delivery, slot))
-        elif self.hosts.paused_until(host) is not None:
-            self._defer(delivery, slot, self._pause_end(host))
         else:
-            self._defer(delivery, slot, self.hosts.retry_at(host))
+            self._defer(delivery, slot, self._deferral(host))
         return verdict
 
     def _defer(self, delivery: Delivery, slot: Deferred, at: float) -> None:
@@ -280,6 +288,12 @@ class Dispatcher(Service):
         d = self.store.reschedule(delivery.id, at)
         d.addErrback(lambda f: log.failure("deferring {id} failed", f, id=delivery.id))
         d.addBoth(lambda _: self._release(delivery.id, slot, wake=False))
+
+    def _deferral(self, host: str) -> float:
+        """When a delivery its host cannot take now should come back."""
+        if self.hosts.paused_until(host) is not None:
+            return self._pause_end(host)
+        return self.hosts.retry_at(host)
 
     def _pause_end(self, host: str) -> float:
         # Spread over a second so a host that comes back is not met by its

@@ -24,12 +24,15 @@ DEFER = "defer"  # push back in storage until ``retry_at``
 
 # Longest a delivery is pushed back because its host is busy (not paused).
 MAX_BUSY_DEFER = 300.0
-# Attempt duration assumed for a host not yet measured, in seconds.
-INITIAL_DURATION = 1.0
+# Attempt duration assumed for a host not yet measured, in seconds: a
+# typical webhook answer; the first answers replace it quickly.
+INITIAL_DURATION = 0.05
 
 
 class HostState:
-    __slots__ = ("in_flight", "waiting", "failures", "paused_until", "probing", "trips", "avg_duration", "cursor")
+    __slots__ = (
+        "in_flight", "waiting", "failures", "paused_until", "probing", "trips", "avg_duration", "cursor", "progress_at",
+    )
 
     def __init__(self) -> None:
         self.in_flight = 0
@@ -42,6 +45,10 @@ class HostState:
         # The latest time a busy-host deferral was given: the next one goes
         # after it, so a backlog is spread at the host's own pace.
         self.cursor = 0.0
+        # When an attempt to this host last finished (or the first started):
+        # a host whose attempts run long without finishing is slower than
+        # its average says.
+        self.progress_at = 0.0
 
     def idle(self, now: float) -> bool:
         paused = self.paused_until is not None and self.paused_until > now
@@ -59,8 +66,9 @@ class HostGate:
     Failures of attempts that were already in flight when the host was
     paused do not lengthen the pause.
 
-    State is kept for at most ``max_hosts`` hosts: idle ones are forgotten
-    first, so memory follows the hosts in use, not every host ever seen.
+    State is kept for at most ``max_hosts`` hosts (least recently used idle
+    ones are forgotten first), so memory follows the hosts in use, not every
+    host ever seen, while a host's measured pace outlives a quiet moment.
     """
 
     def __init__(
@@ -121,6 +129,16 @@ class HostGate:
             return WAIT
         return DEFER
 
+    def room(self, host: str) -> int:
+        """How many more deliveries ``admit`` would now let go or wait (no side effects)."""
+        state = self._hosts.get(host)
+        if state is None:
+            return self.limit + self.max_waiting
+        if state.paused_until is not None:
+            ready = self.clock.seconds() >= state.paused_until and not state.probing
+            return 1 if ready else 0
+        return max(0, self.limit - state.in_flight) + max(0, self.max_waiting - len(state.waiting))
+
     def retry_at(self, host: str) -> float:
         """
         When a deferred delivery to ``host`` should come back: when the
@@ -134,17 +152,22 @@ class HostGate:
                 return state.paused_until
             # A probe is out: come back about when it will have answered.
             return now + state.avg_duration + 1.0
-        spacing = max(state.avg_duration, 0.001) / self.limit
+        stalled = now - state.progress_at if state.in_flight else 0.0
+        spacing = max(state.avg_duration, stalled, 0.001) / self.limit
         state.cursor = max(state.cursor, now) + spacing
         return min(state.cursor, now + MAX_BUSY_DEFER)
 
     def started(self, host: str) -> None:
-        self.state(host).in_flight += 1
+        state = self.state(host)
+        if not state.in_flight:
+            state.progress_at = self.clock.seconds()
+        state.in_flight += 1
 
     def finished(self, host: str, healthy: bool, duration: float = 0.0) -> None:
         """Record an attempt's end; ``healthy`` when the host answered sanely."""
         state = self.state(host)
         state.in_flight -= 1
+        state.progress_at = self.clock.seconds()
         state.avg_duration += 0.2 * (duration - state.avg_duration)
         if healthy:
             state.failures = 0
@@ -159,8 +182,6 @@ class HostGate:
                 state.paused_until = now + self.cooldown * min(2**state.trips, 16)
                 state.trips += 1
                 state.probing = False
-        if state.idle(self.clock.seconds()) and state.failures == 0:
-            del self._hosts[host]
 
     def hold(self, host: str, item: Any) -> None:
         """Keep ``item`` until ``next_waiting`` hands it back (after ``WAIT``)."""
