@@ -104,6 +104,7 @@ class Dispatcher(Service):
         self._timer: Optional[IDelayedCall] = None
         self._polling = False
         self._poll_again = False
+        self._starved = False
         # Fires when the poll in progress ends: stopping waits for it, so
         # storage is not closed under a claim.
         self._poll_finished: Optional[Deferred] = None
@@ -192,7 +193,10 @@ class Dispatcher(Service):
         if self._in_flight.get(delivery_id) is slot:
             del self._in_flight[delivery_id]
         slot.callback(None)
-        if wake:
+        if wake or self._starved:
+            # A poll that found no room armed no timer: the first slot
+            # freed afterwards, of whatever kind, must restart the loop.
+            self._starved = False
             self._wake()
 
     # -- the claim loop --------------------------------------------------------
@@ -216,7 +220,10 @@ class Dispatcher(Service):
             self._poll_again = True
             return
         room = self.concurrency - len(self._in_flight)
-        if not self.running or room <= 0:
+        if not self.running:
+            return
+        if room <= 0:
+            self._starved = True
             return
         self._polling = True
         self._poll_finished = Deferred()

@@ -147,11 +147,10 @@ class HostGate:
         """
         state = self.state(host)
         now = self.clock.seconds()
-        if state.paused_until is not None:
-            if state.paused_until > now:
-                return state.paused_until
-            # A probe is out: come back about when it will have answered.
-            return now + state.avg_duration + 1.0
+        if state.paused_until is not None and state.paused_until > now:
+            return state.paused_until
+        # A busy host, or a paused one whose probe is out: spread the
+        # backlog at the pace the host has shown (a stalled probe counts).
         stalled = now - state.progress_at if state.in_flight else 0.0
         spacing = max(state.avg_duration, stalled, 0.001) / self.limit
         state.cursor = max(state.cursor, now) + spacing

@@ -203,3 +203,39 @@ class BusyHostTests(TestCase):
         # not claimed over and over: the first version did 15x the backlog.
         self.assertLessEqual(store.rescheduled, 3 * backlog)
         self.assertLessEqual(store.claimed, 3 * backlog + 100)
+
+
+class SlowRescheduleStore(MemoryStore):
+    """Reschedules commit a little later, as SQLite's writer thread does."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.clock = clock
+
+    def reschedule(self, delivery_id: str, next_attempt_at: float) -> Deferred:
+        d: Deferred = Deferred()
+        self.clock.callLater(0.01, lambda: super(SlowRescheduleStore, self).reschedule(delivery_id, next_attempt_at).chainDeferred(d))
+        return d
+
+
+class StarvationTests(TestCase):
+    def test_a_claim_of_only_deferred_rows_does_not_stop_the_loop(self) -> None:
+        clock = clock_at()
+        store = SlowRescheduleStore(clock)
+        self.successResultOf(
+            store.add_deliveries(
+                [Delivery(id=f"P{n:03d}", url="http://paused.example/", body=b"x", created_at=T0, next_attempt_at=T0) for n in range(30)]
+                + [Delivery(id=f"Q{n:03d}", url="http://fine.example/", body=b"y", created_at=T0, next_attempt_at=T0 + 3) for n in range(5)]
+            )
+        )
+        client = FakeClient(clock, lambda sent: (500, (), b"no") if "paused" in sent.url else (200, (), b"ok"))
+        dispatcher = Dispatcher(
+            store, client, clock, IdGenerator(clock.seconds), (1.0,), timeout=30.0, concurrency=4,
+            hosts=HostGate(clock, limit=4, threshold=1, cooldown=60.0), rand=lambda: 0.5,
+        )
+        dispatcher.startService()
+        self.addCleanup(client.fail_outstanding)
+        clock.pump([0.01] * 1200)  # 12 s
+        fine = [s for s in client.sent if "fine" in s.url]
+        self.assertEqual(len(fine), 5)
+        self.assertLessEqual(max(s.at for s in fine) - T0, 4.0)
