@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import socket
 from typing import Any, List, Optional, Sequence, Tuple
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import idna
 
 import attr
 from twisted.internet import error as neterror
@@ -98,6 +101,12 @@ def read_body(response: Any, limit: int) -> Deferred:
     return finished
 
 
+def _is_tls_failure(failure: Failure) -> bool:
+    """A certificate or handshake failure (pyOpenSSL or service_identity)."""
+    module = getattr(failure.type, "__module__", "") or ""
+    return module.startswith(("OpenSSL", "service_identity"))
+
+
 def describe_failure(failure: Failure, timeout: float) -> str:
     """One short sentence for an attempt's ``error`` field."""
     if failure.check(TimedOut, CancelledError, neterror.TimeoutError):
@@ -107,10 +116,12 @@ def describe_failure(failure: Failure, timeout: float) -> str:
     if failure.check(neterror.DNSLookupError, socket.gaierror):
         return "DNS lookup failed"
     if failure.check(webclient.ResponseNeverReceived, webclient.RequestTransmissionFailed):
-        reasons = getattr(failure.value, "reasons", None)
-        inner = reasons[0] if reasons else None
-        if inner is not None and inner.check(CancelledError):
+        reasons = getattr(failure.value, "reasons", None) or []
+        if any(r.check(CancelledError) for r in reasons):
             return f"timed out after {timeout:g}s"
+        for reason in reasons:
+            if _is_tls_failure(reason):
+                return f"TLS failed: {str(reason.value)[:250]}"
         return "connection closed before a response"
     if failure.check(webclient.ResponseFailed):
         return "connection lost while reading the response"
@@ -145,15 +156,28 @@ class BytesProducer:
 
 def wire_url(url: str) -> bytes:
     """
-    The URL as the bytes an HTTP agent takes. ASCII URLs (nearly all) pass
-    as they are; others (international host names, non-ASCII paths) are
-    IDNA- and percent-encoded, which raises for hosts that cannot be sent.
+    The URL as the bytes an HTTP agent takes: an empty path becomes ``/``
+    (``http://h?x=1`` would otherwise go out as ``POST ?x=1``), a non-ASCII
+    host name is IDNA-encoded (IP literals are left alone), and non-ASCII
+    characters elsewhere are percent-encoded while existing escapes stay.
+    Raises ``ValueError`` for a host that cannot be sent.
     """
-    if url.isascii():
+    parts = urlsplit(url)
+    if url.isascii() and parts.path:
         return url.encode("ascii")
-    from hyperlink import URL
+    netloc = parts.netloc
+    if not netloc.isascii():
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port is not None else ""
+        netloc = idna.encode(host, uts46=True).decode("ascii") + port
+    path = quote(parts.path, safe=_URL_SAFE) or "/"
+    rest = urlunsplit(("", "", "", quote(parts.query, safe=_URL_SAFE), quote(parts.fragment, safe=_URL_SAFE)))
+    return f"{parts.scheme}://{netloc}{path}{rest}".encode("ascii")
 
-    return URL.from_text(url).to_uri().to_text().encode("ascii")
+
+# Everything RFC 3986 allows in a path, query or fragment, and "%" so that
+# existing escapes are kept: only what is outside ASCII (or a space) is encoded.
+_URL_SAFE = "/:@!$&'()*+,;=%-._~?[]"
 
 
 class HTTPClient:

@@ -43,8 +43,10 @@ class _Operation:
     """
     One unit of work for the worker thread. ``isolated`` writes run in a
     savepoint of their own, so their failure undoes only them; writes that
-    cannot fail half-way (one statement, or checks before any change) skip
-    it, which saves two statements per operation on the hottest paths.
+    cannot fail half-way skip it, which saves two statements per operation
+    on the hottest paths. Such a write may fail alone only with a
+    ``LookupError`` raised before it changed anything; any other error
+    fails and rolls back its whole batch.
     """
 
     __slots__ = ("deferred", "work", "write", "isolated")
@@ -210,9 +212,16 @@ class SQLWorker:
                 if not (op.write and op.isolated):
                     try:
                         outcomes.append((op.deferred, True, op.work(connection)))
+                    except LookupError:
+                        # The one failure a non-isolated write may report
+                        # alone: "no such row", raised before any change.
+                        outcomes.append((op.deferred, False, Failure()))
                     except Exception:
-                        if op.write and not connection.in_transaction:
-                            raise  # SQLite rolled the whole batch back
+                        if op.write:
+                            # Anything else may have left part of it done,
+                            # with no savepoint to undo just that part: the
+                            # whole batch fails and rolls back.
+                            raise
                         outcomes.append((op.deferred, False, Failure()))
                     continue
                 execute("SAVEPOINT op")

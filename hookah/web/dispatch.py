@@ -8,10 +8,12 @@ storage has committed the delivery.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any, Dict, List, Tuple
 from urllib.parse import SplitResult, urlsplit
 
+import idna
 from twisted.internet.defer import Deferred
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -66,6 +68,14 @@ def check_url(name: str, value: str) -> str:
     return value
 
 
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def check_sendable(request: DispatchRequest) -> None:
     """
     Refuse target URLs the outgoing client cannot put on the wire (a host
@@ -75,17 +85,27 @@ def check_sendable(request: DispatchRequest) -> None:
     for name, url in (("_url", request.url), ("_errback", request.errback), ("_callback", request.callback)):
         if url is None:
             continue
+        parts = urlsplit(url)
+        if parts.username is not None or parts.password is not None:
+            raise ApiError(
+                400,
+                "bad_url",
+                f"{name} must not carry a user name or password; send credentials with X-Hookah-Header-Authorization.",
+            )
         try:
             if any(c.isspace() for c in url):
                 raise ValueError("whitespace")
             wire_url(url)
+            if parts.scheme == "https" and not _is_ip_literal(parts.hostname or ""):
+                # TLS checks the certificate against an IDNA name: an https
+                # host such as "my_host" could never be verified.
+                idna.encode(parts.hostname or "", uts46=True)
         except Exception:
-            host = urlsplit(url).hostname
             raise ApiError(
                 400,
                 "bad_url",
-                f"{name} cannot be sent: its host {host!r} is not a valid host name, IPv4 or IPv6 address, "
-                "or the URL contains whitespace.",
+                f"{name} cannot be sent: its host {parts.hostname!r} is not a valid host name, IPv4 or IPv6 address "
+                "(https needs a DNS name), or the URL contains whitespace.",
             )
 
 

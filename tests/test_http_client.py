@@ -1,0 +1,72 @@
+"""The outgoing client's URL encoding and error descriptions, and /dispatch's refusals of URLs it cannot send."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import quote
+
+from hypothesis import given, strategies as st
+from OpenSSL import SSL
+from twisted.internet.defer import ensureDeferred
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.client import ResponseNeverReceived
+
+from hookah.http import describe_failure, wire_url
+from tests.support import http_client, listen_sink, start_hookah
+
+
+class WireURLTests(TestCase):
+    def test_examples(self) -> None:
+        for url, wire in [
+            ("http://h.example?x=1", b"http://h.example/?x=1"),
+            ("https://h.example", b"https://h.example/"),
+            ("http://h.example/a?b=%2F", b"http://h.example/a?b=%2F"),
+            ("http://b\u00fccher.example/x", b"http://xn--bcher-kva.example/x"),
+            ("http://[::1]:8080/\u00e9?q=\u00fc", b"http://[::1]:8080/%C3%A9?q=%C3%BC"),
+            ("http://my_service.example/h", b"http://my_service.example/h"),
+        ]:
+            self.assertEqual(wire_url(url), wire, url)
+
+    def test_unencodable_host(self) -> None:
+        self.assertRaises(ValueError, wire_url, "http://\u2603\ufe0f.example/")
+
+    @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="#?"), max_size=30))
+    def test_any_path_becomes_ascii_and_keeps_its_escapes(self, path: str) -> None:
+        wire = wire_url("http://h.example/" + path)
+        self.assertTrue(wire.isascii())
+        self.assertTrue(wire.startswith(b"http://h.example/"))
+        self.assertNotIn(b" ", wire)
+
+
+class DescribeFailureTests(TestCase):
+    def test_tls_failure_is_named(self) -> None:
+        tls = Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))
+        text = describe_failure(Failure(ResponseNeverReceived([tls])), 30.0)
+        self.assertTrue(text.startswith("TLS failed: "), text)
+        self.assertIn("certificate verify failed", text)
+
+
+class SubmissionTests(TestCase):
+    def test_urls_that_cannot_be_sent_are_refused(self) -> None:
+        async def go() -> None:
+            service, base = await start_hookah(self)
+            client = http_client(self)
+            for url in ("http://user:pass@127.0.0.1:9/", "https://my_host.example/hook"):
+                response = await client.post(f"{base}/dispatch?_url={quote(url, safe='')}", data=b"{}")
+                self.assertEqual(response.code, 400, url)
+                self.assertEqual((await response.json())["error"], "bad_url")
+            self.assertEqual(sum((await service.store.count_deliveries()).values()), 0)
+
+        return ensureDeferred(go())
+
+    def test_a_url_with_a_query_and_no_path_is_sent_to_slash(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            _, base = await start_hookah(self)
+            response = await http_client(self).post(f"{base}/dispatch?_url={quote(sink_url + '?x=1', safe='')}", data=b"{}")
+            self.assertEqual(response.code, 202, await response.text())
+            [received] = await sink.wait_for(1)
+            self.assertEqual(received.path, "/?x=1")
+
+        return ensureDeferred(go())
