@@ -141,8 +141,11 @@ class HookahService(MultiService):
         self.core.distribution = self.distributor
         self.dispatcher.on_final.append(self.websub.delivery_finished)
         self.publisher = Publisher(self.core, self.client, self.distributor, reactor, timeout=config.timeout)
-        # Retention: finished deliveries and old events are deleted in batches.
-        self.retention = RetentionService(self.store, reactor, config.retention, config.history_age)
+        # Retention: finished deliveries, old events and idempotency keys
+        # past their window are deleted in batches.
+        self.retention = RetentionService(
+            self.store, reactor, config.retention, config.history_age, config.idempotency_window
+        )
         # Live streams: fed with every stored event, ended cleanly on stop.
         self.streams = TopicRegistry(reactor, config.keepalive)
         self.core.event_listeners.append(self.streams.publish)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import quote, urljoin, urlsplit
 
 from twisted.application.service import Service
@@ -24,13 +25,17 @@ from twisted.python.failure import Failure
 
 from hookah.http import HTTPClient, describe_failure
 from hookah.model import KIND_WEBSUB, SCHEDULED, Delivery, Event, Headers, Subscription
-from hookah.websub import BackgroundTasks
+from hookah.websub import BackgroundTasks, HubBusy
 
 log = Logger()
 
 HUB_PATH = "/hub"
 REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 5
+# Topic fetches in flight at once, and topics allowed to wait beyond those.
+MAX_FETCHES = 32
+FETCH_BACKLOG = 1024
+PUBLISH_BUSY = "The hub is fetching too many topics for publishers; try again later."
 # Headers a WebSub notification carries from the hub alone: an event's own
 # extra headers (``X-Hookah-Header-*``) may not forge or duplicate them.
 RESERVED_HEADERS = frozenset(["link", "x-hub-signature", "content-type"])
@@ -155,9 +160,18 @@ class Publisher(Service):
     fetch is the one place Hookah follows them), and publish its body with
     its exact ``Content-Type`` as an event on that topic.
 
-    Pings for a topic whose fetch is still running are folded into one more
-    fetch after it, so a burst of pings costs two fetches, not one each,
-    and the last fetch always starts after the last ping.
+    Pings for a topic already waiting for its fetch are folded into that
+    fetch; pings for a topic whose fetch is running are folded into one
+    more fetch after it. A burst of pings thus costs at most two fetches,
+    not one each, and the last fetch always starts after the last ping.
+
+    The work is bounded, since publish pings need no token: at most
+    ``max_fetches`` (32) fetches are in flight at once, and at most
+    ``backlog`` (1024) more topics wait for a turn (first come, first
+    served; a topic due for one more fetch queues again). A ping naming a
+    topic not yet tracked beyond that bound is refused as a whole, before
+    anything starts, with ``HubBusy`` (the web layer answers ``503``);
+    topics it names that are already tracked do not count twice.
     """
 
     name = "websub-publisher"
@@ -170,6 +184,8 @@ class Publisher(Service):
         clock: IReactorTime,
         timeout: float = 30.0,
         max_redirects: int = MAX_REDIRECTS,
+        max_fetches: int = MAX_FETCHES,
+        backlog: int = FETCH_BACKLOG,
     ) -> None:
         self.core = core
         self.client = client
@@ -177,17 +193,45 @@ class Publisher(Service):
         self.clock = clock
         self.timeout = timeout
         self.max_redirects = max_redirects
+        self.max_fetches = max_fetches
+        self.backlog = backlog
         self.tasks = BackgroundTasks()
-        # Topics being fetched -> whether a ping came during the fetch (so
-        # one more fetch is due).
+        # Topics tracked (waiting for a turn, fetching, or storing) -> whether
+        # a ping came after their fetch started (so one more fetch is due).
         self._fetching: Dict[str, bool] = {}
+        # Fetches holding a turn, and the topics waiting for one, in order.
+        self._in_flight = 0
+        self._waiting: Deque[Deferred] = deque()
+        self._stopping = False
+
+    @property
+    def in_flight(self) -> int:
+        """Topic fetches running now."""
+        return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        """Topic fetches waiting for a turn."""
+        return len(self._waiting)
 
     def stopService(self) -> Deferred:
         super().stopService()
+        self._stopping = True
         return self.tasks.cancel_all()
 
+    def busy(self, topics: Sequence[str]) -> bool:
+        """Whether publishing ``topics`` would track more topics than the bound allows."""
+        new = {topic for topic in topics if topic not in self._fetching}
+        return len(self._fetching) + len(new) > self.max_fetches + self.backlog
+
     def publish(self, topics: Sequence[str]) -> List[Deferred]:
-        """Refresh each topic in the background; Deferreds of the events (or None), for tests."""
+        """
+        Refresh each topic in the background; Deferreds of the events (or
+        None) of the topics not already tracked, for tests. Raises
+        ``HubBusy`` (and starts nothing) past the bound.
+        """
+        if self.busy(topics):
+            raise HubBusy(reason=PUBLISH_BUSY)
         started = []
         for topic in topics:
             if topic in self._fetching:
@@ -202,18 +246,42 @@ class Publisher(Service):
         try:
             while True:
                 event = await self._publish_once(topic)
-                if not self._fetching.get(topic):
+                if not self._fetching.get(topic) or self._stopping:
                     return event
-                self._fetching[topic] = False
         finally:
             self._fetching.pop(topic, None)
 
+    async def _turn(self) -> None:
+        """Wait for one of ``max_fetches`` turns (released by ``_release``)."""
+        if self._stopping:
+            # A cancelled fetch may end as an ordinary failure: start no other.
+            raise CancelledError()
+        if self._in_flight < self.max_fetches and not self._waiting:
+            self._in_flight += 1
+            return
+        waiter: Deferred = Deferred(lambda d: self._waiting.remove(d))
+        self._waiting.append(waiter)
+        # ``_release`` hands its turn over: ``_in_flight`` already counts it.
+        await waiter
+
+    def _release(self) -> None:
+        if self._waiting and not self._stopping and self._in_flight <= self.max_fetches:
+            self._waiting.popleft().callback(None)
+        else:
+            self._in_flight -= 1
+
     async def _publish_once(self, topic: str) -> Optional[Event]:
+        await self._turn()
+        # Pings from now on need a fetch after this one; earlier ones are
+        # answered by it.
+        self._fetching[topic] = False
         try:
             body, content_type = await self.fetch(topic)
         except FetchError as e:
             log.warn("publish of {topic} failed: {why}", topic=topic, why=str(e))
             return None
+        finally:
+            self._release()
         event = Event(
             id=self.core.new_id(),
             topic=topic,

@@ -2,10 +2,13 @@
 Retention: what storage forgets, and when.
 
 Finished deliveries (``delivered``/``failed``, with their bodies and
-attempts) are deleted ``retention`` seconds after their last activity, and
+attempts) are deleted ``retention`` seconds after their last activity,
 events of every topic ``history_age`` seconds after they were published
 (``add_event`` already trims the topic it publishes on; this also trims
-topics that went quiet). Scheduled and in-flight deliveries are never
+topics that went quiet), and idempotency keys ``idempotency_window``
+seconds after the dispatch that brought them: keys are kept apart from
+their deliveries and events, so they are remembered for the whole window
+whatever happens to those. Scheduled and in-flight deliveries are never
 touched.
 
 Every ``interval`` seconds, on the injected clock, ``RetentionService``
@@ -41,6 +44,7 @@ class RetentionService(Service):
         clock: IReactorTime,
         retention: float,
         history_age: float,
+        idempotency_window: float = 86400.0,
         interval: float = INTERVAL,
         batch: int = BATCH,
     ) -> None:
@@ -48,6 +52,7 @@ class RetentionService(Service):
         self.clock = clock
         self.retention = retention
         self.history_age = history_age
+        self.idempotency_window = idempotency_window
         self.interval = interval
         self.batch = batch
         self._loop: Optional[LoopingCall] = None
@@ -77,7 +82,7 @@ class RetentionService(Service):
         return waiting
 
     def sweep(self) -> Deferred:
-        """One pass: finished deliveries, then events. Errors are logged; the loop goes on."""
+        """One pass: finished deliveries, events, then idempotency keys. Errors are logged; the loop goes on."""
         d = ensureDeferred(self._sweep())
         self._pass = d
 
@@ -93,11 +98,16 @@ class RetentionService(Service):
         now = self.clock.seconds()
         deliveries = await self._drain(self.store.purge_finished, now - self.retention, "finished deliveries")
         events = await self._drain(self.store.trim_events, now - self.history_age, "events")
-        if deliveries or events:
+        keys = await self._drain(
+            self.store.purge_idempotency_keys, now - self.idempotency_window, "idempotency keys"
+        )
+        if deliveries or events or keys:
             log.info(
-                "retention: deleted {deliveries} finished deliveries and {events} events",
+                "retention: deleted {deliveries} finished deliveries, {events} events"
+                " and {keys} idempotency keys",
                 deliveries=deliveries,
                 events=events,
+                keys=keys,
             )
 
     async def _drain(self, purge: Any, before: float, what: str) -> int:

@@ -188,12 +188,18 @@ class SubscriptionRequest:
 
 
 class HubBusy(Exception):
-    """Too many (un)subscription requests are being handled: try again later."""
+    """
+    The hub's bound on background work is reached: too many (un)subscription
+    requests, or (``Publisher``) too many topic fetches. The web layer
+    answers ``503`` with ``Retry-After: retry_after`` and the message.
+    """
 
-    def __init__(self, retry_after: int = BUSY_RETRY_AFTER) -> None:
-        super().__init__(
-            "The hub is handling too many subscription requests; try again later."
-        )
+    def __init__(
+        self,
+        retry_after: int = BUSY_RETRY_AFTER,
+        reason: str = "The hub is handling too many subscription requests; try again later.",
+    ) -> None:
+        super().__init__(reason)
         self.retry_after = retry_after
 
 

@@ -617,6 +617,94 @@ class StoreContractMixin(_Base):
         yield self.store.add_deliveries([new])
         self.assertEqual((yield self.store.find_idempotency_key("k", T0 + 3600)), new.id)
 
+    @inlineCallbacks
+    def test_find_idempotency_key_without_window(self) -> _Gen:
+        old = self.delivery(idempotency_key="k", created_at=T0 - 86_400 * 30)
+        yield self.store.add_deliveries([old])
+        self.assertEqual((yield self.store.find_idempotency_key("k", None)), old.id)
+
+    @inlineCallbacks
+    def test_idempotency_key_survives_its_event_leaving_the_history(self) -> _Gen:
+        """Trimmed by count (``--history-count``) or by age, the event's key stays."""
+        first = self.event("news", idempotency_key="by-count", created_at=T0)
+        aged = self.event("quiet", idempotency_key="by-age", created_at=T0 - 100)
+        yield self.publish(first, aged, keep_count=1)
+        yield self.publish(self.event("news", created_at=T0 + 1), keep_count=1)
+        self.assertEqual((yield self.history("news")), [(yield self.store.last_events(["news"], 1))[0].id])
+        self.assertIsNone((yield self.store.get_event(first.id)))
+        self.assertEqual((yield self.store.trim_events(T0, 10)), 1)
+        self.assertIsNone((yield self.store.get_event(aged.id)))
+        self.assertEqual((yield self.store.find_idempotency_key("by-count", T0 - 60)), first.id)
+        self.assertEqual((yield self.store.find_idempotency_key("by-age", T0 - 3600)), aged.id)
+
+    @inlineCallbacks
+    def test_idempotency_key_survives_the_purge_of_its_delivery(self) -> _Gen:
+        d = self.delivery(idempotency_key="order-9", status=DELIVERED, created_at=T0 - 1000,
+                          attempts=(Attempt(at=T0 - 900, status_code=200),))
+        yield self.store.add_deliveries([d])
+        self.assertEqual((yield self.store.purge_finished(T0, 10)), 1)
+        self.assertIsNone((yield self.store.get_delivery(d.id)))
+        self.assertEqual((yield self.store.find_idempotency_key("order-9", T0 - 3600)), d.id)
+        # The same record stored again keeps one key.
+        yield self.store.add_deliveries([d])
+        self.assertEqual((yield self.store.purge_idempotency_keys(T0, 10)), 1)
+        self.assertIsNone((yield self.store.find_idempotency_key("order-9", None)))
+
+    @inlineCallbacks
+    def test_idempotency_keys_of_follow_ups_and_event_deliveries(self) -> _Gen:
+        d = self.delivery(status=DELIVERING, claimed_until=T0 + 60)
+        yield self.store.add_deliveries([d])
+        report = self.delivery(kind=KIND_ERRBACK, parent_id=d.id, idempotency_key="report")
+        yield self.store.finish_attempt(d.id, Attempt(at=T0, status_code=500), FAILED, None, [report])
+        e = self.event("news")
+        notification = self.delivery(kind=KIND_WEBSUB, topic="news", event_id=e.id, idempotency_key="fan")
+        yield self.store.add_event(e, [notification], 100, 0.0)
+        self.assertEqual((yield self.store.find_idempotency_key("report", T0)), report.id)
+        self.assertEqual((yield self.store.find_idempotency_key("fan", T0)), notification.id)
+
+    @inlineCallbacks
+    def test_idempotency_keys_are_stored_with_their_record_or_not_at_all(self) -> _Gen:
+        existing = self.delivery()
+        yield self.store.add_deliveries([existing])
+        yield self.assertFailure(
+            self.store.add_deliveries([self.delivery(idempotency_key="lost-1"), existing]), Exception
+        )
+        e = self.event("news", idempotency_key="lost-2")
+        yield self.assertFailure(
+            self.store.add_event(e, [self.delivery(idempotency_key="lost-3"), existing], 100, 0.0), Exception
+        )
+        for key in ("lost-1", "lost-2", "lost-3"):
+            self.assertIsNone((yield self.store.find_idempotency_key(key, None)), key)
+
+    @inlineCallbacks
+    def test_purge_idempotency_keys_by_age_only(self) -> _Gen:
+        """Keys are forgotten once older than the window, oldest first, in batches."""
+        oldest = self.delivery(idempotency_key="a", created_at=T0 - 300)
+        older = self.event("news", idempotency_key="b", created_at=T0 - 200)
+        boundary = self.delivery(idempotency_key="c", created_at=T0 - 100)
+        young = self.delivery(idempotency_key="d", created_at=T0)
+        reused = self.delivery(idempotency_key="a", created_at=T0 + 10)
+        yield self.store.add_deliveries([oldest, boundary, young])
+        yield self.publish(older)
+        yield self.store.add_deliveries([reused])
+
+        self.assertEqual((yield self.store.purge_idempotency_keys(T0 - 100, 1)), 1)
+        # The first use of "a" is gone; its later use is still remembered.
+        self.assertEqual((yield self.store.find_idempotency_key("a", None)), reused.id)
+        self.assertEqual((yield self.store.find_idempotency_key("b", None)), older.id)
+        # Strictly before: the key created at the bound stays.
+        self.assertEqual((yield self.store.purge_idempotency_keys(T0 - 100, 10)), 1)
+        self.assertEqual((yield self.store.purge_idempotency_keys(T0 - 100, 10)), 0)
+        self.assertIsNone((yield self.store.find_idempotency_key("b", None)))
+        self.assertEqual((yield self.store.find_idempotency_key("c", None)), boundary.id)
+        self.assertEqual((yield self.store.purge_idempotency_keys(T0 + 5, 10)), 2)
+        for key in ("b", "c", "d"):
+            self.assertIsNone((yield self.store.find_idempotency_key(key, None)), key)
+        self.assertEqual((yield self.store.find_idempotency_key("a", T0 - 1000)), reused.id)
+        # Records themselves are untouched by the key purge.
+        self.assertEqual((yield self.store.get_delivery(young.id)), young)
+        self.assertEqual((yield self.store.get_event(older.id)), older)
+
     # -- events --------------------------------------------------------------------
 
     @inlineCallbacks

@@ -444,3 +444,66 @@ class HubSafetyHTTPTests(TestCase):
                 self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/plain; charset=utf-8"])
 
         return ensureDeferred(go())
+
+    def test_busy_publisher_answers_503(self) -> Any:
+        """Publish pings need no token: past the bound on topic fetches they get ``503``."""
+
+        async def go() -> None:
+            await self.setup_hub(timeout=5.0)
+            self.topic_server.sink.respond = lambda received: None  # never answers
+            publisher = self.service.publisher
+            publisher.max_fetches = 1
+            publisher.backlog = 1
+            first, second, third = (self.topic_server.url(f"/feed/{i}") for i in range(3))
+            code, body, _ = await post_form(self, self.hub, [("hub.mode", "publish"), ("hub.url", first), ("hub.url", second)])
+            self.assertEqual(code, 202, body)
+            await self.topic_server.sink.wait_for(1)
+            self.assertEqual((publisher.in_flight, publisher.queued), (1, 1))
+            # A new topic would exceed the bound: refused whole, with a reason.
+            for params in ([("hub.url", third)], [("hub.url", first), ("hub.topic", third)]):
+                code, body, response = await post_form(self, self.hub, [("hub.mode", "publish")] + params)
+                self.assertEqual(code, 503, body)
+                self.assertIn(b"try again later", body)
+                self.assertEqual(response.headers.getRawHeaders("retry-after"), ["30"])
+                self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/plain; charset=utf-8"])
+            code, body, _ = await post_form(self, f"{self.base}/publish", [("hub.url", third)])
+            self.assertEqual(code, 503, body)
+            # Topics already being fetched or waiting are folded in: accepted.
+            code, body, _ = await post_form(self, self.hub, [("hub.mode", "publish"), ("hub.url", second), ("hub.url", first)])
+            self.assertEqual(code, 202, body)
+            self.assertEqual((publisher.in_flight, publisher.queued), (1, 1))
+            self.assertEqual([r.path for r in self.topic_server.sink.received], ["/feed/0"])
+
+        return ensureDeferred(go())
+
+    def test_urls_with_userinfo_are_refused(self) -> Any:
+        """``user:pass@host`` could never be reached (the client would read it as the host): ``400``."""
+
+        async def go() -> None:
+            await self.setup_hub()
+            topic, callback = self.topic, self.subscriber.callback
+            for bad in (
+                callback.replace("http://", "http://user:pass@"),
+                callback.replace("http://", "http://user@"),
+                callback.replace("http://", "http://@"),
+            ):
+                cases = [
+                    ([("hub.mode", "subscribe"), ("hub.topic", topic), ("hub.callback", bad)], "hub.callback"),
+                    ([("hub.mode", "unsubscribe"), ("hub.topic", topic), ("hub.callback", bad)], "hub.callback"),
+                    ([("hub.mode", "subscribe"), ("hub.topic", bad), ("hub.callback", callback)], "hub.topic"),
+                    ([("hub.mode", "subscribe"), ("hub.topic", bad), ("hub.callback", callback), ("hub.verify", "sync")], "hub.topic"),
+                    ([("hub.mode", "publish"), ("hub.url", bad)], "hub.url"),
+                    ([("hub.mode", "publish"), ("hub.topic", bad)], "hub.url"),
+                ]
+                for params, mentioned in cases:
+                    code, body, response = await post_form(self, self.hub, params)
+                    self.assertEqual(code, 400, (params, body))
+                    self.assertIn(mentioned, body.decode(), params)
+                    self.assertIn("user name or password", body.decode(), params)
+                    self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/plain; charset=utf-8"])
+            # An "@" in the path or query string is no userinfo.
+            code, body, _ = await post_form(self, self.hub, [("hub.mode", "subscribe"), ("hub.topic", topic + "?by=a@b"), ("hub.callback", callback + "/x@y")])
+            self.assertEqual(code, 202, body)
+            self.assertEqual(self.topic_server.sink.received, [], "refused pings fetch nothing")
+
+        return ensureDeferred(go())

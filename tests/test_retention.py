@@ -5,7 +5,11 @@ how it stops; plus the ``--retention`` setting and its wiring.
 
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.task import Clock
@@ -16,7 +20,7 @@ from hookah.ids import IdGenerator
 from hookah.model import DELIVERED, FAILED, SCHEDULED, Attempt, Delivery, Event
 from hookah.retention import RetentionService
 from hookah.storage.memory import MemoryStore
-from tests.support import start_hookah
+from tests.support import http_client, start_hookah
 
 T0 = 1_700_000_000.0
 DAY = 86400.0
@@ -37,6 +41,10 @@ class CountingStore(MemoryStore):
         self.calls.append(("trim_events", before, limit))
         return super().trim_events(before, limit)
 
+    def purge_idempotency_keys(self, before: float, limit: int = 10_000) -> Deferred:
+        self.calls.append(("purge_idempotency_keys", before, limit))
+        return super().purge_idempotency_keys(before, limit)
+
 
 class RetentionServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
@@ -45,7 +53,7 @@ class RetentionServiceTests(SynchronousTestCase):
         self.store = CountingStore(self.clock)
         self.new_id = IdGenerator(self.clock.seconds)
         self.service = RetentionService(self.store, self.clock, retention=7 * DAY, history_age=2 * DAY,
-                                        interval=60, batch=2)
+                                        idempotency_window=3 * DAY, interval=60, batch=2)
 
     def start(self) -> None:
         self.service.startService()
@@ -88,6 +96,37 @@ class RetentionServiceTests(SynchronousTestCase):
         remaining = self.successResultOf(self.store.events_after(["quiet", "other"], None, 100))
         self.assertEqual(remaining, [events[1]])
         self.assertIn(("trim_events", T0 - 2 * DAY, 2), self.store.calls)
+
+    def test_idempotency_keys_kept_for_the_window_whatever_happens_to_their_records(self) -> None:
+        """Retention and history trims forget no key; the window alone does."""
+        keyed = [
+            Delivery(id=self.new_id(), url="https://example.com/", body=b"x", status=DELIVERED,
+                     created_at=T0 - age * DAY, idempotency_key=f"k{age}",
+                     attempts=(Attempt(T0 - age * DAY, 200),))
+            for age in (8, 4, 2.5)
+        ]
+        self.successResultOf(self.store.add_deliveries(keyed))
+        event = Event(self.new_id(), "news", b"e", created_at=T0 - 2.5 * DAY, idempotency_key="event")
+        self.successResultOf(self.store.add_event(event, [], 1000, 0.0))
+        late = Event(self.new_id(), "news", b"e", created_at=T0 - 3 * DAY + 30, idempotency_key="late")
+        self.successResultOf(self.store.add_event(late, [], 1000, 0.0))
+        self.start()
+
+        def key(name: str) -> Any:
+            return self.successResultOf(self.store.find_idempotency_key(name, None))
+
+        # The 8-day-old delivery is gone and so is its key (past 3 days);
+        # the 4-day-old one's key too, though its delivery is kept (7 days).
+        self.assertFalse(self.exists(keyed[0]))
+        self.assertTrue(self.exists(keyed[1]))
+        self.assertEqual([key("k8"), key("k4")], [None, None])
+        # Inside the window: kept, although the events left the history (2 days).
+        self.assertEqual(self.successResultOf(self.store.events_after(["news"], None, 10)), [])
+        self.assertEqual((key("k2.5"), key("event"), key("late")), (keyed[2].id, event.id, late.id))
+        self.assertIn(("purge_idempotency_keys", T0 - 3 * DAY, 2), self.store.calls)
+        self.clock.advance(60)
+        self.assertIsNone(key("late"))
+        self.assertEqual((key("k2.5"), key("event")), (keyed[2].id, event.id))
 
     def test_a_failing_pass_is_logged_and_the_loop_goes_on(self) -> None:
         old = self.finished(T0 - 8 * DAY)
@@ -152,6 +191,43 @@ class RetentionWiringTests(TestCase):
             self.assertIs(retention, service.retention)
             self.assertTrue(retention.running)
             self.assertEqual((retention.retention, retention.history_age), (3600.0, 7200.0))
+            self.assertEqual(retention.idempotency_window, 86400.0)
+            service, _ = await start_hookah(self, idempotency_window=600.0)
+            self.assertEqual(service.retention.idempotency_window, 600.0)
 
         return ensureDeferred(go())
+
+
+class IdempotencyKeyLifetimeTests(TestCase):
+    """The review finding: a topic event's key outlives ``--history-count``."""
+
+    async def dispatch(self, base: str, key: Optional[str], body: bytes) -> Tuple[int, Dict[str, Any]]:
+        headers = {b"Content-Type": [b"text/plain"]}
+        if key is not None:
+            headers[b"Idempotency-Key"] = [key.encode()]
+        response = await http_client(self).post(f"{base}/dispatch?_topic=orders", data=body, headers=headers)
+        return response.code, json.loads(await response.content())
+
+    async def check(self, **config: Any) -> None:
+        service, base = await start_hookah(self, history_count=1, **config)
+        code, first = await self.dispatch(base, "order-42", b"1")
+        self.assertEqual(code, 202, first)
+        for n in range(3):
+            code, _ = await self.dispatch(base, None, str(n).encode())
+            self.assertEqual(code, 202)
+        self.assertIsNone(await service.store.get_event(first["id"]), "the event left the history")
+        code, again = await self.dispatch(base, "order-42", b"1")
+        self.assertEqual((code, again["id"], again["duplicate"]), (200, first["id"], True))
+        # A retention pass (the window has not passed) keeps it too.
+        await service.retention.sweep()
+        code, again = await self.dispatch(base, "order-42", b"1")
+        self.assertEqual((code, again["id"]), (200, first["id"]))
+
+    def test_memory(self) -> Any:
+        return ensureDeferred(self.check())
+
+    def test_sqlite(self) -> Any:
+        directory = tempfile.mkdtemp(prefix="hookah-keys-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        return ensureDeferred(self.check(storage=f"sqlite:{os.path.join(directory, 'h.db')}"))
 

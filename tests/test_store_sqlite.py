@@ -272,8 +272,8 @@ class SQLiteStoreTests(TestCase):
             (sqlitemodule.NEXT_SCHEDULED, (SCHEDULED,)),
             (sqlitemodule.NEXT_EXPIRY, (DELIVERING,)),
             (sqlitemodule.APPEND_ATTEMPT, ("id", "id", T0, 200, None, 1)),
-            (sqlitemodule.IDEMPOTENT_EVENT, ("k", T0)),
-            (sqlitemodule.IDEMPOTENT_DELIVERY, ("k", T0)),
+            (sqlitemodule.FIND_IDEMPOTENCY_KEY, ("k", T0)),
+            (sqlitemodule.PURGE_IDEMPOTENCY_KEYS, (T0, 10)),
             (sqlitemodule.TRIM_BY_COUNT, ("t", "t", 10)),
             (sqlitemodule.TRIM_BY_AGE, ("t", T0)),
             (sqlitemodule.ACTIVE_SUBSCRIPTIONS, ("t", T0)),
@@ -293,7 +293,44 @@ class SQLiteStoreTests(TestCase):
 
 
 class SQLiteMigrationTests(TestCase):
-    """A file written by the previous schema (version 1) opens and keeps working."""
+    """Files written by earlier schemas (versions 1 and 2) open and keep working."""
+
+    @inlineCallbacks
+    def test_upgrade_from_version_2_keeps_idempotency_keys(self) -> _Gen:
+        path = temporaryDatabase(self)
+        connection = sqlite3.connect(path, isolation_level=None)
+        connection.executescript(
+            f"BEGIN; {sqlitemodule._MIGRATIONS[0]}; {sqlitemodule._MIGRATIONS[1]};"
+            " PRAGMA user_version = 2; COMMIT;"
+        )
+        columns = "id, url, body, headers, status, created_at, kind, idempotency_key"
+        connection.executemany(
+            f"INSERT INTO deliveries ({columns}) VALUES (?, 'https://a/', x'00', '[]', 'scheduled', ?, 'dispatch', ?)",
+            [("D1", T0 - 10, "order-1"), ("D2", T0 - 5, None)],
+        )
+        connection.execute(
+            "INSERT INTO events (id, topic, body, headers, created_at, idempotency_key)"
+            " VALUES ('E1', 'news', x'00', '[]', ?, 'publish-1')", (T0 - 20,)
+        )
+        connection.close()
+
+        store = SQLiteStore(path, reactor)
+        yield store.open()
+        self.addCleanup(store.close)
+        self.assertEqual((yield store.find_idempotency_key("order-1", T0 - 60)), "D1")
+        self.assertEqual((yield store.find_idempotency_key("publish-1", T0 - 60)), "E1")
+        # Copied keys live apart from their records: trimming the event keeps it.
+        self.assertEqual((yield store.trim_events(T0, 10)), 1)
+        self.assertEqual((yield store.find_idempotency_key("publish-1", T0 - 60)), "E1")
+        self.assertEqual((yield store.purge_idempotency_keys(T0, 10)), 2)
+        self.assertIsNone((yield store.find_idempotency_key("order-1", None)))
+        check = sqlite3.connect(path)
+        self.addCleanup(check.close)
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0], 3)
+        indexes = {row[0] for row in check.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        self.assertIn("idempotency_keys_key", indexes)
+        self.assertNotIn("deliveries_idempotency", indexes)
+        self.assertNotIn("events_idempotency", indexes)
 
     @inlineCallbacks
     def test_upgrade_from_version_1(self) -> _Gen:

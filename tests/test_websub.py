@@ -642,3 +642,131 @@ class PublisherTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual([e.body for e in self.core.published], [b"v1", b"v2"])
         self.assertEqual(self.publisher._fetching, {})
+
+
+class PublisherBoundsTests(SynchronousTestCase):
+    """Publish pings need no token: the fetches they start are bounded."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.client = ScriptedClient()
+        self.core = FakeCore()
+        self.distributor = Distributor(MemoryStore(self.clock), lambda: "D")
+        self.publisher = Publisher(
+            self.core, self.client, self.distributor, self.clock, max_fetches=3, backlog=4
+        )
+        # Fetches a test leaves waiting end here, not at garbage collection.
+        self.addCleanup(self.publisher.stopService)
+
+    def topics(self, count: int, start: int = 0) -> List[str]:
+        return [f"https://publisher.example/feed/{i}" for i in range(start, start + count)]
+
+    def test_fetches_in_flight_are_bounded_and_queued_ones_run_as_turns_free(self) -> None:
+        topics = self.topics(7)
+        started = self.publisher.publish(topics)
+        self.assertEqual(len(started), 7)
+        self.assertEqual([c.url for c in self.client.calls], topics[:3])
+        self.assertEqual((self.publisher.in_flight, self.publisher.queued), (3, 4))
+        answered: List[str] = []
+        while self.client.calls:
+            self.assertLessEqual(len(self.client.calls), 3)
+            self.assertLessEqual(self.publisher.in_flight, 3)
+            call = self.client.pop()
+            answered.append(call.url)
+            call.answer(200, call.url.encode())
+        # First come, first served; every topic fetched once and published.
+        self.assertEqual(answered, topics)
+        self.assertEqual([e.body.decode() for e in self.core.published], topics)
+        for d in started:
+            self.successResultOf(d)
+        self.assertEqual((self.publisher.in_flight, self.publisher.queued), (0, 0))
+        self.assertEqual(self.publisher._fetching, {})
+
+    def test_a_failed_or_redirected_fetch_holds_one_turn(self) -> None:
+        self.publisher.publish(self.topics(4))
+        self.client.pop().answer(302, headers=[("Location", "/elsewhere")])
+        # The redirect is followed within the same turn: still three requests.
+        self.assertEqual(len(self.client.calls), 3)
+        self.assertEqual(self.client.calls[-1].url, "https://publisher.example/elsewhere")
+        self.client.pop().error(ConnectionRefusedError())
+        self.assertEqual(len(self.client.calls), 3)
+        self.assertEqual(self.client.calls[-1].url, self.topics(1, 3)[0])
+        self.assertEqual(self.publisher.in_flight, 3)
+
+    def test_past_the_bound_a_ping_is_refused_whole(self) -> None:
+        self.publisher.publish(self.topics(6))
+        with self.assertRaises(HubBusy) as caught:
+            self.publisher.publish(self.topics(2, 6))
+        self.assertIn("try again later", str(caught.exception))
+        self.assertEqual(caught.exception.retry_after, 30)
+        # Refused whole: the topic that would still fit was not started.
+        self.assertNotIn(self.topics(1, 6)[0], self.publisher._fetching)
+        self.assertEqual(self.publisher.queued, 3)
+        # One more fits exactly; then only already-tracked topics are accepted.
+        self.assertEqual(len(self.publisher.publish(self.topics(1, 6))), 1)
+        self.assertRaises(HubBusy, self.publisher.publish, self.topics(1, 7))
+        self.assertRaises(HubBusy, self.publisher.publish, self.topics(1, 0) + self.topics(1, 7))
+
+    def test_folded_pings_do_not_count_twice(self) -> None:
+        topics = self.topics(7)
+        self.publisher.publish(topics)
+        for _ in range(10):
+            # Pings for tracked topics (running or queued) are folded, never refused.
+            self.assertEqual(self.publisher.publish(topics), [])
+        self.assertEqual((self.publisher.in_flight, self.publisher.queued), (3, 4))
+        # Queued topics' pings are answered by their coming fetch; running
+        # ones' by one more fetch each, queued behind the others.
+        fetched: List[str] = []
+        while self.client.calls:
+            call = self.client.pop()
+            fetched.append(call.url)
+            call.answer(200, b"x")
+        self.assertEqual(fetched, topics + topics[:3])
+
+    def test_turns_free_as_fetches_finish_then_new_pings_fit(self) -> None:
+        self.publisher.publish(self.topics(7))
+        self.assertRaises(HubBusy, self.publisher.publish, self.topics(1, 7))
+        self.client.pop().answer(200, b"x")
+        self.assertEqual(len(self.client.calls), 3)
+        self.assertEqual(len(self.publisher.publish(self.topics(1, 7))), 1)
+
+    def test_stop_cancels_queued_and_running_fetches(self) -> None:
+        started = self.publisher.publish(self.topics(7))
+        stopped = self.publisher.stopService()
+        self.successResultOf(stopped)
+        # Cancelling running fetches hands no turn to the queued ones.
+        self.assertEqual(len(self.client.calls), 3)
+        for call in self.client.calls:
+            self.assertTrue(call.result.called)
+        for d in started:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual((self.publisher.in_flight, self.publisher.queued), (0, 0))
+        self.assertEqual(self.publisher._fetching, {})
+        self.assertEqual(self.core.published, [])
+
+    def test_stop_starts_no_folded_fetch_when_cancelling_fails_a_fetch(self) -> None:
+        """A client may report a cancelled request as an ordinary failure: no fetch starts after stop."""
+
+        class FailingOnCancel(ScriptedClient):
+            def request(self, *args: Any, **kwargs: Any) -> Deferred:
+                d = super().request(*args, **kwargs)
+                original = d._canceller
+
+                def cancel(d: Deferred) -> None:
+                    d.errback(ConnectionAbortedError("request cancelled"))
+
+                d._canceller = cancel if original is None else original
+                return d
+
+        self.client = FailingOnCancel()
+        self.publisher.client = self.client
+        topics = self.topics(5)
+        started = self.publisher.publish(topics)
+        self.publisher.publish(topics)  # each one more fetch due
+        stopped = self.publisher.stopService()
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.client.calls), 3)
+        for d in started:
+            self.successResultOf(d)
+        self.assertEqual((self.publisher.in_flight, self.publisher.queued), (0, 0))
+        self.assertEqual(self.publisher._fetching, {})

@@ -129,7 +129,26 @@ class IStore(Interface):
     def find_idempotency_key(key, since):  # type: ignore[misc]
         """
         The id of the delivery or event created with idempotency ``key`` at or
-        after time ``since``, or ``None``. Deferred[Optional[str]].
+        after time ``since`` (the earliest, when the key was used again after
+        an earlier use left the window), or ``None``; ``since=None`` means no
+        window. Deferred[Optional[str]].
+
+        Keys are kept apart from the records that carry them: a key (with
+        its record's id and ``created_at``) is stored in the same transaction
+        as the delivery (``add_deliveries``, ``finish_attempt``'s follow-ups)
+        or event (``add_event``) whose ``idempotency_key`` it is, and it
+        outlives that record: trimming an event from its topic's history
+        (by count or age) or purging a finished delivery forgets no key.
+        Keys are forgotten only by age, through ``purge_idempotency_keys``.
+        """
+
+    def purge_idempotency_keys(before, limit):  # type: ignore[misc]
+        """
+        Forget at most ``limit`` idempotency keys recorded with a
+        ``created_at`` strictly before ``before``, oldest first, through an
+        index (the retention service calls it with ``now -
+        --idempotency-window``, again while a batch comes back full).
+        Deferred[int]: how many were forgotten.
         """
 
     # -- events (topic history) ----------------------------------------------

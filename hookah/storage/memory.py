@@ -5,14 +5,19 @@ Nothing survives a restart, so a ``202`` from a memory-backed Hookah promises
 delivery only while the process lives. Lookups that the dispatcher does per
 delivery use a heap, so cost stays flat as the queue grows; so do the
 retention purges (a heap of finished deliveries by last activity, one of
-events by creation) and WebSub cancellation (scheduled notifications
-indexed by (topic, callback)).
+events by creation, one of idempotency keys by creation) and WebSub
+cancellation (scheduled notifications indexed by (topic, callback)).
+
+Idempotency keys live in a structure of their own (key -> (created_at, id)
+entries), written with the delivery or event that carries the key and
+forgotten only by age (``purge_idempotency_keys``), never when that record
+is trimmed or purged.
 """
 
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_right, insort
+from bisect import bisect_left, bisect_right, insort
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import attr
@@ -53,6 +58,10 @@ class MemoryStore:
         # events, for retention; stale entries are skipped lazily.
         self._finished: List[Tuple[float, str]] = []
         self._event_times: List[Tuple[float, str]] = []
+        # Idempotency keys: key -> sorted (created_at, id) of the records
+        # created with it, and (created_at, key, id) by age for the purge.
+        self._keys: Dict[str, List[Tuple[float, str]]] = {}
+        self._key_times: List[Tuple[float, str, str]] = []
 
     def open(self) -> Deferred:
         return succeed(None)
@@ -101,6 +110,8 @@ class MemoryStore:
         for delivery in deliveries:
             insort(self._ids, delivery.id)
             self._put(delivery)
+            if delivery.idempotency_key is not None:
+                self._remember_key(delivery.idempotency_key, delivery.id, delivery.created_at)
         return succeed(None)
 
     def get_delivery(self, delivery_id: str) -> Deferred:
@@ -239,13 +250,29 @@ class MemoryStore:
             counts[delivery.status] += 1
         return succeed(counts)
 
-    def find_idempotency_key(self, key: str, since: float) -> Deferred:
-        found: Optional[str] = None
-        for record in list(self._deliveries.values()) + list(self._events.values()):
-            if record.idempotency_key == key and record.created_at >= since:
-                found = record.id
-                break
-        return succeed(found)
+    def _remember_key(self, key: str, record_id: str, created_at: float) -> None:
+        entries = self._keys.setdefault(key, [])
+        entry = (created_at, record_id)
+        if entry not in entries:
+            insort(entries, entry)
+            heapq.heappush(self._key_times, (created_at, key, record_id))
+
+    def find_idempotency_key(self, key: str, since: Optional[float]) -> Deferred:
+        entries = self._keys.get(key, [])
+        start = 0 if since is None else bisect_left(entries, (since,))
+        return succeed(entries[start][1] if start < len(entries) else None)
+
+    def purge_idempotency_keys(self, before: float, limit: int = 10_000) -> Deferred:
+        count = 0
+        while self._key_times and count < limit and self._key_times[0][0] < before:
+            created_at, key, record_id = heapq.heappop(self._key_times)
+            entries = self._keys.get(key)
+            if entries is not None and (created_at, record_id) in entries:
+                entries.remove((created_at, record_id))
+                if not entries:
+                    del self._keys[key]
+                count += 1
+        return succeed(count)
 
     # -- events ---------------------------------------------------------------
 
@@ -256,6 +283,8 @@ class MemoryStore:
             return fail(ValueError("duplicate event or delivery id"))
         self.add_deliveries(deliveries)
         self._events[event.id] = event
+        if event.idempotency_key is not None:
+            self._remember_key(event.idempotency_key, event.id, event.created_at)
         heapq.heappush(self._event_times, (event.created_at, event.id))
         history = self._topic_events.setdefault(event.topic, [])
         insort(history, event.id)

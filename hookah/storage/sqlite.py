@@ -23,10 +23,14 @@ Decisions where ``IStore`` leaves room:
 - ``reschedule`` only touches a ``delivering`` delivery; on any other it does
   nothing, so that a late reschedule cannot resurrect a delivery that another
   deliverer (after the lease ran out) already finished.
-- ``find_idempotency_key`` looks at events before deliveries (a topic
-  dispatch answers with its event id) and returns the earliest match within
-  the window ("the first delivery's id", as the API promises). ``since=None``
-  means no window.
+- Idempotency keys have a table of their own (``idempotency_keys``: key,
+  record id, created_at; schema version 3), written in the transaction of
+  the delivery or event that carries the key and trimmed by age only
+  (``purge_idempotency_keys``), so neither a history trim by count nor the
+  purge of a finished delivery forgets a key inside the window.
+  ``find_idempotency_key`` returns the earliest match within the window
+  ("the first delivery's id", as the API promises). ``since=None`` means no
+  window.
 - A ``scheduled`` delivery whose ``next_attempt_at`` is ``None`` is due at
   once (as if at time 0), as the dispatcher and ``MemoryStore`` treat it;
   ``next_due`` then answers ``0.0``.
@@ -70,6 +74,7 @@ from hookah.storage.sqlrows import (
     get_delivery,
     insert_deliveries,
     load_deliveries,
+    remember_idempotency_keys,
 )
 from hookah.storage.sqlschema import (
     ACTIVE_SUBSCRIPTIONS,
@@ -79,11 +84,11 @@ from hookah.storage.sqlschema import (
     DELIVERY_COLUMNS,
     EVENT_COLUMNS,
     EXPIRED_SUBSCRIPTIONS,
+    FIND_IDEMPOTENCY_KEY,
     FINISHED_BEFORE,
-    IDEMPOTENT_DELIVERY,
-    IDEMPOTENT_EVENT,
     NEXT_EXPIRY,
     NEXT_SCHEDULED,
+    PURGE_IDEMPOTENCY_KEYS,
     RELEASE_CLAIMS,
     SUBSCRIPTION_COLUMNS,
     TRIM_BY_AGE,
@@ -343,13 +348,15 @@ class SQLiteStore:
         window = float("-inf") if since is None else since
 
         def work(c: sqlite3.Connection) -> Optional[str]:
-            for sql in (IDEMPOTENT_EVENT, IDEMPOTENT_DELIVERY):
-                row = c.execute(sql, (key, window)).fetchone()
-                if row is not None:
-                    return str(row[0])
-            return None
+            row = c.execute(FIND_IDEMPOTENCY_KEY, (key, window)).fetchone()
+            return None if row is None else str(row[0])
 
         return self._read(work)
+
+    def purge_idempotency_keys(self, before: float, limit: int = 10_000) -> Deferred[int]:
+        return self._write(
+            lambda c: c.execute(PURGE_IDEMPOTENCY_KEYS, (before, max(limit, 0))).rowcount
+        )
 
     # -- events ------------------------------------------------------------------
 
@@ -371,6 +378,7 @@ class SQLiteStore:
                     event.idempotency_key,
                 ),
             )
+            remember_idempotency_keys(c, [event])
             insert_deliveries(c, deliveries)
             if keep_count is not None:
                 c.execute(TRIM_BY_COUNT, (event.topic, event.topic, keep_count))

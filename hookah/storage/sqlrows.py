@@ -3,8 +3,9 @@ Hookah's records as SQLite rows: deliveries with their attempts, and events.
 
 These functions run on the worker thread, inside the batch's transaction,
 with the connection the worker passes to each operation. They encode what
-the schema (``sqlschema``) stores, decode it back into ``hookah.model``
-records, and do the multi-statement delivery work that must see a
+the schema (``sqlschema``) stores (with the idempotency keys of new
+deliveries and events, kept in a table of their own), decode it back into
+``hookah.model`` records, and do the multi-statement delivery work that must see a
 consistent set of rows: claiming due deliveries, cancelling queued ones.
 """
 
@@ -14,7 +15,7 @@ import heapq
 import itertools
 import json
 import sqlite3
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import attr
 
@@ -36,6 +37,7 @@ from hookah.storage.sqlschema import (
     CLAIM_UNTIMED,
     DELIVERY_COLUMNS,
     QUEUED_NOTIFICATIONS,
+    REMEMBER_IDEMPOTENCY_KEY,
     UNTIMED,
 )
 
@@ -74,6 +76,19 @@ def cancel_deliveries(
     return len(ids)
 
 
+def remember_idempotency_keys(
+    c: sqlite3.Connection, records: Sequence[Union[Delivery, Event]]
+) -> None:
+    """Record the keys of ``records`` (in the caller's transaction), apart from them."""
+    keyed = [
+        (r.idempotency_key, r.id, r.created_at)
+        for r in records
+        if r.idempotency_key is not None
+    ]
+    if keyed:
+        c.executemany(REMEMBER_IDEMPOTENCY_KEY, keyed)
+
+
 def insert_deliveries(c: sqlite3.Connection, deliveries: List[Delivery]) -> None:
     c.executemany(
         f"INSERT INTO deliveries ({DELIVERY_COLUMNS}, finished_at)"
@@ -97,6 +112,7 @@ def insert_deliveries(c: sqlite3.Connection, deliveries: List[Delivery]) -> None
             for seq, a in enumerate(d.attempts)
         ],
     )
+    remember_idempotency_keys(c, deliveries)
 
 
 def get_delivery(c: sqlite3.Connection, delivery_id: str) -> Optional[Delivery]:

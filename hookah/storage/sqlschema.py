@@ -16,7 +16,7 @@ from typing import Dict
 
 from hookah.model import DELIVERED, FAILED, KIND_WEBSUB, SCHEDULED
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Schema migrations by the version they upgrade from. A fresh file runs them
 # all; a file written by a newer Hookah is refused rather than misread.
@@ -105,6 +105,30 @@ CREATE INDEX IF NOT EXISTS deliveries_queued_notifications
     WHERE kind = '{KIND_WEBSUB}' AND status = '{SCHEDULED}';
 CREATE INDEX IF NOT EXISTS events_created ON events (created_at);
 """,
+    # Idempotency keys in a table of their own, forgotten by age only: the
+    # events that carried them are trimmed by count, the deliveries purged
+    # by retention, both possibly well inside --idempotency-window. The
+    # keys of the records still stored are copied over; the indexes that
+    # looked keys up in those tables go.
+    2: """
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key TEXT NOT NULL,
+    id TEXT NOT NULL,               -- the delivery or event created with it
+    created_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS idempotency_keys_key
+    ON idempotency_keys (key, created_at, id);
+CREATE INDEX IF NOT EXISTS idempotency_keys_created
+    ON idempotency_keys (created_at);
+INSERT OR IGNORE INTO idempotency_keys (key, id, created_at)
+    SELECT idempotency_key, id, created_at FROM deliveries
+    WHERE idempotency_key IS NOT NULL;
+INSERT OR IGNORE INTO idempotency_keys (key, id, created_at)
+    SELECT idempotency_key, id, created_at FROM events
+    WHERE idempotency_key IS NOT NULL;
+DROP INDEX IF EXISTS deliveries_idempotency;
+DROP INDEX IF EXISTS events_idempotency;
+""",
 }
 
 
@@ -170,13 +194,14 @@ APPEND_ATTEMPT = (
     " VALUES (?, (SELECT COALESCE(MAX(seq), -1) + 1 FROM attempts"
     " WHERE delivery_id = ?), ?, ?, ?, ?)"
 )
-IDEMPOTENT_EVENT = (
-    "SELECT id FROM events WHERE idempotency_key = ? AND created_at >= ?"
+FIND_IDEMPOTENCY_KEY = (
+    "SELECT id FROM idempotency_keys WHERE key = ? AND created_at >= ?"
     " ORDER BY created_at, id LIMIT 1"
 )
-IDEMPOTENT_DELIVERY = (
-    "SELECT id FROM deliveries WHERE idempotency_key = ? AND created_at >= ?"
-    " ORDER BY created_at, id LIMIT 1"
+# OR IGNORE: the same record stored again (a purged delivery's id reused)
+# keeps its one row.
+REMEMBER_IDEMPOTENCY_KEY = (
+    "INSERT OR IGNORE INTO idempotency_keys (key, id, created_at) VALUES (?, ?, ?)"
 )
 RELEASE_CLAIMS = (
     "UPDATE deliveries SET status = ?, claimed_until = NULL WHERE status = ?"
@@ -208,6 +233,10 @@ DELETE_DELIVERY = "DELETE FROM deliveries WHERE id = ?"
 TRIM_EVENTS = (
     "DELETE FROM events WHERE id IN (SELECT id FROM events"
     " WHERE created_at < ? ORDER BY created_at LIMIT ?)"
+)
+PURGE_IDEMPOTENCY_KEYS = (
+    "DELETE FROM idempotency_keys WHERE rowid IN (SELECT rowid FROM idempotency_keys"
+    " INDEXED BY idempotency_keys_created WHERE created_at < ? ORDER BY created_at LIMIT ?)"
 )
 EXPIRED_SUBSCRIPTIONS = "SELECT topic, callback FROM subscriptions WHERE expires_at <= ?"
 ACTIVE_SUBSCRIPTIONS = (

@@ -12,10 +12,13 @@ PubSubHubbub 0.3 subscribers send ``hub.verify``: ``sync`` is verified
 before the answer (``204`` verified, ``409`` not), ``async`` gets ``202``.
 
 Background work is bounded: a subscription request that would exceed the
-hub's bound on verifications is answered ``503`` with ``Retry-After``
-(``WebSubHub.busy``), and a publish ping names at most
-``MAX_PUBLISH_TOPICS`` topics. The hub URL a subscriber used is kept with
-its request (``subscriber_hub_url``) for its own notifications' ``Link``.
+hub's bound on verifications (``WebSubHub.busy``), and a publish ping that
+would exceed the bound on topic fetches (``Publisher.busy``), is answered
+``503`` with ``Retry-After`` and a plain-text reason; a publish ping names
+at most ``MAX_PUBLISH_TOPICS`` topics. URLs with a user name or password
+(``http://user:pass@host/``) are refused: they could never be reached.
+The hub URL a subscriber used is kept with its request
+(``subscriber_hub_url``) for its own notifications' ``Link``.
 
 ``GET /hub/subscriptions?topic=T`` lists subscriptions for operators.
 """
@@ -114,7 +117,7 @@ def hub_mode(params: Params, default_mode: Optional[str] = None) -> Optional[str
 
 
 def check_url(name: str, value: Optional[str]) -> str:
-    """An absolute http(s) URL, percent-normalized as 5.1.1 requires."""
+    """An absolute http(s) URL without userinfo, percent-normalized as 5.1.1 requires."""
     if not value:
         raise HubError(400, f"{name} is required.")
     if len(value) > MAX_URL_LENGTH:
@@ -129,6 +132,11 @@ def check_url(name: str, value: Optional[str]) -> str:
         raise HubError(400, f"{name} has an invalid port: {value}")
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise HubError(400, f"{name} must be an absolute http or https URL: {value}")
+    if "@" in parts.netloc:
+        # Hookah could never reach it: the HTTP client would take
+        # ``user:pass@host`` for the host name. Credentials belong in the
+        # path or query string of a callback, never in its authority.
+        raise HubError(400, f"{name} must not contain a user name or password (user:password@host): {value}")
     if any(ord(c) < 0x21 or c == "\x7f" for c in value):
         raise HubError(400, f"{name} must not contain spaces or control characters.")
     return decode_unreserved(value)
