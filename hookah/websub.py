@@ -385,16 +385,13 @@ class WebSubHub(Service):
             )
         return count
 
-    async def _ended(self, topic: str, callback: str, why: str) -> None:
-        """A subscription was removed: cancel its queued notifications, now and once settled."""
+    def _ended(self, topic: str, callback: str, why: str) -> None:
+        """
+        A subscription was removed, its queued notifications cancelled with it
+        (one transaction): cancel once more when settled, for a notification
+        that was mid-attempt then and has been rescheduled since.
+        """
         self._settling[(topic, callback)] = (self.clock.seconds(), why)
-        try:
-            await self._cancel(topic, callback, why)
-        except CancelledError:
-            raise
-        except Exception:
-            # The settled pass tries again; the removal itself stands.
-            log.failure("cancelling notifications of {callback} to {topic} failed", callback=callback, topic=topic)
 
     # -- requests ----------------------------------------------------------------
 
@@ -529,10 +526,8 @@ class WebSubHub(Service):
         renewed one.
         """
         if request.mode == UNSUBSCRIBE:
-            d = self.store.remove_subscription(request.topic, request.callback)
-            d.addCallback(
-                lambda _: ensureDeferred(self._ended(request.topic, request.callback, CANCELLED_UNSUBSCRIBED))
-            )
+            d = self.store.remove_subscription(request.topic, request.callback, CANCELLED_UNSUBSCRIBED)
+            d.addCallback(lambda _: self._ended(request.topic, request.callback, CANCELLED_UNSUBSCRIBED))
             return d
         return self.store.put_subscription(
             Subscription(
@@ -588,9 +583,9 @@ class WebSubHub(Service):
             current = await self.store.get_subscription(topic, callback)
             if current is None or current.created_at > last.at:
                 return
-            await self.store.remove_subscription(topic, callback)
+            await self.store.remove_subscription(topic, callback, CANCELLED_GONE)
             log.info("removed subscription of {callback} to {topic}: it answered 410 Gone", callback=callback, topic=topic)
-            await self._ended(topic, callback, CANCELLED_GONE)
+            self._ended(topic, callback, CANCELLED_GONE)
 
         d = ensureDeferred(end())
         d.addErrback(lambda f: log.failure("removing a gone subscription failed", f))

@@ -473,6 +473,23 @@ class StoreContractMixin(_Base):
         self.assertEqual(counts[FAILED], 2)
 
     @inlineCallbacks
+    def test_remove_subscription_cancels_its_notifications_with_it(self) -> _Gen:
+        sub = Subscription(topic="news", callback="https://a.example/cb", expires_at=FAR_FUTURE)
+        yield self.store.put_subscription(sub)
+        queued = self.notification()
+        other = self.notification(url="https://b.example/cb")
+        yield self.store.add_deliveries([queued, other])
+        removed = yield self.store.remove_subscription("news", "https://a.example/cb", CANCELLED_UNSUBSCRIBED)
+        self.assertTrue(removed)
+        self.assertIsNone((yield self.store.get_subscription("news", "https://a.example/cb")))
+        self.assertCancelled((yield self.store.get_delivery(queued.id)), queued, CANCELLED_UNSUBSCRIBED)
+        self.assertEqual((yield self.store.get_delivery(other.id)), other)
+        # Without a reason, removal leaves queued notifications alone.
+        yield self.store.put_subscription(attr.evolve(sub, callback="https://b.example/cb"))
+        yield self.store.remove_subscription("news", "https://b.example/cb")
+        self.assertEqual((yield self.store.get_delivery(other.id)), other)
+
+    @inlineCallbacks
     def test_cancel_deliveries_after_a_retry_is_scheduled(self) -> _Gen:
         """An attempt in flight at the first cancel, then rescheduled, is caught by the next."""
         d = self.notification(next_attempt_at=T0)

@@ -198,8 +198,13 @@ class IStore(Interface):
         is never more than one per pair. Deferred[None].
         """
 
-    def remove_subscription(topic, callback):  # type: ignore[misc]
-        """Deferred[bool]: whether one was removed."""
+    def remove_subscription(topic, callback, cancel_reason=None):  # type: ignore[misc]
+        """
+        Deferred[bool]: whether one was removed. With ``cancel_reason``, the
+        pair's queued notifications are cancelled in the same transaction, as
+        ``cancel_deliveries`` does, so no kill can leave a removed
+        subscription's retries running.
+        """
 
     def get_subscription(topic, callback):  # type: ignore[misc]
         """Deferred[Optional[Subscription]]."""

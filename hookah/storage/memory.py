@@ -352,13 +352,15 @@ class MemoryStore:
         self._topic_subscribers.setdefault(subscription.topic, {})[subscription.callback] = subscription
         return succeed(None)
 
-    def remove_subscription(self, topic: str, callback: str) -> Deferred:
+    def remove_subscription(self, topic: str, callback: str, cancel_reason: Optional[str] = None) -> Deferred:
         removed = self._subscriptions.pop((topic, callback), None)
         if removed is not None:
             subscribers = self._topic_subscribers[topic]
             del subscribers[callback]
             if not subscribers:
                 del self._topic_subscribers[topic]
+        if cancel_reason is not None:
+            self.cancel_deliveries(topic, callback, cancel_reason)
         return succeed(removed is not None)
 
     def get_subscription(self, topic: str, callback: str) -> Deferred:

@@ -471,14 +471,21 @@ class SQLiteStore:
 
         return self._write(work)
 
-    def remove_subscription(self, topic: str, callback: str) -> Deferred[bool]:
-        return self._write(
-            lambda c: c.execute(
+    def remove_subscription(
+        self, topic: str, callback: str, cancel_reason: Optional[str] = None
+    ) -> Deferred[bool]:
+        now = self._reactor.seconds()
+
+        def work(c: sqlite3.Connection) -> bool:
+            removed = c.execute(
                 "DELETE FROM subscriptions WHERE topic = ? AND callback = ?",
                 (topic, callback),
-            ).rowcount
-            > 0
-        )
+            ).rowcount > 0
+            if cancel_reason is not None:
+                cancel_deliveries(c, topic, callback, cancel_reason, now)
+            return removed
+
+        return self._write(work)
 
     def get_subscription(
         self, topic: str, callback: str
