@@ -10,6 +10,7 @@ wants them (fetching a published topic) follows them itself.
 
 from __future__ import annotations
 
+import re
 import socket
 from typing import Any, List, Optional, Sequence, Tuple
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -163,7 +164,7 @@ def wire_url(url: str) -> bytes:
     Raises ``ValueError`` for a host that cannot be sent.
     """
     parts = urlsplit(url)
-    if url.isascii() and parts.path:
+    if url.isascii() and parts.path and not _NEEDS_ESCAPE.search(url):
         return url.encode("ascii")
     netloc = parts.netloc
     if not netloc.isascii():
@@ -174,6 +175,8 @@ def wire_url(url: str) -> bytes:
     rest = urlunsplit(("", "", "", quote(parts.query, safe=_URL_SAFE), quote(parts.fragment, safe=_URL_SAFE)))
     return f"{parts.scheme}://{netloc}{path}{rest}".encode("ascii")
 
+
+_NEEDS_ESCAPE = re.compile(r"[\x00-\x20\x7f]")
 
 # Everything RFC 3986 allows in a path, query or fragment, and "%" so that
 # existing escapes are kept: only what is outside ASCII (or a space) is encoded.
