@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -52,8 +50,10 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 from urllib.parse import quote
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchlib, beside this file
+from benchlib import TWISTD, Child, HttpServerProtocol, free_port, shares, write_section  # noqa: E402
+import benchlib  # noqa: E402
+
 BODY = b'{"event":"bench","data":{"user":42,"action":"signup"}}'
 TARGET = 0.65  # DESIGN.md: /dispatch accepted/s >= 65 % of the bare ceiling
 CELERY = 460.0  # DESIGN.md: Celery + Redis + requests delivers ~460 webhooks/s
@@ -62,61 +62,22 @@ CELERY = 460.0  # DESIGN.md: Celery + Redis + requests delivers ~460 webhooks/s
 # -- the sink: a fast HTTP server that counts what arrives ---------------------
 
 
-class _SinkProtocol(asyncio.Protocol):
-    """HTTP/1.1 with keep-alive and pipelining; Content-Length or chunked bodies."""
+class _SinkProtocol(HttpServerProtocol):
+    """Answers every POST with ``200 ok`` and notes when it came; the driver asks for the counts."""
 
     OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
 
     def __init__(self, times: List[float], connections: List[int]) -> None:
+        super().__init__()
         self.times = times
         self.connections = connections
-        self.buffer = b""
-        self.transport: Any = None
 
     def connection_made(self, transport: Any) -> None:
-        self.transport = transport
+        super().connection_made(transport)
         self.posted = False
 
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = self.buffer[:end].decode("latin-1")
-            lines = head.split("\r\n")
-            headers = {}
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-            start = end + 4
-            if headers.get("transfer-encoding", "").lower() == "chunked":
-                position = start
-                while True:
-                    line_end = self.buffer.find(b"\r\n", position)
-                    if line_end < 0:
-                        return
-                    size = int(self.buffer[position:line_end].split(b";")[0], 16)
-                    if size == 0:
-                        trailer_end = self.buffer.find(b"\r\n\r\n", line_end)
-                        if trailer_end < 0:
-                            return
-                        rest = trailer_end + 4
-                        break
-                    position = line_end + 2 + size + 2
-                    if position > len(self.buffer):
-                        return
-            else:
-                rest = start + int(headers.get("content-length", "0") or 0)
-                if len(self.buffer) < rest:
-                    return
-            self.buffer = self.buffer[rest:]
-            method, _, rest_of_line = lines[0].partition(" ")
-            path = rest_of_line.rpartition(" ")[0]
-            self.transport.write(self.answer(method, path))
-            if headers.get("connection", "").lower() == "close":
-                self.transport.close()
-                return
+    def request(self, method: str, target: str, headers: Dict[str, str], body: bytes) -> None:
+        self.transport.write(self.answer(method, target))
 
     def answer(self, method: str, path: str) -> bytes:
         if method == "POST":
@@ -233,7 +194,7 @@ def load_worker(port: int, path: str, connections: int, seconds: float) -> None:
 
 def run_fallback_load(port: int, path: str, connections: int, seconds: float, processes: int) -> Dict[str, Any]:
     """``load_worker`` in ``processes`` processes sharing ``connections``."""
-    conns = [connections // processes + (1 if i < connections % processes else 0) for i in range(processes)]
+    conns = shares(connections, processes)
     children = [
         subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--load-worker", str(port), path, str(c), str(seconds)],
@@ -316,61 +277,12 @@ def run_wrk(port: int, path: str, connections: int, seconds: float, threads: int
     }
 
 
-# -- processes -----------------------------------------------------------------
+# -- the sink's figures ------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Child:
-    """A server process on a loopback port, stopped by ``stop`` whatever its state."""
-
-    def __init__(self, name: str, argv: List[str], port: int, log_dir: str, ready: float = 30.0) -> None:
-        self.name = name
-        self.port = port
-        self.log_path = os.path.join(log_dir, f"{name}.log")
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, cwd=log_dir, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={k: v for k, v in os.environ.items() if not k.startswith("HOOKAH_")})
-        deadline = time.monotonic() + ready
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise SystemExit(f"{name} did not start; see {self.log_path}")
-                time.sleep(0.05)
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def rss(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        self.log.close()
-
-
-def http_get(port: int, path: str) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+def http_get(sink: Child, path: str) -> bytes:
+    assert sink.port is not None
+    with socket.create_connection(("127.0.0.1", sink.port), timeout=10) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while True:
@@ -382,11 +294,11 @@ def http_get(port: int, path: str) -> bytes:
 
 
 def sink_count(sink: Child) -> int:
-    return int(http_get(sink.port, "/_count"))
+    return int(http_get(sink, "/_count"))
 
 
 def sink_time_of(sink: Child, n: int) -> Optional[float]:
-    value = json.loads(http_get(sink.port, f"/_at?n={n}"))
+    value = json.loads(http_get(sink, f"/_at?n={n}"))
     return float(value) if value is not None else None
 
 
@@ -439,7 +351,7 @@ class Bench:
 
     def ceiling(self, work: str) -> Dict[str, Any]:
         port = free_port()
-        bare = Child("bare", [sys.executable, os.path.abspath(__file__), "--serve-bare", str(port)], port, work)
+        bare = Child("bare", [sys.executable, os.path.abspath(__file__), "--serve-bare", str(port)], work, port=port)
         try:
             self.load(port, "/dispatch", self.args.warmup)
             before = bare.cpu_seconds()
@@ -454,7 +366,7 @@ class Bench:
         database = os.path.join(work, "hookah.db")
         argv = [self.args.twistd or TWISTD, "-n", "--pidfile=", "hookah", "--listen", f"tcp:{port}:interface=127.0.0.1:backlog=4096",
                 "--storage", f"sqlite:{database}", "--allow-private-targets", *self.args.hookah_option]
-        server = Child("hookah", argv, port, work)
+        server = Child("hookah", argv, work, port=port)
         profiler: Optional[Profiler] = None
         try:
             path = "/dispatch?_url=" + quote(f"http://127.0.0.1:{sink.port}/hook", safe="")
@@ -477,7 +389,7 @@ class Bench:
             figures["delivered_rate"] = figures["requests"] / (last - started)
             figures["delivered_during_load"] = at_end
             figures["cpu_total"] = (server.cpu_seconds() - cpu_before) / (last - started)
-            figures["connections"] = int(http_get(sink.port, "/_connections"))
+            figures["connections"] = int(http_get(sink, "/_connections"))
             if profiler is not None:
                 profiler.stop()
             # The same load with every delivery held back (_delay), so the
@@ -510,15 +422,7 @@ class Bench:
 
 
 def machine() -> Dict[str, str]:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    """``benchlib.machine()``, with the memory and Twisted's version."""
     memory = "unknown"
     try:
         with open("/proc/meminfo") as f:
@@ -532,15 +436,7 @@ def machine() -> Dict[str, str]:
         twisted = twisted_version.public()
     except Exception:
         twisted = "?"
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": model,
-        "memory": memory,
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "twisted": twisted,
-        "date": datetime.date.today().isoformat(),
-        "load": f"{os.getloadavg()[0]:.1f}",
-    }
+    return {**benchlib.machine(), "memory": memory, "twisted": twisted}
 
 
 def hotspots(path: str, top: int = 15) -> List[str]:
@@ -626,22 +522,6 @@ def fmt_ms(value: Optional[float]) -> str:
     return f"{value:.1f} ms" if value is not None else "n/a"
 
 
-def write_section(path: str, text: str) -> None:
-    """Replace (or append) the ``## Dispatch`` section, leaving the others alone."""
-    try:
-        with open(path) as f:
-            existing = f.read()
-    except FileNotFoundError:
-        existing = "# Benchmarks\n\n"
-    pattern = re.compile(r"^## Dispatch\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(existing):
-        existing = pattern.sub(lambda _: text + "\n", existing, count=1)
-    else:
-        existing = existing.rstrip("\n") + "\n\n" + text + "\n"
-    with open(path, "w") as f:
-        f.write(existing)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--serve-sink"]:
@@ -675,7 +555,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"bare Twisted ceiling: {bare['rate']:,.0f} req/s ({bare['requests']:,} in {bare['seconds']:.1f}s, "
               f"CPU {bare['cpu']:.0%}, p50 {fmt_ms(bare.get('p50_ms'))}, p99 {fmt_ms(bare.get('p99_ms'))})", flush=True)
         sink_port = free_port()
-        sink = Child("sink", [sys.executable, os.path.abspath(__file__), "--serve-sink", str(sink_port)], sink_port, work)
+        sink = Child("sink", [sys.executable, os.path.abspath(__file__), "--serve-sink", str(sink_port)], work, port=sink_port)
         hookah = bench.hookah(work, sink)
     finally:
         if sink is not None:
@@ -703,7 +583,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         except (OSError, ValueError) as e:
             print(f"no profile: {e}")
     if args.readme:
-        write_section(args.readme, section(info, args, bare, hookah))
+        write_section(args.readme, "Dispatch", section(info, args, bare, hookah))
         print(f"wrote the Dispatch section of {args.readme}")
     shutil.rmtree(work, ignore_errors=True)
 

@@ -26,10 +26,7 @@ Figures:
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import re
 import selectors
 import socket
 import subprocess
@@ -38,15 +35,14 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchlib, beside this file
+from benchlib import (  # noqa: E402
+    ROOT, TWISTD, cpu_seconds, free_port, machine, percentile, raise_open_files_limit, rss, shares,
+    stop_process, wait_for_port, write_section,
+)
+
 TOPIC = "bench"
 MARKER = b'"topic":"bench"'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:
@@ -54,45 +50,28 @@ class Server:
 
     def __init__(self, storage: str = "memory:", keepalive: float = 30.0, twistd_options: Sequence[str] = ()) -> None:
         self.port = free_port()
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self.log = open(os.path.join("/tmp", f"hookah-bench-{self.port}.log"), "wb")
         self.proc = subprocess.Popen(
-            [twistd, "-n", "--pidfile=", *twistd_options, "hookah", "--storage", storage,
+            [TWISTD, "-n", "--pidfile=", *twistd_options, "hookah", "--storage", storage,
              "--listen", f"tcp:{self.port}:interface=127.0.0.1:backlog=4096",
              "--keepalive", str(keepalive)],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop(keep_log=True)
-                    raise SystemExit(f"hookah did not start; see {self.log.name}")
-                time.sleep(0.05)
+        if not wait_for_port(self.port, self.proc, time.monotonic() + 20):
+            self.stop(keep_log=True)
+            raise SystemExit(f"hookah did not start; see {self.log.name}")
 
     def rss(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+        value = rss(self.proc.pid)
+        if value is None:
+            raise RuntimeError("no VmRSS")
+        return value
 
     def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def stop(self, keep_log: bool = False) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10, None)
         self.log.close()
         if not keep_log:
             os.unlink(self.log.name)
@@ -236,11 +215,6 @@ class Publisher:
                 self.send(refill)
 
 
-def percentile(values: Sequence[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
 def measure_latency(bench: Bench, server: Server, events: int) -> Tuple[float, float, float, float]:
     """
     One event at a time: latency p50/p99 over all receipts, the median time
@@ -275,7 +249,7 @@ def measure_fanout(bench: Bench, server: Server, events: int, publishers: int = 
     body = b'{"phase": "fanout", "padding": "' + b"x" * 64 + b'"}'
     pubs = [Publisher(bench, body) for _ in range(publishers)]
     base = bench.readers[0].got
-    share = [events // publishers + (1 if i < events % publishers else 0) for i in range(publishers)]
+    share = shares(events, publishers)
     cpu0 = server.cpu_seconds()
     start = time.perf_counter()
     for pub, n in zip(pubs, share):
@@ -302,25 +276,6 @@ def measure_memory(server: Server, port: int, streams: int, deadline: float) -> 
     after = server.rss()
     bench.close_readers()
     return (after - before) / streams
-
-
-def machine() -> Dict[str, str]:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": model,
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "date": datetime.date.today().isoformat(),
-        "load": "%.1f" % os.getloadavg()[0],
-    }
 
 
 Row = Tuple[str, int, int, float, float, float, float, float, float]
@@ -406,22 +361,6 @@ def section(rows: Sequence[Row], per_stream: Optional[float], memory_streams: in
     return "\n".join(lines)
 
 
-def write_section(path: str, section: str) -> None:
-    """Replace (or append) the ``## Streams`` section, leaving the others alone."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = "# Benchmarks\n\n"
-    pattern = re.compile(r"^## Streams\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100,1000", help="numbers of streams, comma-separated")
@@ -433,10 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--twistd-option", action="append", default=[], help="extra twistd option, e.g. --profile=out (repeatable)")
     parser.add_argument("--readme", help="write the figures into this Markdown file's Streams section")
     args = parser.parse_args(argv)
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_open_files_limit()
     info = machine()
     deadline = time.monotonic() + args.budget
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -453,7 +389,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             per_stream = measured if i == 0 else per_stream
     text = section(rows, per_stream, args.memory_streams, info)
     if args.readme:
-        write_section(args.readme, text)
+        write_section(args.readme, "Streams", text)
         print(f"wrote the Streams section of {args.readme}")
 
 

@@ -49,24 +49,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import hashlib
 import hmac
 import http.client
 import json
 import os
-import platform
-import re
-import select
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 from urllib.parse import parse_qsl, quote, urlencode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchlib, beside this file
+from benchlib import (  # noqa: E402
+    TWISTD, Child, HttpServerProtocol, free_port, machine, percentile, raise_open_files_limit, write_section,
+)
 
 SUBSCRIBERS = 200
 FLASK_WEBSUB = 0.56  # DESIGN.md: flask-websub fans one update out to 200 subscribers in ~0.56 s
@@ -154,66 +153,26 @@ def _response(status: str, body: bytes, content_type: bytes = b"text/plain") -> 
         status.encode(), content_type, len(body), body)
 
 
-class _Subscriber(asyncio.Protocol):
-    """HTTP/1.1 with keep-alive and pipelining; Content-Length or chunked bodies."""
+class _Subscriber(HttpServerProtocol):
+    """Every callback (answering verifications and notifications) or, with ``control``, the driver's questions."""
 
     OK = _response("200 OK", b"")
 
     def __init__(self, state: _State, control: bool) -> None:
+        super().__init__()
         self.state = state
         self.control = control
-        self.buffer = b""
-        self.transport: Any = None
 
     def connection_made(self, transport: Any) -> None:
-        self.transport = transport
+        super().connection_made(transport)
         if not self.control:
             self.state.connections += 1
 
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            lines = self.buffer[:end].decode("latin-1").split("\r\n")
-            headers = {}
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-            start = end + 4
-            if headers.get("transfer-encoding", "").lower() == "chunked":
-                body, position = b"", start
-                while True:
-                    line_end = self.buffer.find(b"\r\n", position)
-                    if line_end < 0:
-                        return
-                    size = int(self.buffer[position:line_end].split(b";")[0], 16)
-                    if size == 0:
-                        trailer_end = self.buffer.find(b"\r\n\r\n", line_end)
-                        if trailer_end < 0:
-                            return
-                        rest = trailer_end + 4
-                        break
-                    if line_end + 2 + size + 2 > len(self.buffer):
-                        return
-                    body += self.buffer[line_end + 2 : line_end + 2 + size]
-                    position = line_end + 2 + size + 2
-            else:
-                rest = start + int(headers.get("content-length", "0") or 0)
-                if len(self.buffer) < rest:
-                    return
-                body = self.buffer[start:rest]
-            self.buffer = self.buffer[rest:]
-            method, _, target = lines[0].partition(" ")
-            target = target.rpartition(" ")[0]
-            if self.control:
-                asyncio.ensure_future(self.answer_control(target))
-            else:
-                self.transport.write(self.answer(method, target, headers, body))
-            if headers.get("connection", "").lower() == "close":
-                self.transport.close()
-                return
+    def request(self, method: str, target: str, headers: Dict[str, str], body: bytes) -> None:
+        if self.control:
+            asyncio.ensure_future(self.answer_control(target))
+        else:
+            self.transport.write(self.answer(method, target, headers, body))
 
     def answer(self, method: str, target: str, headers: Dict[str, str], body: bytes) -> bytes:
         path, _, query = target.partition("?")
@@ -278,77 +237,7 @@ def secret_for(seed: str, n: int) -> str:
     return hashlib.sha256(f"{seed}/{n}".encode()).hexdigest()[:32]
 
 
-# -- processes -----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Child:
-    """A server process, stopped by ``stop`` whatever its state."""
-
-    def __init__(self, name: str, argv: List[str], log_dir: str, port: Optional[int] = None,
-                 ready: float = 30.0, announce: bool = False) -> None:
-        self.name = name
-        self.port = port
-        self.announced: Any = None
-        self.log_path = os.path.join(log_dir, f"{name}.log")
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            argv, cwd=log_dir, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if announce else self.log, stderr=self.log if announce else subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if not k.startswith("HOOKAH_")},
-        )
-        deadline = time.monotonic() + ready
-        if announce:
-            # The process prints one JSON line once it listens.
-            assert self.proc.stdout is not None
-            while True:
-                readable, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-                if readable:
-                    line = self.proc.stdout.readline()
-                    if line:
-                        self.announced = json.loads(line)
-                        return
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise SystemExit(f"{name} did not start; see {self.log_path}")
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise SystemExit(f"{name} did not start; see {self.log_path}")
-                time.sleep(0.05)
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def rss(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.log.close()
+# -- the driver's HTTP client ---------------------------------------------------
 
 
 class Http:
@@ -382,11 +271,6 @@ class Http:
 
 
 # -- the measurements ----------------------------------------------------------
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 class OutOfTime(Exception):
@@ -652,25 +536,6 @@ def ms(seconds: Optional[float]) -> str:
     return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1000:.1f} ms"
 
 
-def machine() -> Dict[str, str]:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": model,
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "date": datetime.date.today().isoformat(),
-        "load": f"{os.getloadavg()[0]:.1f}",
-    }
-
-
 def interpreter(twistd: str) -> str:
     """``CPython 3.11.7, Twisted 26.10.0``: what a twistd runs on (the python next to it)."""
     python = os.path.join(os.path.dirname(twistd), "python")
@@ -789,22 +654,6 @@ def verdict(runs: List[Tuple[str, Dict[str, Any]]]) -> str:
     return "\n".join(parts)
 
 
-def write_section(path: str, text: str) -> None:
-    """Replace (or append) the ``## WebSub`` section, leaving the others alone."""
-    try:
-        with open(path) as f:
-            existing = f.read()
-    except FileNotFoundError:
-        existing = "# Benchmarks\n\n"
-    pattern = re.compile(r"^## WebSub\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(existing):
-        existing = pattern.sub(lambda _: text + "\n", existing, count=1)
-    else:
-        existing = existing.rstrip("\n") + "\n\n" + text + "\n"
-    with open(path, "w") as f:
-        f.write(existing)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--serve-subscribers"]:
@@ -830,12 +679,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for layout in layouts:
         if layout not in LAYOUTS:
             parser.error(f"unknown layout {layout!r}: {', '.join(LAYOUTS)}")
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the subscriber process
+    raise_open_files_limit()  # inherited by the subscriber process
     info = machine()
-    twistds = args.twistd or [os.path.join(os.path.dirname(sys.executable), "twistd")]
+    twistds = args.twistd or [TWISTD]
     print(f"{info['date']}: {info['nproc']} CPUs ({info['cpu']}), {info['python']}, load average {info['load']}", flush=True)
     runs: List[Tuple[str, Dict[str, Any]]] = []
     for twistd in twistds:
@@ -864,7 +710,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         else:
             shutil.rmtree(work, ignore_errors=True)
     if args.readme and runs:
-        write_section(args.readme, section(info, args, runs))
+        write_section(args.readme, "WebSub", section(info, args, runs))
         print(f"wrote the WebSub section of {args.readme}")
 
 
