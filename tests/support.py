@@ -1,22 +1,73 @@
 """
-Shared test fixtures: a Hookah service on a real loopback port, and a sink
-that records what Hookah sends it.
+Shared test fixtures: a Hookah service on a real loopback port, a sink
+that records what Hookah sends it, an ``HTTPClient`` stand-in whose answers
+the test controls, and the small helpers many test modules need (polling
+against a deadline, temporary directories, a clean child environment).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
 
 import attr
+from twisted.internet import error as neterror
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.task import Clock, deferLater
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web import server
 from twisted.web.resource import Resource
 
 from hookah.app import HookahService
 from hookah.config import Config
+from hookah.http import HTTPClient, Response
 from hookah.web.common import HookahSite
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def temp_dir(testcase: TestCase, prefix: str = "hookah-test-") -> str:
+    """
+    A fresh absolute directory outside the work tree, removed after the test.
+
+    Not ``testcase.mktemp()``: under pytest that path is relative to the
+    working directory, the repository itself.
+    """
+    directory = tempfile.mkdtemp(prefix=prefix)
+    testcase.addCleanup(shutil.rmtree, directory, True)
+    return directory
+
+
+def clean_environment() -> Dict[str, str]:
+    """This process's environment without HOOKAH_* settings, logs unbuffered."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOOKAH_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+async def poll(what: str, check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """
+    Call ``check`` (plain or async) every ``interval`` seconds of real time
+    until it returns something true, and return that; fail once ``timeout``
+    seconds have passed. For integration tests that cannot be told.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if isinstance(result, Deferred) or hasattr(result, "__await__"):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await deferLater(reactor, interval, lambda: None)
 
 
 def http_client(testcase: TestCase) -> Any:
@@ -87,19 +138,26 @@ class Sink(Resource):
         return d
 
 
-def listen_sink(testcase: TestCase, sink: Optional[Sink] = None) -> Tuple[Sink, str]:
-    """Serve a ``Sink`` on 127.0.0.1; returns it and its base URL."""
-    sink = sink or Sink()
-    site = HookahSite(sink)
+def serve(testcase: TestCase, resource: Resource, port: int = 0) -> str:
+    """Serve ``resource`` on 127.0.0.1 (any free port unless told) until the test ends; returns the base URL."""
+    site = HookahSite(resource)
     site.noisy = False
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    listening = reactor.listenTCP(port, site, interface="127.0.0.1")  # type: ignore[arg-type]
 
     async def stop() -> None:
-        await port.stopListening()
+        stopped = listening.stopListening()
+        if stopped is not None:
+            await stopped
         await site.close_connections()
 
     testcase.addCleanup(lambda: ensureDeferred(stop()))
-    return sink, f"http://127.0.0.1:{port.getHost().port}"
+    return f"http://127.0.0.1:{listening.getHost().port}"  # type: ignore[attr-defined]
+
+
+def listen_sink(testcase: TestCase, sink: Optional[Sink] = None, port: int = 0) -> Tuple[Sink, str]:
+    """Serve a ``Sink`` on 127.0.0.1; returns it and its base URL."""
+    sink = sink or Sink()
+    return sink, serve(testcase, sink, port)
 
 
 async def start_hookah(testcase: TestCase, **overrides: Any) -> Tuple[HookahService, str]:
@@ -113,3 +171,74 @@ async def start_hookah(testcase: TestCase, **overrides: Any) -> Tuple[HookahServ
     testcase.addCleanup(service.stopService)
     port = await service.listening()
     return service, f"http://127.0.0.1:{port.getHost().port}"
+
+
+# -- a client the test drives -------------------------------------------------
+
+
+def host_of(url: str) -> str:
+    return urlsplit(url).hostname or ""
+
+
+@attr.s(auto_attribs=True)
+class Sent:
+    method: str
+    url: str
+    headers: List[Tuple[str, str]]
+    body: Optional[bytes]
+    timeout: float
+    at: float
+    deferred: Deferred
+
+    def header(self, name: str) -> Optional[str]:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    @property
+    def host(self) -> str:
+        return host_of(self.url)
+
+    def respond(self, code: int, headers: Sequence[Tuple[str, str]] = (), body: bytes = b"") -> None:
+        self.deferred.callback(Response(code, tuple(headers), body))
+
+    def fail(self, exception: Exception) -> None:
+        self.deferred.errback(Failure(exception))
+
+
+# What to answer with: (code, headers, body), an exception, or None to leave pending.
+Answer = Callable[[Sent], Any]
+
+
+class FakeClient(HTTPClient):
+    """``request(method, url, headers, body, timeout) -> Deferred[Response]``, answered by ``answer``."""
+
+    def __init__(self, clock: Clock, answer: Optional[Answer] = None) -> None:
+        self.clock = clock
+        self.answer: Answer = answer or (lambda sent: (200, (), b"ok"))
+        self.sent: List[Sent] = []
+        self.max_outstanding = 0
+        self.max_per_host: Counter = Counter()
+
+    def request(self, method: str, url: str, headers: Sequence[Tuple[str, str]] = (), body: Optional[bytes] = None, timeout: float = 30.0) -> Deferred:
+        sent = Sent(method, url, list(headers), body, timeout, self.clock.seconds(), Deferred())
+        self.sent.append(sent)
+        self.max_outstanding = max(self.max_outstanding, len(self.outstanding()))
+        self.max_per_host[sent.host] = max(self.max_per_host[sent.host], len(self.outstanding(sent.host)))
+        answer = self.answer(sent)
+        if isinstance(answer, Exception):
+            sent.fail(answer)
+        elif answer is not None:
+            sent.respond(*answer)
+        return sent.deferred
+
+    def outstanding(self, host: Optional[str] = None) -> List[Sent]:
+        return [s for s in self.sent if not s.deferred.called and (host is None or s.host == host)]
+
+    def to(self, host: str) -> List[Sent]:
+        return [s for s in self.sent if s.host == host]
+
+    def fail_outstanding(self) -> None:
+        for sent in self.outstanding():
+            sent.fail(neterror.ConnectionLost("test over"))

@@ -18,21 +18,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-import time
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import deferLater
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from hookah.model import DELIVERED, FAILED
-from tests.support import http_client, listen_sink, start_hookah
+from tests.support import ROOT, http_client, listen_sink, poll, start_hookah, temp_dir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.path.join(ROOT, "artifacts")
 CHROMIUM = os.environ.get("HOOKAH_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("HOOKAH_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -60,8 +55,7 @@ def start_browser(testcase: TestCase) -> Any:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    profile = tempfile.mkdtemp(prefix="hookah-chromium-")
-    testcase.addCleanup(shutil.rmtree, profile, True)
+    profile = temp_dir(testcase, prefix="hookah-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in FLAGS:
@@ -71,19 +65,6 @@ def start_browser(testcase: TestCase) -> Any:
     driver = webdriver.Chrome(service=Service(chromedriver), options=options)
     driver.set_page_load_timeout(30)
     return driver
-
-
-async def poll(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if hasattr(result, "__await__") or isinstance(result, Deferred):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.05, lambda: None)
 
 
 class StatusPageInBrowser(TestCase):
@@ -105,7 +86,7 @@ class StatusPageInBrowser(TestCase):
             )
             self.assertEqual(response.code, 202)
             delivery_id = (await response.json())["id"]
-            await poll("the delivery to fail", lambda: service.store.get_delivery(delivery_id).addCallback(lambda d: d.status == FAILED))
+            await poll("the delivery to fail", lambda: service.store.get_delivery(delivery_id).addCallback(lambda d: d.status == FAILED), 30.0)
 
             driver = await deferToThread(start_browser, self)
             self.addCleanup(deferToThread, driver.quit)

@@ -13,30 +13,25 @@ import os
 import signal
 import socket
 import sys
-import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web import server
 from twisted.web.resource import Resource
 
 from hookah.model import DELIVERED, FAILED
-from hookah.web.common import HookahSite
-from tests.support import http_client, listen_sink, start_hookah
+from tests.support import ROOT, clean_environment, http_client, listen_sink, poll, serve, start_hookah
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, "-m", "hookah.cli"]
 SCRIPT = os.path.join(ROOT, "bin", "hookah")
 LIMIT = 30.0  # seconds any child may run
 
 
 def environment() -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HOOKAH_")}
+    env = clean_environment()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
@@ -108,19 +103,6 @@ async def run(testcase: TestCase, *args: str, stdin: Optional[bytes] = None, com
     return await spawn(testcase, list(args), command, stdin).ended
 
 
-async def poll(what: str, check: Callable[[], Any], timeout: float = LIMIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if hasattr(result, "__await__") or isinstance(result, Deferred):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.05, lambda: None)
-
-
 def closed_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -144,7 +126,7 @@ class Commands(TestCase):
             self.assertEqual(code, 0, err)
             delivery_id = out.strip()
             self.assertEqual(len(delivery_id), 26, out)
-            await poll("the delivery to fail", lambda: service.store.get_delivery(delivery_id).addCallback(lambda d: d.status == FAILED))
+            await poll("the delivery to fail", lambda: service.store.get_delivery(delivery_id).addCallback(lambda d: d.status == FAILED), LIMIT)
 
             code, out, err = await run(self, "deliveries", "--failed", "--server", base)
             self.assertEqual(code, 0, err)
@@ -160,7 +142,7 @@ class Commands(TestCase):
             self.assertEqual(received[1].body, b'{"n": 1}')
             self.assertEqual(received[1].header("x-trace"), "abc")
             self.assertEqual(received[1].header("content-type"), "application/json")
-            await poll("redelivery", lambda: service.store.get_delivery(delivery_id).addCallback(lambda d: d.status == DELIVERED))
+            await poll("redelivery", lambda: service.store.get_delivery(delivery_id).addCallback(lambda d: d.status == DELIVERED), LIMIT)
 
             code, out, err = await run(self, "deliveries", "--status", "delivered", "--json-output", "--server", base)
             self.assertEqual(code, 0, err)
@@ -237,12 +219,9 @@ class Commands(TestCase):
                         request.write(b'{"id":"01B","topic":"t","data":"second"}\r\n')
                     return server.NOT_DONE_YET
 
-            site: Any = HookahSite(FlakyStream())
-            port: Any = reactor.listenTCP(0, site, interface="127.0.0.1")
-            self.addCleanup(lambda: ensureDeferred(_stop(port, site)))
             code, out, err = await run(
                 self, "tail", "t", "--reconnect-delay", "0.05", "--limit", "2",
-                "--server", f"http://127.0.0.1:{port.getHost().port}",
+                "--server", serve(self, FlakyStream()),
             )
             self.assertEqual(code, 0, err)
             self.assertEqual([json.loads(line)["data"] for line in out.splitlines()], ["first", "second"])
@@ -251,11 +230,6 @@ class Commands(TestCase):
             self.assertIn("resuming after 01A", err)
 
         return ensureDeferred(go())
-
-
-async def _stop(port: Any, site: HookahSite) -> None:
-    await port.stopListening()
-    await site.close_connections()
 
 
 class Errors(TestCase):

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
-import tempfile
 from typing import Any, Dict, List
 
 from hypothesis import given, settings
@@ -20,6 +18,7 @@ from twisted.trial.unittest import TestCase
 from hookah import tap
 from hookah.config import SETTINGS, Config, ConfigError, build_config, from_environment, read_toml
 from hookah.retry import DEFAULT_SCHEDULE
+from tests.support import temp_dir
 
 
 def write_file(testcase: TestCase, text: str, name: str = "hookah.toml") -> str:
@@ -28,13 +27,6 @@ def write_file(testcase: TestCase, text: str, name: str = "hookah.toml") -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return path
-
-
-def temp_dir(testcase: TestCase) -> str:
-    """A fresh absolute directory outside the work tree, removed after the test."""
-    directory = tempfile.mkdtemp(prefix="hookah-test-")
-    testcase.addCleanup(shutil.rmtree, directory, True)
-    return directory
 
 
 class DefaultsTests(TestCase):

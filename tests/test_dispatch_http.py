@@ -9,9 +9,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
-import shutil
 import socket
-import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import parse_qsl, quote
 
@@ -25,7 +23,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from hookah import __version__
 from hookah.web.common import ApiError
 from hookah.web.dispatch import delivery_headers
-from tests.support import Received, http_client, listen_sink, start_hookah
+from tests.support import Received, http_client, listen_sink, start_hookah, temp_dir
 
 JSON_BODY = b'{"z": 1,   "a": [1, 2.50, "\\u00e9"],\n "nested": {"k": null}}\n'
 
@@ -623,8 +621,7 @@ class IdempotencyTests(DispatchHTTPTestCase):
     def test_concurrent_repeats_queue_once(self) -> None:
         async def go() -> None:
             sink, sink_url = listen_sink(self)
-            directory = tempfile.mkdtemp()
-            self.addCleanup(shutil.rmtree, directory, True)
+            directory = temp_dir(self)
             await self.start(storage=f"sqlite:{directory}/h.db")
             results = await gatherResults(
                 [ensureDeferred(self.dispatch(f"_url={q(sink_url)}", Idempotency_Key="same")) for _ in range(5)]
@@ -639,8 +636,7 @@ class IdempotencyTests(DispatchHTTPTestCase):
 
     def test_idempotency_survives_a_restart(self) -> None:
         async def go() -> None:
-            directory = tempfile.mkdtemp()
-            self.addCleanup(shutil.rmtree, directory, True)
+            directory = temp_dir(self)
             storage = f"sqlite:{directory}/h.db"
             first_service, _ = await self.start(storage=storage)
             code, _, first = await self.dispatch("_url=http://127.0.0.1:9/later&_delay=3600", Idempotency_Key="restart-key")

@@ -13,9 +13,7 @@ import base64
 import email.utils
 import json
 import time
-from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
-from urllib.parse import urlsplit
 
 import attr
 from standardwebhooks.webhooks import Webhook
@@ -23,7 +21,6 @@ from treq.testing import StubTreq
 from twisted.internet import error as neterror
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -32,7 +29,7 @@ from zope.interface.verify import verifyObject
 from hookah import __version__
 from hookah.dispatcher import Dispatcher
 from hookah.hosts import HostGate
-from hookah.http import HTTPClient, Response
+from hookah.http import HTTPClient
 from hookah.ids import IdGenerator
 from hookah.model import (
     DELIVERED,
@@ -48,82 +45,12 @@ from hookah.model import (
 from hookah.signing import Signer
 from hookah.storage.interface import IStore
 from hookah.storage.memory import MemoryStore
+from tests.support import Answer, FakeClient, Sent
 
 T0 = 1_700_000_000.0
 SCHEDULE = (10.0, 20.0, 40.0)
 NO_JITTER = lambda: 0.5  # noqa: E731  (rand() == 0.5: jitter exactly zero)
 WHSEC = "whsec_" + base64.b64encode(b"dispatcher test secret, 32 bytes").decode()
-
-
-def host_of(url: str) -> str:
-    return urlsplit(url).hostname or ""
-
-
-# -- a client the test drives -------------------------------------------------
-
-
-@attr.s(auto_attribs=True)
-class Sent:
-    method: str
-    url: str
-    headers: List[Tuple[str, str]]
-    body: Optional[bytes]
-    timeout: float
-    at: float
-    deferred: Deferred
-
-    def header(self, name: str) -> Optional[str]:
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
-
-    @property
-    def host(self) -> str:
-        return host_of(self.url)
-
-    def respond(self, code: int, headers: Sequence[Tuple[str, str]] = (), body: bytes = b"") -> None:
-        self.deferred.callback(Response(code, tuple(headers), body))
-
-    def fail(self, exception: Exception) -> None:
-        self.deferred.errback(Failure(exception))
-
-
-# What to answer with: (code, headers, body), an exception, or None to leave pending.
-Answer = Callable[[Sent], Any]
-
-
-class FakeClient:
-    """``request(method, url, headers, body, timeout) -> Deferred[Response]``, answered by ``answer``."""
-
-    def __init__(self, clock: Clock, answer: Optional[Answer] = None) -> None:
-        self.clock = clock
-        self.answer: Answer = answer or (lambda sent: (200, (), b"ok"))
-        self.sent: List[Sent] = []
-        self.max_outstanding = 0
-        self.max_per_host: Counter = Counter()
-
-    def request(self, method: str, url: str, headers: Sequence[Tuple[str, str]] = (), body: Optional[bytes] = None, timeout: float = 30.0) -> Deferred:
-        sent = Sent(method, url, list(headers), body, timeout, self.clock.seconds(), Deferred())
-        self.sent.append(sent)
-        self.max_outstanding = max(self.max_outstanding, len(self.outstanding()))
-        self.max_per_host[sent.host] = max(self.max_per_host[sent.host], len(self.outstanding(sent.host)))
-        answer = self.answer(sent)
-        if isinstance(answer, Exception):
-            sent.fail(answer)
-        elif answer is not None:
-            sent.respond(*answer)
-        return sent.deferred
-
-    def outstanding(self, host: Optional[str] = None) -> List[Sent]:
-        return [s for s in self.sent if not s.deferred.called and (host is None or s.host == host)]
-
-    def to(self, host: str) -> List[Sent]:
-        return [s for s in self.sent if s.host == host]
-
-    def fail_outstanding(self) -> None:
-        for sent in self.outstanding():
-            sent.fail(neterror.ConnectionLost("test over"))
 
 
 # -- a StubTreq target --------------------------------------------------------

@@ -17,34 +17,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import re
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, List, Optional
 from urllib.parse import quote
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tests.support import Sink, http_client
-from hookah.web.common import HookahSite
+from tests.support import clean_environment, http_client, listen_sink, poll, temp_dir
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 WAIT = 60.0  # seconds any single condition may take before the test fails
-
-
-def clean_environment() -> Dict[str, str]:
-    """This process's environment without HOOKAH_* settings, logs unbuffered."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HOOKAH_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def run_twistd(args: List[str], cwd: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
@@ -57,27 +44,6 @@ def run_twistd(args: List[str], cwd: str, timeout: float = WAIT) -> subprocess.C
         capture_output=True,
         timeout=timeout,
     )
-
-
-async def wait_until(what: str, check: Callable[[], Any], timeout: float = WAIT, interval: float = 0.1) -> Any:
-    """Poll ``check`` (plain or async) until it returns something true."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if isinstance(result, Deferred) or hasattr(result, "__await__"):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await deferLater(reactor, interval, lambda: None)
-
-
-def temp_dir(testcase: TestCase) -> str:
-    """A fresh absolute directory outside the work tree, removed after the test."""
-    directory = tempfile.mkdtemp(prefix="hookah-test-")
-    testcase.addCleanup(shutil.rmtree, directory, True)
-    return directory
 
 
 class HookahProcess:
@@ -116,7 +82,7 @@ class HookahProcess:
                 raise AssertionError(f"twistd exited with {self.process.returncode} before listening:\n{text}")
             return None
 
-        self.url = await wait_until("twistd hookah to listen", listening)
+        self.url = await poll("twistd hookah to listen", listening, WAIT, interval=0.1)
         return self.url
 
     def kill(self) -> None:
@@ -146,22 +112,6 @@ def reserve_port(testcase: TestCase) -> socket.socket:
     reserved.bind(("127.0.0.1", 0))
     testcase.addCleanup(reserved.close)
     return reserved
-
-
-def listen_sink_on(testcase: TestCase, port: int) -> Sink:
-    sink = Sink()
-    site = HookahSite(sink)
-    site.noisy = False
-    listening = reactor.listenTCP(port, site, interface="127.0.0.1")  # type: ignore[arg-type]
-
-    async def stop() -> None:
-        stopped = listening.stopListening()
-        if stopped is not None:
-            await stopped
-        await site.close_connections()
-
-    testcase.addCleanup(lambda: ensureDeferred(stop()))
-    return sink
 
 
 class PluginTests(TestCase):
@@ -250,23 +200,21 @@ class StartFailureTests(TestCase):
         for text in expected:
             self.assertIn(text, reasons[0])
 
+    def taken_port(self) -> str:
+        """A loopback port another socket is listening on."""
+        taken = reserve_port(self)
+        taken.listen(1)
+        return str(taken.getsockname()[1])
+
     def test_unopenable_database(self) -> None:
         self.assert_stops_clearly(["--port", "0", "--storage", "sqlite:/nonexistent/dir/hookah.db"], "database")
 
     def test_port_in_use_memory_storage(self) -> None:
-        taken = socket.socket()
-        self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = str(taken.getsockname()[1])
+        port = self.taken_port()
         self.assert_stops_clearly(["--port", port, "--interface", "127.0.0.1", "--storage", "memory:"], port)
 
     def test_port_in_use_sqlite_storage(self) -> None:
-        taken = socket.socket()
-        self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = str(taken.getsockname()[1])
+        port = self.taken_port()
         self.assert_stops_clearly(["--port", port, "--interface", "127.0.0.1", "--storage", "sqlite:hookah.db"], port)
 
 
@@ -325,13 +273,13 @@ class DurabilityTests(TestCase):
             self.assertEqual({d["status"] for d in page} - {"scheduled", "delivering"}, set())
             return sum(len(d["attempts"]) for d in page) >= 10
 
-        await wait_until("refused attempts to be recorded", refused, interval=0.2)
+        await poll("refused attempts to be recorded", refused, WAIT, interval=0.2)
         first.kill()
         self.assertEqual(first.process.returncode, -signal.SIGKILL)
 
         # The target comes up on its port; a new server opens the same file.
         reserved.close()
-        sink = listen_sink_on(self, sink_port)
+        sink, _ = listen_sink(self, port=sink_port)
         second = HookahProcess(self, directory, args)
         base = await second.started()
 
@@ -339,10 +287,7 @@ class DurabilityTests(TestCase):
             return {r.body for r in sink.received}
 
         expected = {json.dumps({"n": n}).encode() for n in range(self.COUNT)}
-        await wait_until(
-            f"all {self.COUNT} webhooks at the sink",
-            lambda: bodies() >= expected,
-        )
+        await poll(f"all {self.COUNT} webhooks at the sink", lambda: bodies() >= expected, WAIT, interval=0.1)
         self.assertEqual(bodies(), expected)  # nothing but ours
         for received in sink.received:
             self.assertEqual((received.method, received.path), ("POST", "/hook"))
@@ -352,7 +297,7 @@ class DurabilityTests(TestCase):
             replies = await gatherResults([ensureDeferred(treq_json(client, f"{base}/dispatch/{i}")) for i in ids])
             return all(r["status"] == "delivered" for r in replies)
 
-        await wait_until("GET /dispatch/<id> to say delivered for all", all_delivered, interval=0.2)
+        await poll("GET /dispatch/<id> to say delivered for all", all_delivered, WAIT, interval=0.2)
         reply = await treq_json(client, f"{base}/dispatch/{ids[0]}")
         self.assertEqual(reply["id"], ids[0])
         self.assertEqual(reply["url"], target)

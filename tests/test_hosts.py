@@ -17,7 +17,7 @@ from hookah.hosts import DEFER, GO, WAIT, HostGate
 from hookah.ids import IdGenerator
 from hookah.model import Delivery
 from hookah.storage.memory import MemoryStore
-from tests.test_dispatcher import FakeClient
+from tests.support import FakeClient
 
 T0 = 1_700_000_000.0
 

@@ -7,8 +7,6 @@ subscribes through Hookah, receives a published update, and unsubscribes.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
 from typing import Any, List, Tuple
 
@@ -16,7 +14,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.support import listen_sink, start_hookah
+from tests.support import listen_sink, start_hookah, temp_dir
 from tests.websubsupport import eventually, post_form
 
 try:
@@ -41,8 +39,7 @@ class FlaskWebSubSubscriber:
         self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
         self.app.config["SERVER_NAME"] = f"127.0.0.1:{self.server.server_port}"
         # Its databases go to a temporary directory, not the work tree.
-        directory = tempfile.mkdtemp(prefix="hookah-interop-")
-        testcase.addCleanup(shutil.rmtree, directory, True)
+        directory = temp_dir(testcase, prefix="hookah-interop-")
         self.subscriber = Subscriber(
             SQLite3SubscriberStorage(os.path.join(directory, "subscriptions.db")),
             SQLite3TempSubscriberStorage(os.path.join(directory, "pending.db")),

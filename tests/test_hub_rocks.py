@@ -17,13 +17,10 @@ from __future__ import annotations
 from typing import Any, List, Optional, Tuple
 
 from twisted.internet.defer import ensureDeferred
-from twisted.trial.unittest import TestCase
 
 from hookah.model import KIND_WEBSUB
-from tests.support import start_hookah
 from tests.websubsupport import (
-    RocksSubscriber,
-    TopicServer,
+    HubTestCase,
     eventually,
     get_json,
     parse_links,
@@ -35,15 +32,10 @@ HTML = "text/html; charset=UTF-8"
 FEED = b"<!doctype html><html><body><div class=\"h-entry\">Hello, hub</div></body></html>\n"
 
 
-class RocksHubTests(TestCase):
-    timeout = 30
-
-    async def setup_hub(self, content_type: str = HTML, body: bytes = FEED, **config: Any) -> None:
-        self.service, self.base = await start_hookah(self, **config)
-        self.hub = self.base + "/hub"
-        self.topic_server = TopicServer(self, content_type, body, hub=self.hub)
-        self.topic = self.topic_server.url("/hub/100/pub/token")
-        self.subscriber = RocksSubscriber(self, self.topic)
+class RocksHubTests(HubTestCase):
+    content_type = HTML
+    body = FEED
+    topic_path = "/hub/100/pub/token"
 
     async def subscriptions(self) -> List[Any]:
         listing = await get_json(self, f"{self.base}/hub/subscriptions")
@@ -172,20 +164,15 @@ class RocksHubTests(TestCase):
 
         return ensureDeferred(go())
 
-    def test_105_plaintext_topic(self) -> Any:
-        async def go() -> None:
-            await self.setup_hub("text/plain", b"Just some text.\nAnd more.\n")
-            await self.subscribe()
-            await self.publish()
-            self.check_notification(await self.notification())
+    async def check_topic_of_type(self, content_type: str, body: bytes) -> None:
+        """Subscribe to a topic of ``content_type``, publish, and check the notification."""
+        await self.setup_hub(content_type, body)
+        await self.subscribe()
+        await self.publish()
+        self.check_notification(await self.notification())
 
-        return ensureDeferred(go())
+    def test_105_plaintext_topic(self) -> Any:
+        return ensureDeferred(self.check_topic_of_type("text/plain", b"Just some text.\nAnd more.\n"))
 
     def test_106_json_topic(self) -> Any:
-        async def go() -> None:
-            await self.setup_hub("application/json", b'{"items": [{"content": "hello"}]}')
-            await self.subscribe()
-            await self.publish()
-            self.check_notification(await self.notification())
-
-        return ensureDeferred(go())
+        return ensureDeferred(self.check_topic_of_type("application/json", b'{"items": [{"content": "hello"}]}'))

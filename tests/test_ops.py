@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import io
 import json
-import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 from urllib.parse import quote
 
 import attr
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, fail
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import TestCase
 from twisted.web.server import NOT_DONE_YET
@@ -27,20 +26,7 @@ from hookah.model import DELIVERED, FAILED, Delivery, Subscription
 from hookah.recent import id_at, newest_deliveries
 from hookah.storage.memory import MemoryStore
 from hookah.web.ops import HealthResource
-from tests.support import http_client, listen_sink, start_hookah
-
-
-async def poll(what: str, check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if hasattr(result, "__await__") or isinstance(result, Deferred):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.05, lambda: None)
+from tests.support import http_client, listen_sink, poll, start_hookah
 
 
 async def get(client: Any, url: str) -> Any:
@@ -129,7 +115,7 @@ class Metrics(TestCase):
                         return False
                 return True
 
-            await poll("deliveries to finish", finished)
+            await poll("deliveries to finish", finished, 15.0)
             code, headers, body = await get(client, base + "/metrics")
             self.assertEqual(code, 200)
             self.assertTrue(headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain; version=0.0.4"))
@@ -180,7 +166,7 @@ class StatusPageContent(TestCase):
             await service.store.put_subscription(
                 Subscription("https://pub.example/feed", "https://sub.example/cb?<b>", None, 86400, now, now + 3 * 86400 + 60)
             )
-            await poll("the failure", lambda: service.store.get_delivery(failed_id).addCallback(lambda d: d.status == FAILED))
+            await poll("the failure", lambda: service.store.get_delivery(failed_id).addCallback(lambda d: d.status == FAILED), 15.0)
 
             code, headers, body = await get(client, base + "/")
             self.assertEqual(code, 200)

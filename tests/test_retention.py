@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail
@@ -20,7 +18,7 @@ from hookah.ids import IdGenerator
 from hookah.model import DELIVERED, FAILED, SCHEDULED, Attempt, Delivery, Event
 from hookah.retention import RetentionService
 from hookah.storage.memory import MemoryStore
-from tests.support import http_client, start_hookah
+from tests.support import http_client, start_hookah, temp_dir
 
 T0 = 1_700_000_000.0
 DAY = 86400.0
@@ -227,7 +225,6 @@ class IdempotencyKeyLifetimeTests(TestCase):
         return ensureDeferred(self.check())
 
     def test_sqlite(self) -> Any:
-        directory = tempfile.mkdtemp(prefix="hookah-keys-")
-        self.addCleanup(shutil.rmtree, directory, True)
+        directory = temp_dir(self, prefix="hookah-keys-")
         return ensureDeferred(self.check(storage=f"sqlite:{os.path.join(directory, 'h.db')}"))
 

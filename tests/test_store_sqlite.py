@@ -9,12 +9,10 @@ or on an event the worker sets.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 from typing import Any, Generator, List
@@ -29,19 +27,14 @@ from hookah.model import DELIVERING, SCHEDULED, Attempt, Delivery, Event, Subscr
 from hookah.storage import sqlite as sqlitemodule
 from hookah.storage.sqlite import SQLiteStore, StoreClosed
 from tests.storecontract import T0, StoreContractMixin
+from tests.support import temp_dir
 
 _Gen = Generator[Deferred[Any], Any, None]
 
 
 def temporaryDatabase(case: TestCase) -> str:
-    """A fresh database path, removed after the test.
-
-    Not ``case.mktemp()``: under pytest that path is relative to the
-    working directory, the repository itself.
-    """
-    directory = tempfile.mkdtemp(prefix="hookah-sqlite-")
-    case.addCleanup(shutil.rmtree, directory, True)
-    return os.path.join(directory, "hookah.db")
+    """A fresh database path, removed after the test."""
+    return os.path.join(temp_dir(case, prefix="hookah-sqlite-"), "hookah.db")
 
 
 class SQLiteStoreContractTests(StoreContractMixin, TestCase):

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import resource
 import socket
-from typing import Any, Callable, List, Optional
+from typing import Any, List, Optional
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientFactory, Protocol
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from hookah.streamparse import ResponseReader, parser_for
 from hookah.web.httpstream import HTTPStream
-from tests.support import http_client, start_hookah
+from tests.support import http_client, poll, start_hookah
 
 LISTEN = "tcp:0:interface=127.0.0.1:backlog=2048"
 
@@ -81,15 +80,6 @@ def connect(port: int, path: bytes, testcase: TestCase, format_name: str = "json
     return client
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll a condition the test cannot be told about directly (server-side state)."""
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.01, lambda: None)
-
-
 def raise_open_files(needed: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < needed:
@@ -125,7 +115,7 @@ class StreamIntegrationTests(TestCase):
             for c in clients:
                 c.transport.loseConnection()
             await DeferredList([c.lost for c in clients])
-            await wait_until(lambda: len(service.streams) == 0, what="registry to empty")
+            await poll("registry to empty", lambda: len(service.streams) == 0, interval=0.01)
             self.assertEqual(service.streams.topics(), [])
 
         return ensureDeferred(go())
@@ -146,9 +136,9 @@ class StreamIntegrationTests(TestCase):
                 stalled.connect(("127.0.0.1", port))
             except BlockingIOError:
                 pass
-            await wait_until(lambda: stalled.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 and _connected(stalled), what="stalled connect")
+            await poll("stalled connect", lambda: stalled.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 and _connected(stalled), interval=0.01)
             stalled.send(b"GET /stream?topic=firehose HTTP/1.1\r\nHost: test\r\n\r\n")
-            await wait_until(lambda: len(service.streams) == 2, what="stalled stream")
+            await poll("stalled stream", lambda: len(service.streams) == 2, interval=0.01)
             stream = next(s for s in service.streams._streams if s is not _stream_of(service, fast))
             assert isinstance(stream, HTTPStream)
             transport = stream._transport
@@ -173,7 +163,7 @@ class StreamIntegrationTests(TestCase):
             self.assertEqual(messages[-1]["data"], "after")
             self.assertEqual(len({m["id"] for m in messages}), published + 1)
             # The stalled connection is gone from the server, not just the registry.
-            await wait_until(lambda: not transport.connected, timeout=10, what="stalled connection to close")
+            await poll("stalled connection to close", lambda: not transport.connected, interval=0.01)
 
         return ensureDeferred(go())
 
@@ -189,7 +179,7 @@ class StreamIntegrationTests(TestCase):
                 c.transport.abortConnection()
             for c in clients[25:]:
                 c.transport.loseConnection()
-            await wait_until(lambda: len(service.streams) == 0, what="registry to empty")
+            await poll("registry to empty", lambda: len(service.streams) == 0, interval=0.01)
             self.assertEqual(service.streams._by_topic, {})
             metrics = await (await http_client(self).get(f"{base}/metrics")).text()
             self.assertIn("hookah_open_streams 0.0", metrics)

@@ -8,7 +8,7 @@ import sys
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import ROOT
 
 
 class MypyTests(TestCase):

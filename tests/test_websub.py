@@ -599,13 +599,19 @@ class FakeCore:
         return succeed([])
 
 
-class PublisherTests(SynchronousTestCase):
-    def setUp(self) -> None:
+class PublisherTestCase(SynchronousTestCase):
+    def start_publisher(self, **options: Any) -> None:
+        """A ``Publisher`` (with ``options``) fetching through a ``ScriptedClient`` into a ``FakeCore``."""
         self.clock = Clock()
         self.client = ScriptedClient()
         self.core = FakeCore()
         self.distributor = Distributor(MemoryStore(self.clock), lambda: "D")
-        self.publisher = Publisher(self.core, self.client, self.distributor, self.clock, max_redirects=2)
+        self.publisher = Publisher(self.core, self.client, self.distributor, self.clock, **options)
+
+
+class PublisherTests(PublisherTestCase):
+    def setUp(self) -> None:
+        self.start_publisher(max_redirects=2)
 
     def test_fetch_follows_redirects_and_keeps_content_type(self) -> None:
         [d] = self.publisher.publish([TOPIC])
@@ -644,17 +650,11 @@ class PublisherTests(SynchronousTestCase):
         self.assertEqual(self.publisher._fetching, {})
 
 
-class PublisherBoundsTests(SynchronousTestCase):
+class PublisherBoundsTests(PublisherTestCase):
     """Publish pings need no token: the fetches they start are bounded."""
 
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.client = ScriptedClient()
-        self.core = FakeCore()
-        self.distributor = Distributor(MemoryStore(self.clock), lambda: "D")
-        self.publisher = Publisher(
-            self.core, self.client, self.distributor, self.clock, max_fetches=3, backlog=4
-        )
+        self.start_publisher(max_fetches=3, backlog=4)
         # Fetches a test leaves waiting end here, not at garbage collection.
         self.addCleanup(self.publisher.stopService)
 

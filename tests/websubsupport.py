@@ -1,7 +1,8 @@
 """
 WebSub test fixtures: a scripted HTTP client for unit tests, and for tests
 over real sockets a topic server and a subscriber that behave like the
-websub.rocks suite (same checks on the hub's requests).
+websub.rocks suite (same checks on the hub's requests), and a test case
+that starts Hookah as the hub between the two.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import attr
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
+from hookah.app import HookahService
 from hookah.http import HTTPClient, Response
-from tests.support import Received, http_client, listen_sink
+from tests.support import Received, http_client, listen_sink, poll, start_hookah
 
 FORM = {b"Content-Type": [b"application/x-www-form-urlencoded"]}
 
@@ -167,9 +167,52 @@ class RocksSubscriber:
         return 200, {"Content-Type": "text/plain"}, params["hub.challenge"].encode()
 
 
-async def post_form(testcase: TestCase, url: str, params: Sequence[Tuple[str, str]]) -> Tuple[int, bytes, Any]:
+class HubTestCase(TestCase):
+    """
+    Hookah as the hub on a loopback port (``self.service``, ``self.base``,
+    ``self.hub``), a ``TopicServer`` serving ``content_type``/``body`` at
+    ``topic_path`` (``self.topic``), and a ``RocksSubscriber`` to it.
+    """
+
+    timeout = 30
+    content_type = "text/plain; charset=utf-8"
+    body = b"news\n"
+    topic_path = "/feed"
+
+    service: HookahService
+    base: str
+    hub: str
+    topic_server: TopicServer
+    topic: str
+    subscriber: RocksSubscriber
+
+    async def setup_hub(self, content_type: Optional[str] = None, body: Optional[bytes] = None, **config: Any) -> None:
+        self.service, self.base = await start_hookah(self, **config)
+        self.hub = self.base + "/hub"
+        self.topic_server = TopicServer(
+            self, content_type or self.content_type, self.body if body is None else body, hub=self.hub
+        )
+        self.topic = self.topic_server.url(self.topic_path)
+        self.subscriber = RocksSubscriber(self, self.topic)
+
+    async def assert_bad_requests(self, cases: Sequence[Tuple[Sequence[Tuple[str, str]], str]], *also: str) -> None:
+        """Each (params, mentioned) posted to the hub is a plain-text 400 naming ``mentioned`` (and each of ``also``)."""
+        for params, mentioned in cases:
+            code, body, response = await post_form(self, self.hub, params)
+            self.assertEqual(code, 400, (params, body))
+            self.assertIn(mentioned, body.decode(), params)
+            for text in also:
+                self.assertIn(text, body.decode(), params)
+            self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/plain; charset=utf-8"])
+
+
+async def post_form(
+    testcase: TestCase, url: str, params: Sequence[Tuple[str, str]], host: Optional[str] = None
+) -> Tuple[int, bytes, Any]:
+    """POST ``params`` as a form (with ``host`` as the Host header if given): code, body, response."""
     client = http_client(testcase)
-    response = await client.post(url, data=urlencode(list(params)).encode(), headers=FORM)
+    headers = {**FORM, b"Host": [host.encode()]} if host is not None else FORM
+    response = await client.post(url, data=urlencode(list(params)).encode(), headers=headers)
     body = await response.content()
     return response.code, body, response
 
@@ -183,21 +226,12 @@ async def get_json(testcase: TestCase, url: str) -> Any:
 
 async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll ``check`` (sync or async) until truthy; integration tests only."""
-    waited = 0.0
-    while True:
-        result = check()
-        if isinstance(result, Deferred) or hasattr(result, "__await__"):
-            result = await result
-        if result:
-            return result
-        if waited >= timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
-        waited += 0.02
+    return await poll(what, check, timeout, interval=0.02)
 
 
 __all__ = [
     "Call",
+    "HubTestCase",
     "ScriptedClient",
     "RocksSubscriber",
     "TopicServer",
