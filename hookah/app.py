@@ -140,7 +140,7 @@ class HookahService(MultiService):
         self.distributor = Distributor(self.store, self.new_id, config.public_url)
         self.core.distribution = self.distributor
         self.dispatcher.on_final.append(self.websub.delivery_finished)
-        self.publisher = Publisher(self.core, self.client, self.distributor, reactor, timeout=config.timeout)
+        self.publisher = Publisher(self.core, self.client, reactor, timeout=config.timeout)
         # Retention: finished deliveries, old events and idempotency keys
         # past their window are deleted in batches.
         self.retention = RetentionService(

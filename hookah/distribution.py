@@ -180,7 +180,6 @@ class Publisher(Service):
         self,
         core: Any,
         client: HTTPClient,
-        distributor: Distributor,
         clock: IReactorTime,
         timeout: float = 30.0,
         max_redirects: int = MAX_REDIRECTS,
@@ -189,7 +188,6 @@ class Publisher(Service):
     ) -> None:
         self.core = core
         self.client = client
-        self.distributor = distributor
         self.clock = clock
         self.timeout = timeout
         self.max_redirects = max_redirects

@@ -606,7 +606,7 @@ class PublisherTestCase(SynchronousTestCase):
         self.client = ScriptedClient()
         self.core = FakeCore()
         self.distributor = Distributor(MemoryStore(self.clock), lambda: "D")
-        self.publisher = Publisher(self.core, self.client, self.distributor, self.clock, **options)
+        self.publisher = Publisher(self.core, self.client, self.clock, **options)
 
 
 class PublisherTests(PublisherTestCase):
