@@ -14,8 +14,6 @@ setup(
     # twisted.plugins is a namespace without __init__.py: find_packages()
     # would drop it silently, and twistd would never see the hookah plugin.
     packages=find_packages(include=["hookah", "hookah.*"]) + ["twisted.plugins"],
-    package_data={"hookah": ["storage/schema/*.sql", "web/static/*"]},
-    include_package_data=True,
     install_requires=[
         "twisted[tls]>=23.10",
         "attrs>=22.2",
@@ -35,7 +33,7 @@ setup(
             "flask-websub>=0.4",
         ],
     },
-    entry_points={"console_scripts": ["hookah=hookah.cli:main"]},
+    entry_points={"console_scripts": ["hookah=hookah.cli.main:main"]},
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",

@@ -17,20 +17,20 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from hookah.config import Config
-from hookah.dispatcher import Dispatcher
-from hookah.distribution import Distributor, Publisher
-from hookah.http import HTTPClient, pooled_agent
-from hookah.hosts import HostGate
+from hookah.delivery.dispatcher import Dispatcher
+from hookah.websub.distribution import Distributor, Publisher
+from hookah.outbound.agent import HTTPClient, pooled_agent
+from hookah.delivery.hosts import HostGate
 from hookah.ids import IdGenerator
 from hookah.metrics import Metrics
-from hookah.retention import RetentionService
-from hookah.service import HookahCore
-from hookah.signing import Signer
-from hookah.ssrf import AddressPolicy
+from hookah.delivery.retention import RetentionService
+from hookah.core import HookahCore
+from hookah.delivery.signing import Signer
+from hookah.outbound.ssrf import AddressPolicy
 from hookah.storage.interface import IStore
-from hookah.topics import TopicRegistry
+from hookah.streams.registry import TopicRegistry
 from hookah.web.common import JsonResource, make_site
-from hookah.auth import ADMIN, Tokens, describe, dispatch_policy, guard, hub_policy
+from hookah.web.auth import ADMIN, Tokens, describe, dispatch_policy, guard, hub_policy
 from hookah.web.dispatch import DispatchResource
 from hookah.web.stream import StreamResource
 from hookah.web.ops import (
@@ -38,7 +38,7 @@ from hookah.web.ops import (
 )
 from hookah.web.hub import HubResource
 from hookah.web.topics import TopicsResource
-from hookah.websub import TopicPolicy, WebSubHub
+from hookah.websub.subscriptions import TopicPolicy, WebSubHub
 
 log = Logger()
 
@@ -48,7 +48,7 @@ def open_store(storage: str, reactor: Any) -> IStore:
         from hookah.storage.memory import MemoryStore
 
         return MemoryStore(reactor)
-    from hookah.storage.sqlite import SQLiteStore
+    from hookah.storage.sqlite.store import SQLiteStore
 
     return SQLiteStore(storage[len("sqlite:"):], reactor)
 

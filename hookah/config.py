@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import attr
 
-from hookah.retry import DEFAULT_SCHEDULE
+from hookah.delivery.retry import DEFAULT_SCHEDULE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -179,7 +179,7 @@ def _secrets(name: str, value: Any) -> Tuple[str, ...]:
 
 
 def _signing_secrets(name: str, value: Any) -> Tuple[str, ...]:
-    from hookah.signing import secret_key
+    from hookah.delivery.signing import secret_key
 
     secrets = _secrets(name, value)
     for secret in secrets:

@@ -17,8 +17,8 @@ from twisted.web.resource import Resource
 
 from hookah.model import Event
 from hookah.storage.memory import MemoryStore
-from hookah.streamparse import ResponseReader, parser_for
-from hookah.topics import TopicRegistry
+from hookah.streams.parse import ResponseReader, parser_for
+from hookah.streams.registry import TopicRegistry
 from hookah.web.common import HookahSite, make_site
 from hookah.web.httpstream import HTTPStream
 from hookah.web.stream import StreamResource

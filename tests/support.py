@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 
 from hookah.app import HookahService
 from hookah.config import Config
-from hookah.http import HTTPClient, Response
+from hookah.outbound.agent import HTTPClient, Response
 from hookah.web.common import HookahSite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,8 +20,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from hookah import auth
-from hookah.auth import ADMIN, PUBLISHER, Tokens, dispatch_policy, hub_policy, session_value
+from hookah.web import auth
+from hookah.web.auth import ADMIN, PUBLISHER, Tokens, dispatch_policy, hub_policy, session_value
 from tests.support import http_client, listen_sink, start_hookah
 
 PUBLISHER_TOKEN = "pub-token-1234567890"
@@ -192,8 +192,8 @@ class TokenChecks(TestCase):
             self.assertEqual(code, 401, body)
 
             # `hookah tail --token` sends the token (and gets the replay).
-            from hookah.cli import build_parser, client_for
-            from hookah.client import follow
+            from hookah.cli.main import build_parser, client_for
+            from hookah.cli.client import follow
 
             args = build_parser().parse_args(["tail", "secret", "--server", client.base, "--token", ADMIN_TOKEN])
             seen: List[Dict[str, Any]] = []

@@ -24,7 +24,7 @@ from twisted.web.resource import Resource
 from hookah.model import DELIVERED, FAILED
 from tests.support import ROOT, clean_environment, http_client, listen_sink, poll, serve, start_hookah
 
-CLI = [sys.executable, "-m", "hookah.cli"]
+CLI = [sys.executable, "-m", "hookah.cli.main"]
 SCRIPT = os.path.join(ROOT, "bin", "hookah")
 LIMIT = 30.0  # seconds any child may run
 

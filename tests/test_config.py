@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from hookah import tap
 from hookah.config import SETTINGS, Config, ConfigError, build_config, from_environment, read_toml
-from hookah.retry import DEFAULT_SCHEDULE
+from hookah.delivery.retry import DEFAULT_SCHEDULE
 from tests.support import temp_dir
 
 

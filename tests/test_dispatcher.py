@@ -2,7 +2,7 @@
 The dispatcher on a deterministic ``Clock`` with a ``MemoryStore``.
 
 Outgoing HTTP is either a ``FakeClient`` whose answers the test controls
-(when and what), or the real ``hookah.http.HTTPClient`` over
+(when and what), or the real ``hookah.outbound.agent.HTTPClient`` over
 ``treq.testing.StubTreq`` (which also exercises its timeout, headers and
 redirect handling without sockets).
 """
@@ -27,9 +27,9 @@ from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
 from hookah import __version__
-from hookah.dispatcher import Dispatcher
-from hookah.hosts import HostGate
-from hookah.http import HTTPClient
+from hookah.delivery.dispatcher import Dispatcher
+from hookah.delivery.hosts import HostGate
+from hookah.outbound.agent import HTTPClient
 from hookah.ids import IdGenerator
 from hookah.model import (
     DELIVERED,
@@ -42,7 +42,7 @@ from hookah.model import (
     SCHEDULED,
     Delivery,
 )
-from hookah.signing import Signer
+from hookah.delivery.signing import Signer
 from hookah.storage.interface import IStore
 from hookah.storage.memory import MemoryStore
 from tests.support import Answer, FakeClient, Sent

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from hookah.eventjson import event_to_json, is_json_type
+from hookah.streams.eventjson import event_to_json, is_json_type
 from hookah.model import Event
 
 

@@ -12,8 +12,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from hookah.dispatcher import Dispatcher
-from hookah.hosts import DEFER, GO, WAIT, HostGate
+from hookah.delivery.dispatcher import Dispatcher
+from hookah.delivery.hosts import DEFER, GO, WAIT, HostGate
 from hookah.ids import IdGenerator
 from hookah.model import Delivery
 from hookah.storage.memory import MemoryStore

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseNeverReceived
 
-from hookah.http import describe_failure, wire_url
+from hookah.outbound.agent import describe_failure, wire_url
 from tests.support import http_client, listen_sink, start_hookah
 
 

@@ -23,7 +23,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from hookah.logs import JsonLineObserver
 from hookah.model import DELIVERED, FAILED, Delivery, Subscription
-from hookah.recent import id_at, newest_deliveries
+from hookah.web.recent import id_at, newest_deliveries
 from hookah.storage.memory import MemoryStore
 from hookah.web.ops import HealthResource
 from tests.support import http_client, listen_sink, poll, start_hookah

@@ -1,5 +1,5 @@
 """
-Tests for hookah.payload: what a /dispatch body forwards, and what it controls.
+Tests for hookah.web.payload: what a /dispatch body forwards, and what it controls.
 
 The properties pin the promises the web layer relies on (forms lose exactly
 their ``_`` fields, multipart keeps files byte for byte, anything else is not
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hookah import payload as payload_module
-from hookah.payload import (
+from hookah.web import payload as payload_module
+from hookah.web.payload import (
     Part,
     Payload,
     PayloadError,

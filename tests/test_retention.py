@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from hookah.config import Config, ConfigError, build_config
 from hookah.ids import IdGenerator
 from hookah.model import DELIVERED, FAILED, SCHEDULED, Attempt, Delivery, Event
-from hookah.retention import RetentionService
+from hookah.delivery.retention import RetentionService
 from hookah.storage.memory import MemoryStore
 from tests.support import http_client, start_hookah, temp_dir
 

@@ -1,5 +1,5 @@
 """
-The retry policy of ``hookah.retry``: schedule, jitter, ``Retry-After`` and
+The retry policy of ``hookah.delivery.retry``: schedule, jitter, ``Retry-After`` and
 the final outcomes, through its public functions only (no reactor).
 """
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
 from hookah.model import DELIVERED, FAILED, SCHEDULED
-from hookah.retry import DEFAULT_SCHEDULE, JITTER, MAX_RETRY_AFTER, backoff, decide, parse_retry_after
+from hookah.delivery.retry import DEFAULT_SCHEDULE, JITTER, MAX_RETRY_AFTER, backoff, decide, parse_retry_after
 
 SCHEDULE = (5.0, 30.0, 120.0, 600.0)
 NOW = 1_700_000_000.0  # a realistic epoch, so HTTP-dates mean something

@@ -1,5 +1,5 @@
 """
-Standard Webhooks signatures from ``hookah.signing``, checked by the
+Standard Webhooks signatures from ``hookah.delivery.signing``, checked by the
 independent ``standardwebhooks`` package (the reference implementation a
 receiver would use), not by our own code.
 """
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from twisted.trial.unittest import TestCase
 
-from hookah.signing import Signer, secret_key, sign
+from hookah.delivery.signing import Signer, secret_key, sign
 
 WHSEC = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 WHSEC_OLD = "whsec_" + base64.b64encode(b"an older secret, being rotated!!").decode()

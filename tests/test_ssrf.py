@@ -18,11 +18,11 @@ from twisted.trial.unittest import TestCase
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 
-from hookah.dispatcher import Dispatcher
-from hookah.http import HTTPClient
+from hookah.delivery.dispatcher import Dispatcher
+from hookah.outbound.agent import HTTPClient
 from hookah.ids import IdGenerator
 from hookah.model import DELIVERED, FAILED, Delivery
-from hookah.ssrf import AddressPolicy, GuardedEndpointFactory, TargetRefused
+from hookah.outbound.ssrf import AddressPolicy, GuardedEndpointFactory, TargetRefused
 from hookah.storage.memory import MemoryStore
 from tests.support import http_client, listen_sink, start_hookah
 

@@ -24,8 +24,8 @@ from twisted.trial.unittest import TestCase
 import hookah
 from hookah.ids import IdGenerator
 from hookah.model import DELIVERING, SCHEDULED, Attempt, Delivery, Event, Subscription
-from hookah.storage import sqlite as sqlitemodule
-from hookah.storage.sqlite import SQLiteStore, StoreClosed
+from hookah.storage.sqlite import store as sqlitemodule
+from hookah.storage.sqlite.store import SQLiteStore, StoreClosed
 from tests.storecontract import T0, StoreContractMixin
 from tests.support import temp_dir
 
@@ -100,7 +100,7 @@ class SQLiteStoreTests(TestCase):
             import sys
             from twisted.internet import defer, task
             from hookah.model import Delivery
-            from hookah.storage.sqlite import SQLiteStore
+            from hookah.storage.sqlite.store import SQLiteStore
 
             @defer.inlineCallbacks
             def main(reactor, path):

@@ -11,7 +11,7 @@ import json
 from twisted.internet.defer import fail
 from twisted.trial.unittest import TestCase
 
-from hookah.streamparse import SSEMessage
+from hookah.streams.parse import SSEMessage
 from hookah.web import httpstream
 from tests.streamsupport import StreamHarness
 
@@ -47,7 +47,7 @@ class RequestTests(TestCase):
         from twisted.internet.interfaces import IPushProducer
         from zope.interface.verify import verifyObject
 
-        from hookah.topics import ILiveStream
+        from hookah.streams.registry import ILiveStream
 
         self.h.connect("topic=t")
         (stream,) = self.h.streams()

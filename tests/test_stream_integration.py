@@ -17,7 +17,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from hookah.streamparse import ResponseReader, parser_for
+from hookah.streams.parse import ResponseReader, parser_for
 from hookah.web.httpstream import HTTPStream
 from tests.support import http_client, poll, start_hookah
 

@@ -13,10 +13,10 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from hookah import streamformat
+from hookah.streams import format as streamformat
 from hookah.model import Event
-from hookah.streamformat import JSON_LINES, SSE, FrameCache, StreamFormat
-from hookah.topics import ILiveStream, TopicRegistry
+from hookah.streams.format import JSON_LINES, SSE, FrameCache, StreamFormat
+from hookah.streams.registry import ILiveStream, TopicRegistry
 
 
 @implementer(ILiveStream)

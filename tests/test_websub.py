@@ -14,8 +14,8 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from hookah.dispatcher import Dispatcher
-from hookah.distribution import Distributor, Publisher, hub_url, link_header, signature
+from hookah.delivery.dispatcher import Dispatcher
+from hookah.websub.distribution import Distributor, Publisher, hub_url, link_header, signature
 from hookah.ids import IdGenerator
 from hookah.metrics import Metrics
 from hookah.model import (
@@ -32,9 +32,9 @@ from hookah.model import (
     Event,
     Subscription,
 )
-from hookah.ssrf import TargetRefused
+from hookah.outbound.ssrf import TargetRefused
 from hookah.storage.memory import MemoryStore
-from hookah.websub import (
+from hookah.websub.subscriptions import (
     DENIED,
     REJECTED,
     HubBusy,

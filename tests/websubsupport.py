@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from hookah.app import HookahService
-from hookah.http import HTTPClient, Response
+from hookah.outbound.agent import HTTPClient, Response
 from tests.support import Received, http_client, listen_sink, poll, start_hookah
 
 FORM = {b"Content-Type": [b"application/x-www-form-urlencoded"]}

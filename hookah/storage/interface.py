@@ -107,7 +107,7 @@ class IStore(Interface):
 
         A ``delivering`` delivery is left alone: its attempt is in progress
         and its deliverer records the outcome (the caller cancels again
-        after that attempt, see ``hookah.websub``). Finished deliveries and
+        after that attempt, see ``hookah.websub.subscriptions``). Finished deliveries and
         deliveries of other kinds are never touched. An index search, never
         a scan of all deliveries. Deferred[int]: how many were cancelled.
         """

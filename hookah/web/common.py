@@ -256,7 +256,7 @@ class HookahSite(server.Site):
 def make_site(root: Any, max_body: int, reactor: Any = None, access_log: bool = False) -> HookahSite:
     # Twisted would otherwise parse every form body into request.args and
     # build an email message per request to read the Content-Type: that
-    # halves throughput, and hookah.payload parses bodies itself.
+    # halves throughput, and hookah.web.payload parses bodies itself.
     site = HookahSite(root, requestFactory=HookahRequest, parsePOSTFormSubmission=False, reactor=reactor)
     site.max_body = max_body  # type: ignore[attr-defined]
     site.access_log = access_log

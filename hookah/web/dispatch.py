@@ -18,11 +18,11 @@ from twisted.internet.defer import Deferred
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from hookah.http import wire_url
+from hookah.outbound.agent import wire_url
 from hookah.model import STATUSES
-from hookah.websub import decode_unreserved
-from hookah.payload import PayloadError, split_payload
-from hookah.service import Accepted, HookahCore, DispatchRequest
+from hookah.websub.subscriptions import decode_unreserved
+from hookah.web.payload import PayloadError, split_payload
+from hookah.core import Accepted, HookahCore, DispatchRequest
 from hookah.web.common import ApiError, JsonResource, int_arg, json_body, query_args, render_async
 
 CONTROLS = ("_url", "_topic", "_errback", "_callback", "_retries", "_delay", "_timeout", "_id")

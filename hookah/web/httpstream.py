@@ -45,8 +45,8 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from hookah.model import Event
-from hookah.streamformat import FrameCache, StreamFormat, chunk
-from hookah.topics import ILiveStream, TopicRegistry
+from hookah.streams.format import FrameCache, StreamFormat, chunk
+from hookah.streams.registry import ILiveStream, TopicRegistry
 
 __all__ = ["HTTPStream", "HISTORY_PAGE", "CLOSE_GRACE", "EXPECT_TAIL"]
 

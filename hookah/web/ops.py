@@ -21,10 +21,10 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from hookah import __version__
-from hookah.auth import COOKIE_MAX_AGE, COOKIE_NAME, Tokens, session_value
+from hookah.web.auth import COOKIE_MAX_AGE, COOKIE_NAME, Tokens, session_value
 from hookah.metrics import Metrics
 from hookah.model import FAILED, STATUSES
-from hookah.recent import newest_deliveries
+from hookah.web.recent import newest_deliveries
 from hookah.web.common import ApiError, JsonResource, json_body, render_async
 from hookah.web.status_html import Snapshot, TopicRow, content_security_policy, login_page, status_page
 
@@ -41,7 +41,7 @@ def no_streams() -> Dict[str, int]:
 
 
 def stream_counts(registry: Any) -> StreamCounts:
-    """Open streams per topic, read from a ``hookah.topics.TopicRegistry``."""
+    """Open streams per topic, read from a ``hookah.streams.registry.TopicRegistry``."""
     return lambda: {topic: registry.readers(topic) for topic in registry.topics()}
 
 

@@ -27,9 +27,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import server
 
-from hookah.websub import decode_unreserved
-from hookah.streamformat import FORMATS, JSON_LINES, LENGTH_DELIMITED, SSE, StreamFormat
-from hookah.topics import TopicRegistry
+from hookah.websub.subscriptions import decode_unreserved
+from hookah.streams.format import FORMATS, JSON_LINES, LENGTH_DELIMITED, SSE, StreamFormat
+from hookah.streams.registry import TopicRegistry
 from hookah.web.common import ApiError, JsonResource, error_body, int_arg
 from hookah.web.httpstream import HTTPStream
 

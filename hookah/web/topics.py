@@ -5,7 +5,7 @@ Topics are often URLs (WebSub topics are), so the name travels
 percent-encoded as one path segment: ``/topics/https%3A%2F%2Fexample.com%2Ffeed/events``.
 An unencoded name (``/topics/https://example.com/feed/events``) is accepted
 too: every segment before the final ``events`` is part of the name.
-Events are in the JSON form of ``hookah.eventjson``, shared with ``/stream``.
+Events are in the JSON form of ``hookah.streams.eventjson``, shared with ``/stream``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any, List
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from hookah.websub import decode_unreserved
-from hookah.eventjson import event_to_json
+from hookah.websub.subscriptions import decode_unreserved
+from hookah.streams.eventjson import event_to_json
 from hookah.web.common import JsonResource, NotFound, int_arg, json_body, query_args, render_async
 
 MAX_LIMIT = 1000

@@ -18,9 +18,9 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from hookah.dispatcher import Dispatcher
+from hookah.delivery.dispatcher import Dispatcher
 from hookah.metrics import Metrics
-from hookah.ssrf import AddressPolicy
+from hookah.outbound.ssrf import AddressPolicy
 from hookah.model import KIND_WEBSUB, SCHEDULED, Delivery, Event, Headers
 
 log = Logger()

@@ -25,7 +25,7 @@ verification or denial requests are in flight at once, and at most
 beyond that ``submit`` raises ``HubBusy`` (the web layer answers ``503``).
 
 HTTP parsing lives in ``hookah.web.hub``; content distribution and topic
-fetching in ``hookah.distribution``. Every timer here runs on the injected
+fetching in ``hookah.websub.distribution``. Every timer here runs on the injected
 clock, so leases, retries and purges are tested with ``task.Clock``.
 """
 
@@ -52,7 +52,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hookah.http import HTTPClient, describe_failure
+from hookah.outbound.agent import HTTPClient, describe_failure
 from hookah.metrics import Metrics
 from hookah.model import (
     CANCELLED_EXPIRED,
@@ -62,7 +62,7 @@ from hookah.model import (
     Delivery,
     Subscription,
 )
-from hookah.ssrf import TargetRefused
+from hookah.outbound.ssrf import TargetRefused
 
 log = Logger()
 

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import IO, Callable, Dict, List, Optional, Sequence, Tuple
 
-from hookah.client import ClientError, HookahClient, ServerError, UsageError
+from hookah.cli.client import ClientError, HookahClient, ServerError, UsageError
 
 Destination = Tuple[str, str]
 

@@ -29,7 +29,7 @@ from hookah.model import (
     Event,
     Headers,
 )
-from hookah.storage.sqlschema import (
+from hookah.storage.sqlite.schema import (
     APPEND_ATTEMPT,
     CANCEL_DELIVERY,
     CLAIM_EXPIRED,

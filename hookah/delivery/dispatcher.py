@@ -2,7 +2,7 @@
 The dispatcher: claims due deliveries, sends them, and records what came of it.
 
 It owns the delivery lifecycle after storage has accepted a delivery:
-attempts, the retry decision (``hookah.retry``), and the follow-up reports
+attempts, the retry decision (``hookah.delivery.retry``), and the follow-up reports
 (errback on final failure, callback with the target's response on success),
 which are deliveries of their own. It keeps no queue in memory: storage is
 the queue, so a killed process loses nothing but the attempts in flight,
@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hookah.http import HTTPClient, Response, describe_failure
+from hookah.outbound.agent import HTTPClient, Response, describe_failure
 from hookah.metrics import Metrics, result_class
 from hookah.model import (
     DELIVERED,
@@ -37,10 +37,10 @@ from hookah.model import (
     Attempt,
     Delivery,
 )
-from hookah.hosts import DEFER, GO, WAIT, HostGate
-from hookah.retry import Decision, decide
-from hookah.signing import Signer
-from hookah.ssrf import TargetRefused
+from hookah.delivery.hosts import DEFER, GO, WAIT, HostGate
+from hookah.delivery.retry import Decision, decide
+from hookah.delivery.signing import Signer
+from hookah.outbound.ssrf import TargetRefused
 from hookah.storage.interface import IStore
 
 log = Logger()

@@ -65,7 +65,7 @@ from hookah.model import (
     Subscription,
 )
 from hookah.storage.interface import IStore
-from hookah.storage.sqlrows import (
+from hookah.storage.sqlite.rows import (
     attempt_row,
     cancel_deliveries,
     claim_due,
@@ -76,7 +76,7 @@ from hookah.storage.sqlrows import (
     load_deliveries,
     remember_idempotency_keys,
 )
-from hookah.storage.sqlschema import (
+from hookah.storage.sqlite.schema import (
     ACTIVE_SUBSCRIPTIONS,
     APPEND_ATTEMPT,
     DELETE_ATTEMPTS,
@@ -97,12 +97,12 @@ from hookah.storage.sqlschema import (
     UNTIMED,
     upgrade,
 )
-from hookah.storage.sqlworker import SQLWorker, Work
+from hookah.storage.sqlite.worker import SQLWorker, Work
 
 # Re-exported: this module is where StoreClosed, the schema's version, its
 # migrations and the plan-checked statements have always been found
 # (tests/test_store_sqlite.py imports them from here).
-from hookah.storage.sqlschema import (  # noqa: F401
+from hookah.storage.sqlite.schema import (  # noqa: F401
     CANCEL_DELIVERY,
     CLAIM_EXPIRED,
     CLAIM_SCHEDULED,
@@ -111,7 +111,7 @@ from hookah.storage.sqlschema import (  # noqa: F401
     QUEUED_NOTIFICATIONS,
     SCHEMA_VERSION,
 )
-from hookah.storage.sqlworker import StoreClosed  # noqa: F401
+from hookah.storage.sqlite.worker import StoreClosed  # noqa: F401
 
 log = Logger()
 

@@ -1,7 +1,7 @@
 """
 ``hookah``: the command line for people who run or use a Hookah.
 
-Client commands talk to a running server over HTTP (``hookah.client``);
+Client commands talk to a running server over HTTP (``hookah.cli.client``);
 ``serve`` runs the server itself, built by the same ``hookah.tap`` code as
 ``twistd hookah``. Every failure is one line on stderr and a non-zero exit
 status: 1 the server refused the request, 2 bad usage, 3 the server could
@@ -18,8 +18,8 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hookah import __version__
-from hookah.batch import dispatch_headers, say, send_lines
-from hookah.client import ClientError, HookahClient, ServerError, UsageError, follow
+from hookah.cli.batch import dispatch_headers, say, send_lines
+from hookah.cli.client import ClientError, HookahClient, ServerError, UsageError, follow
 
 DEFAULT_SERVER = "http://localhost:8080"
 
@@ -119,7 +119,7 @@ def send_one(args: argparse.Namespace, destination: Tuple[str, str]) -> int:
 
 
 def dispatch_many(args: argparse.Namespace) -> int:
-    """Send every JSON line of --from-file (see ``hookah.batch``)."""
+    """Send every JSON line of --from-file (see ``hookah.cli.batch``)."""
     try:
         if args.from_file == "-":
             text = sys.stdin.read()
@@ -221,7 +221,7 @@ def quote_id(delivery_id: str) -> str:
 
 def cmd_serve(argv: List[str]) -> int:
     """Run the server in the foreground: ``twistd -n hookah`` without twistd."""
-    from hookah.serve import serve
+    from hookah.cli.serve import serve
 
     return serve(argv)
 

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
 from hookah.model import Event
-from hookah.streamformat import FrameCache
+from hookah.streams.format import FrameCache
 
 __all__ = ["ILiveStream", "TopicRegistry", "BURST_GAP"]
 

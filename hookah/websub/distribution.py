@@ -23,9 +23,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hookah.http import HTTPClient, describe_failure
+from hookah.outbound.agent import HTTPClient, describe_failure
 from hookah.model import KIND_WEBSUB, SCHEDULED, Delivery, Event, Headers, Subscription
-from hookah.websub import BackgroundTasks, HubBusy
+from hookah.websub.subscriptions import BackgroundTasks, HubBusy
 
 log = Logger()
 

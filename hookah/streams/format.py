@@ -10,7 +10,7 @@ very same ``bytes`` object.
 
 Formats (``../shared/API.md`` §4):
 
-- ``json``: the event object (``hookah.eventjson``) as one line, ``\\r\\n``
+- ``json``: the event object (``hookah.streams.eventjson``) as one line, ``\\r\\n``
   terminated.
 - ``length``: ``delimited=length``, the same line preceded by its length in
   bytes (terminator included) and ``\\r\\n``, as Twitter's streaming API did.
@@ -30,7 +30,7 @@ from typing import Dict, Optional, Tuple
 
 import attr
 
-from hookah.eventjson import event_to_json
+from hookah.streams.eventjson import event_to_json
 from hookah.model import Event
 
 __all__ = [

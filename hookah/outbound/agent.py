@@ -272,7 +272,7 @@ def pooled_agent(
     (close it on stop). It keeps no cookies: a target's ``Set-Cookie`` must
     never ride along on later deliveries.
     """
-    from hookah.ssrf import GuardedEndpointFactory
+    from hookah.outbound.ssrf import GuardedEndpointFactory
 
     pool = webclient.HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietFactory

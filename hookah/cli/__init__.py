@@ -1,0 +1,1 @@
+"""The ``hookah`` command: client subcommands over HTTP, and ``hookah serve``."""

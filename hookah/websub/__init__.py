@@ -1,0 +1,1 @@
+"""The WebSub hub: subscriptions (verification, leases, denial) and distribution of published content."""
