@@ -29,6 +29,7 @@ setup(
             "standardwebhooks>=1.0",
             "mypy>=1.8",
             "mypy-zope>=1.0",
+            "ruff>=0.17,<0.18",  # ruff.toml; newer releases add rules
             "selenium>=4.10",
             "flask-websub>=0.4",
         ],

@@ -51,8 +51,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from urllib.parse import quote
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchlib, beside this file
-from benchlib import TWISTD, Child, HttpServerProtocol, free_port, shares, write_section  # noqa: E402
-import benchlib  # noqa: E402
+from benchlib import TWISTD, Child, HttpServerProtocol, free_port, shares, write_section
+import benchlib
 
 BODY = b'{"event":"bench","data":{"user":42,"action":"signup"}}'
 TARGET = 0.65  # DESIGN.md: /dispatch accepted/s >= 65 % of the bare ceiling

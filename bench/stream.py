@@ -36,7 +36,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchlib, beside this file
-from benchlib import (  # noqa: E402
+from benchlib import (
     ROOT, TWISTD, cpu_seconds, free_port, machine, percentile, raise_open_files_limit, rss, shares,
     stop_process, wait_for_port, write_section,
 )
@@ -330,7 +330,7 @@ def section(rows: Sequence[Row], per_stream: Optional[float], memory_streams: in
         "| storage | streams | sustained fan-out deliveries/s | server CPU | one event: last reader after | one event: deliveries per server CPU-s | latency p50 | latency p99 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for storage, n, events, rate, cpu, p50, p99, last, single in rows:
+    for storage, n, _events, rate, cpu, p50, p99, last, single in rows:
         lines.append(f"| {storage.split(':')[0]} | {n:,} | {rate:,.0f} | {cpu:.0%} | {last:.2f} ms | {single:,.0f} | {p50:.2f} ms | {p99:.2f} ms |")
     if per_stream is not None:
         lines += ["", f"Memory per idle stream: **{per_stream / 1024:.1f} KB** (growth of a fresh server's RSS when "

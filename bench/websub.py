@@ -63,7 +63,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 from urllib.parse import parse_qsl, quote, urlencode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchlib, beside this file
-from benchlib import (  # noqa: E402
+from benchlib import (
     TWISTD, Child, HttpServerProtocol, free_port, machine, percentile, raise_open_files_limit, write_section,
 )
 
@@ -582,7 +582,7 @@ def section(info: Dict[str, str], args: argparse.Namespace, runs: List[Tuple[str
                 f"{s['hookah_cpu']:.0%} | {s['subs_cpu']:.0%} |"
             )
     lines += ["", verdict(runs), ""]
-    for label, result in runs:
+    for _label, result in runs:
         for layout, f in result["layouts"].items():
             s = f["sustained"]
             lines.append(

@@ -143,7 +143,7 @@ def _public_url(name: str, value: Any) -> str:
     text = str(value)
     try:
         parts = urlsplit(text)
-        parts.port
+        _ = parts.port  # raises ValueError for a port that is not a number
     except ValueError:
         raise ConfigError(f"--{name} is not a valid URL: {text!r}")
     if parts.scheme not in ("http", "https") or not parts.netloc:

@@ -9,19 +9,19 @@ before the dispatcher claims work and before the port accepts requests.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 from urllib.parse import quote
 
 import attr
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from hookah.delivery.dispatcher import Dispatcher
 from hookah.metrics import Metrics
 from hookah.outbound.ssrf import AddressPolicy
-from hookah.model import KIND_WEBSUB, SCHEDULED, Delivery, Event, Headers
+from hookah.model import SCHEDULED, Delivery, Event, Headers
 
 log = Logger()
 

@@ -65,6 +65,6 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def result_class(status_code: "int | None") -> str:
+def result_class(status_code: int | None) -> str:
     """``2xx``, ``4xx``... or ``error`` when no response came."""
     return f"{status_code // 100}xx" if status_code else "error"

@@ -93,7 +93,7 @@ class StreamHarness:
     def streams(self) -> List[HTTPStream]:
         return [cast(HTTPStream, s) for s in self.registry._streams]
 
-    def connect(self, query: str, headers: bytes = b"", version: bytes = b"HTTP/1.1") -> "Conn":
+    def connect(self, query: str, headers: bytes = b"", version: bytes = b"HTTP/1.1") -> Conn:
         channel = self.site.buildProtocol(None)
         transport = StringTransport()
         channel.makeConnection(transport)

@@ -596,7 +596,7 @@ class IdempotencyTests(DispatchHTTPTestCase):
             code, _, first = await self.dispatch("_topic=orders", b'{"n":1}', Idempotency_Key="evt-1")
             self.assertEqual(code, 202)
             self.assertEqual(first, {"id": first["id"], "status": "scheduled", "subscribers": 0})
-            for attempt in range(2):
+            for _attempt in range(2):
                 code, headers, again = await self.dispatch("_topic=orders", b'{"n":1}', Idempotency_Key="evt-1")
                 self.assertEqual(code, 200)
                 self.assertEqual(

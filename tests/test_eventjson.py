@@ -13,7 +13,7 @@ from hookah.streams.eventjson import event_to_json, is_json_type
 from hookah.model import Event
 
 
-def event(body: bytes, content_type: "str | None") -> Event:
+def event(body: bytes, content_type: str | None) -> Event:
     return Event("01ID", "https://t.example/feed", body, content_type, created_at=1700000000.5)
 
 
@@ -56,7 +56,7 @@ class EventJsonTests(SynchronousTestCase):
         self.assertFalse(is_json_type(None))
 
     @given(st.binary(max_size=200), st.sampled_from([None, "text/plain", "application/json", "image/png"]))
-    def test_any_body_round_trips(self, body: bytes, content_type: "str | None") -> None:
+    def test_any_body_round_trips(self, body: bytes, content_type: str | None) -> None:
         obj = json.loads(json.dumps(event_to_json(event(body, content_type)), allow_nan=False))
         if obj.get("encoding") == "base64":
             self.assertEqual(base64.b64decode(obj["data"]), body)

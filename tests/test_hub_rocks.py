@@ -14,7 +14,7 @@ request the way websub.rocks does (``app/Hub.php`` of that suite):
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from twisted.internet.defer import ensureDeferred
 
@@ -41,11 +41,11 @@ class RocksHubTests(HubTestCase):
         listing = await get_json(self, f"{self.base}/hub/subscriptions")
         return [s for s in listing["subscriptions"] if s["topic"] == self.topic]
 
-    async def subscribe(self, mode: str = "subscribe", extra: List[Tuple[str, str]] = []) -> None:
+    async def subscribe(self, mode: str = "subscribe", extra: Sequence[Tuple[str, str]] = ()) -> None:
         """Send the request, check 202, then wait for a verification that passes."""
         before = len(self.subscriber.verifications)
         params = [("hub.mode", mode), ("hub.topic", self.topic), ("hub.callback", self.subscriber.callback)]
-        code, body, _ = await post_form(self, self.hub, params + extra)
+        code, body, _ = await post_form(self, self.hub, params + list(extra))
         self.assertEqual(code, 202, body)
         await self.subscriber.sink.wait_for(before + 1)
         self.assertEqual(self.subscriber.problems, [])

@@ -241,7 +241,7 @@ class JsonLogs(TestCase):
         log = Logger(namespace="hookah.test", observer=observer)
         log.info("delivered {id} to {url} in {ms}ms", id="01X", url="http://x/", ms=12)
         try:
-            1 / 0
+            raise ZeroDivisionError("division by zero")
         except ZeroDivisionError:
             log.failure("attempt {id} broke", id="01Y")
         lines = out.getvalue().splitlines()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from typing import List, Tuple
 
-import treq.client
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock, deferLater

@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -60,7 +60,7 @@ class StreamClient(Protocol):
             self._waiters.append((count, d))
         return d
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # The exception, not the Failure: a Failure would fire the errback.
         self.lost.callback(reason.value)
 

@@ -86,7 +86,7 @@ class HostGate:
         self.cooldown = cooldown
         self.max_waiting = limit if max_waiting is None else max_waiting
         self.max_hosts = max_hosts
-        self._hosts: "OrderedDict[str, HostState]" = OrderedDict()
+        self._hosts: OrderedDict[str, HostState] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._hosts)

@@ -84,7 +84,7 @@ class Tokens:
         object.__setattr__(self, "sessions", tuple(session_value(t) for t in self.admin))
 
     @classmethod
-    def from_config(cls, config: object) -> "Tokens":
+    def from_config(cls, config: object) -> Tokens:
         return cls(
             publisher=tuple(t.encode() for t in getattr(config, "publisher_tokens", ())),
             admin=tuple(t.encode() for t in getattr(config, "admin_tokens", ())),

@@ -196,7 +196,7 @@ class HookahRequest(server.Request):
 
     def process(self) -> None:
         if self.too_large:
-            self.site = getattr(self.channel, "site")
+            self.site = getattr(self.channel, "site")  # noqa: B009 - Site.buildProtocol sets it; HTTPChannel does not declare it
             self.setHeader(b"Server", b"hookah")
             body = error_body(
                 self,

@@ -62,7 +62,7 @@ def check_url(name: str, value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ApiError(400, "bad_url", f"{name} must be an absolute http or https URL, not {value!r}.")
     try:
-        parts.port
+        _ = parts.port  # raises ValueError for a port that is not a number
     except ValueError:
         raise ApiError(400, "bad_url", f"{name} has an invalid port: {value!r}.")
     return value

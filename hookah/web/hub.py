@@ -127,7 +127,7 @@ def check_url(name: str, value: Optional[str]) -> str:
     except ValueError:
         raise HubError(400, f"{name} is not a well-formed URL: {value}")
     try:
-        parts.port
+        _ = parts.port  # raises ValueError for a port that is not a number
     except ValueError:
         raise HubError(400, f"{name} has an invalid port: {value}")
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:

@@ -104,7 +104,7 @@ def decode_unreserved(url: str) -> str:
     if "%" not in url:
         return url
 
-    def replace(match: "re.Match[str]") -> str:
+    def replace(match: re.Match[str]) -> str:
         char = chr(int(match.group(1), 16))
         return char if char in _UNRESERVED else match.group(0)
 
