@@ -54,8 +54,7 @@ def open_store(storage: str, reactor: Any) -> IStore:
 
 
 def build_root(
-    core: HookahCore, config: Config, websub: Optional[WebSubHub] = None, publisher: Optional[Publisher] = None,
-    streams: Optional[TopicRegistry] = None,
+    core: HookahCore, config: Config, websub: WebSubHub, publisher: Publisher, streams: TopicRegistry,
 ) -> Resource:
     root = JsonResource()  # unknown paths: a JSON 404
     tokens = Tokens.from_config(config)
@@ -65,17 +64,13 @@ def build_root(
     root.putChild(b"logout", LogoutResource())
     root.putChild(b"healthz", HealthResource(core.store, core.clock, lambda: core.dispatcher.running))
     root.putChild(b"topics", guard(TopicsResource(core.store), tokens, ADMIN))
-    if streams is None:
-        streams = TopicRegistry(core.clock, config.keepalive)
-        core.event_listeners.append(streams.publish)
     # Streams replay topic history (count, Last-Event-ID): as admin-only as /topics.
     root.putChild(b"stream", guard(StreamResource(streams, core.store, core.clock, config.stream_buffer), tokens, ADMIN))
     root.putChild(b"", guard(StatusPage(core, tokens, stream_counts(streams)), tokens, ADMIN, login_or_json))
     root.putChild(b"metrics", guard(MetricsResource(core), tokens, ADMIN))
-    if websub is not None and publisher is not None:
-        root.putChild(b"hub", guard(HubResource(websub, publisher, admin=True), tokens, hub_policy()))
-        root.putChild(b"subscribe", guard(HubResource(websub, publisher), tokens, hub_policy()))
-        root.putChild(b"publish", guard(HubResource(websub, publisher, default_mode="publish"), tokens, hub_policy("publish")))
+    root.putChild(b"hub", guard(HubResource(websub, publisher, admin=True), tokens, hub_policy()))
+    root.putChild(b"subscribe", guard(HubResource(websub, publisher), tokens, hub_policy()))
+    root.putChild(b"publish", guard(HubResource(websub, publisher, default_mode="publish"), tokens, hub_policy("publish")))
     return root
 
 

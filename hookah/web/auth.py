@@ -148,13 +148,6 @@ class Tokens:
             return ApiError(401, "unauthorized", f"The bearer token is not a valid {role} token.")
         return ApiError(401, "unauthorized", f"This endpoint needs {_article(role)} {role} token: send Authorization: Bearer <token>.")
 
-    def require(self, request: server.Request, role: str) -> None:
-        """Raise the ``ApiError`` (with its challenge header set) unless allowed."""
-        error = self.check(request, role)
-        if error is not None:
-            challenge(request, error)
-            raise error
-
 
 def _article(word: Optional[str]) -> str:
     return "an" if (word or "x")[0] in "aeiou" else "a"
@@ -178,15 +171,6 @@ def challenge(request: server.Request, error: ApiError) -> None:
     elif bearer_token(request) is not None:
         value += b', error="invalid_token"'
     request.setHeader(b"WWW-Authenticate", value)
-
-
-def check_publisher(request: server.Request, tokens: Tokens) -> None:
-    """
-    For resources that learn what a request does from its body (``/hub``
-    with ``hub.mode=publish``): raise ``ApiError`` 401/403 unless the
-    request carries a publisher or admin token (or publishing is open).
-    """
-    tokens.require(request, PUBLISHER)
 
 
 def dispatch_policy(request: server.Request, subpath: List[bytes]) -> Optional[str]:
