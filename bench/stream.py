@@ -354,7 +354,7 @@ def section(rows: Sequence[Row], per_stream: Optional[float], memory_streams: in
         "- With SQLite each publish waits for its durable commit; where server CPU stays well below 100 % "
         "there, commits (the disk), not the fan-out, set the pace.",
         "",
-        "Targets (`DESIGN.md`): fan-out at 1,000 readers ≥ 75,000 deliveries/s (50 % of Nchan's ~150k); "
+        "Design targets: fan-out at 1,000 readers ≥ 75,000 deliveries/s (50 % of Nchan's ~150k); "
         "≤ 20 KB per idle stream.",
         "",
     ]

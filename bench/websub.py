@@ -1,7 +1,7 @@
 """
 WebSub fan-out benchmark: how long a Hookah on durable SQLite storage takes
 to deliver one event on a topic to all of its 200 WebSub subscribers, and
-how many notifications per second it sustains, against the DESIGN.md
+how many notifications per second it sustains, against the design
 target of 10× flask-websub (which fans one update out to 200 subscribers
 in ~0.56 s here, so at most 56 ms).
 
@@ -68,7 +68,7 @@ from benchlib import (
 )
 
 SUBSCRIBERS = 200
-FLASK_WEBSUB = 0.56  # DESIGN.md: flask-websub fans one update out to 200 subscribers in ~0.56 s
+FLASK_WEBSUB = 0.56  # for comparison: flask-websub fans one update out to 200 subscribers in ~0.56 s
 TARGET = FLASK_WEBSUB / 10  # >= 10x flask-websub: 56 ms
 TOPIC_BASE = "http://bench.example/websub/"
 LAYOUTS = ("hosts", "shared")
@@ -616,7 +616,7 @@ def section(info: Dict[str, str], args: argparse.Namespace, runs: List[Tuple[str
         "- *Sustained*: events published back to back on one keep-alive connection (each after the previous `202`), "
         "deliveries / time from the first publish to the last notification; CPU is the share of one core over that time.",
         "",
-        f"Target (`DESIGN.md`): WebSub fan-out to 200 subscribers ≥ 10× flask-websub, which takes ~{FLASK_WEBSUB:.2f} s "
+        f"Design target: WebSub fan-out to 200 subscribers ≥ 10× flask-websub, which takes ~{FLASK_WEBSUB:.2f} s "
         f"on this machine: at most {TARGET * 1000:.0f} ms, i.e. ≥ {SUBSCRIBERS / TARGET:,.0f} deliveries/s.",
         "",
         "Run it: `python bench/websub.py` (a minute or two per `twistd`; `--events`, `--gap`, `--sustained`, `--budget`, "

@@ -1,10 +1,11 @@
 """
 The core the web layer talks to: turn accepted requests into stored
-deliveries and events, and assemble the running service from a ``Config``.
+deliveries and events.
 
 ``HookahCore`` holds the rules that are not HTTP (idempotency, topic fan-out
-into deliveries); ``HookahService`` owns start-up order: storage opens
-before the dispatcher claims work and before the port accepts requests.
+into deliveries), so that every door into Hookah (``/dispatch``, the hub's
+publish, a retry) applies them the same way. Assembling the running service
+and its start-up order is ``hookah.app``'s work (``HookahService``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ an event into finished bytes once; ``FrameCache`` holds them for one
 publish and every stream of the same format and transfer coding gets the
 very same ``bytes`` object.
 
-Formats (``../shared/API.md`` §4):
+Formats (as the README's "Streams" section documents them):
 
 - ``json``: the event object (``hookah.streams.eventjson``) as one line, ``\\r\\n``
   terminated.

@@ -1,6 +1,6 @@
 """
 ``/stream``: long-lived responses carrying a topic's events as they happen
-(``../shared/API.md`` §4).
+(the README's "Streams" section documents them).
 
 This module reads the request (topics, format, backfill) and refuses bad
 ones with a ``400`` before any stream exists; ``HTTPStream`` carries the

@@ -3,7 +3,7 @@ Hookah's records as SQLite rows: deliveries with their attempts, and events.
 
 These functions run on the worker thread, inside the batch's transaction,
 with the connection the worker passes to each operation. They encode what
-the schema (``sqlschema``) stores (with the idempotency keys of new
+the schema (``schema``) stores (with the idempotency keys of new
 deliveries and events, kept in a table of their own), decode it back into
 ``hookah.model`` records, and do the multi-statement delivery work that must see a
 consistent set of rows: claiming due deliveries, cancelling queued ones.

@@ -2,10 +2,10 @@
 The embedded store: one SQLite file in WAL mode behind one writer thread.
 
 ``SQLiteStore`` implements ``IStore`` on three parts of its own:
-``sqlworker`` (the thread that is the only one ever to touch the connection,
+``worker`` (the thread that is the only one ever to touch the connection,
 and its group commit: one transaction, one fsync, for every operation that
-queued up meanwhile), ``sqlschema`` (the tables, their version and
-migrations, the named statements) and ``sqlrows`` (records to rows and
+queued up meanwhile), ``schema`` (the tables, their version and
+migrations, the named statements) and ``rows`` (records to rows and
 back). The reactor thread never waits on SQLite: every method queues an
 operation and returns a Deferred that the worker fires.
 
