@@ -183,6 +183,28 @@ class Commands(TestCase):
 
         return ensureDeferred(go())
 
+    def test_ignored_fields_are_shown(self) -> Any:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            _, base = await start_hookah(self)
+            form = "application/x-www-form-urlencoded"
+            code, out, err = await run(
+                self, "dispatch", sink_url + "/form", "--data", "a=1&_method=put&_retry=3", "--content-type", form, "--server", base,
+            )
+            self.assertEqual(code, 0, err)
+            self.assertEqual(len(out.strip()), 26, out)
+            self.assertIn("ignored unknown control field(s), not sent to the target: _method, _retry", err)
+            [received] = await sink.wait_for(1)
+            self.assertEqual(received.body, b"a=1")
+            line = json.dumps({"url": f"{sink_url}/batch", "data": "b=2&_token=t", "content_type": form})
+            code, out, err = await run(self, "dispatch", "--from-file", "-", "--server", base, stdin=line.encode() + b"\n")
+            self.assertEqual(code, 0, err)
+            self.assertIn("line 1: ignored unknown control field(s), not sent to the target: _token", err)
+            received = await sink.wait_for(2)
+            self.assertEqual(received[1].body, b"b=2")
+
+        return ensureDeferred(go())
+
     def test_publish_and_tail(self) -> Any:
         async def go() -> None:
             _, base = await start_hookah(self)

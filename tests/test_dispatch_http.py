@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import io
 import json
 import socket
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import parse_qsl, quote
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from hookah import __version__
 from hookah.web.common import ApiError
-from hookah.web.dispatch import delivery_headers
+from hookah.web.dispatch import CONTROLS, delivery_headers, parse_dispatch
+from hookah.web.payload import Part, encode_form, encode_multipart, parse_form, parse_multipart
 from tests.support import Received, http_client, listen_sink, start_hookah, temp_dir
 
 JSON_BODY = b'{"z": 1,   "a": [1, 2.50, "\\u00e9"],\n "nested": {"k": null}}\n'
@@ -264,6 +269,207 @@ class PayloadTests(DispatchHTTPTestCase):
         )
 
 
+class IgnoredControlTests(DispatchHTTPTestCase):
+    """
+    Every ``_`` field is a control field: an unknown one (Rails' ``_method``,
+    a CSRF ``_token``, a typo) is stripped from what the target receives,
+    named in the reply's ``ignored`` and in one log line, and never refused.
+    """
+
+    def capture_log(self) -> List[Dict[str, Any]]:
+        events: List[Dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    def ignored_lines(self, events: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        return [e for e in events if e.get("log_namespace") == "hookah.web.dispatch" and "ignored" in e]
+
+    def test_form_fields_are_stripped_listed_and_logged(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            await self.start()
+            events = self.capture_log()
+            form = (
+                f"_url={q(sink_url + '/form')}&a=1&_method=put&_token=s3cr3t&_charset_=utf-8"
+                "&b=2&_method=patch&_retry=3&%5Fcsrf=x&_bin=%FF%FE"
+            ).encode()
+            code, headers, body = await self.dispatch("_query_typo=1&_weird%FF=%FF", form, "application/x-www-form-urlencoded")
+            self.assertEqual(code, 202, body)
+            self.assertEqual(
+                body,
+                {
+                    "id": body["id"],
+                    "status": "scheduled",
+                    "ignored": ["_query_typo", "_weird\\xff", "_method", "_token", "_retry", "_csrf", "_bin"],
+                },
+            )
+            self.assertEqual(headers.getRawHeaders("location"), [f"/dispatch/{body['id']}"])
+            [received] = await sink.wait_for(1)
+            self.assertEqual((received.path, received.body), ("/form", b"a=1&b=2"))
+            [line] = self.ignored_lines(events)
+            self.assertEqual(line["id"], body["id"])
+            self.assertEqual(line["ignored"], body["ignored"])
+            text = formatEvent(line)
+            self.assertIn(body["id"], text)
+            self.assertIn("'_method'", text)
+            # Names only: a CSRF token's value is never written to the log.
+            self.assertNotIn("s3cr3t", text)
+            self.assertNotIn("s3cr3t", repr(line))
+
+        return ensureDeferred(go())
+
+    def test_multipart_fields_are_stripped_and_listed(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            await self.start()
+            boundary = "b0undary"
+            body = (
+                f"--{boundary}\r\n"
+                'Content-Disposition: form-data; name="_url"\r\n\r\n'
+                f"{sink_url}/upload\r\n"
+                f"--{boundary}\r\n"
+                'Content-Disposition: form-data; name="_csrf_token"\r\n\r\n'
+            ).encode() + b"\xff\x00token\r\n" + (
+                f"--{boundary}\r\n"
+                'Content-Disposition: form-data; name="_charset_"\r\n\r\n'
+                "UTF-8\r\n"
+                f"--{boundary}\r\n"
+                'Content-Disposition: form-data; name="title"\r\n\r\n'
+                "Report\r\n"
+                f"--{boundary}--\r\n"
+            ).encode()
+            code, _, accepted = await self.dispatch("_retries=1", body, f"multipart/form-data; boundary={boundary}")
+            self.assertEqual(code, 202, accepted)
+            self.assertEqual(accepted["ignored"], ["_csrf_token"])
+            [received] = await sink.wait_for(1)
+            content_type = received.header("content-type") or ""
+            message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+                b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + received.body
+            )
+            parts = list(message.iter_parts())
+            self.assertEqual([p.get_param("name", header="content-disposition") for p in parts], ["title"])
+            self.assertEqual((await self.delivery(accepted["id"]))["retries"], 1)
+
+        return ensureDeferred(go())
+
+    def test_no_ignored_field_means_no_ignored_key(self) -> None:
+        async def go() -> None:
+            sink, sink_url = listen_sink(self)
+            await self.start()
+            events = self.capture_log()
+            code, _, body = await self.dispatch("", f"_url={q(sink_url)}&_charset_=utf-8&a=1".encode(), "application/x-www-form-urlencoded")
+            self.assertEqual(code, 202, body)
+            self.assertEqual(set(body), {"id", "status"})
+            [received] = await sink.wait_for(1)
+            self.assertEqual(received.body, b"a=1")
+            self.assertEqual(self.ignored_lines(events), [])
+
+        return ensureDeferred(go())
+
+    def test_topic_and_repeat_replies_list_their_own_ignored_fields(self) -> None:
+        async def go() -> None:
+            await self.start()
+            form = b"_topic=orders&_method=put&n=1"
+            code, _, first = await self.dispatch("_id=evt-9", form, "application/x-www-form-urlencoded")
+            self.assertEqual(code, 202, first)
+            self.assertEqual(first, {"id": first["id"], "status": "scheduled", "subscribers": 0, "ignored": ["_method"]})
+            # A repeat names what it dropped itself, not what the first one did.
+            code, _, again = await self.dispatch("_id=evt-9&_token=t", form, "application/x-www-form-urlencoded")
+            self.assertEqual(code, 200, again)
+            self.assertEqual(
+                again,
+                {"id": first["id"], "status": "scheduled", "subscribers": None, "duplicate": True, "ignored": ["_token", "_method"]},
+            )
+            code, _, plain = await self.dispatch("_id=evt-9", b"_topic=orders&n=1", "application/x-www-form-urlencoded")
+            self.assertEqual((code, "ignored" in plain), (200, False))
+            # The target of the event got the form without any _ field.
+            code, _, page = await self.request("GET", "/topics/orders/events")
+            [event] = json.loads(page)["events"]
+            self.assertEqual(event["data"], "n=1")
+
+        return ensureDeferred(go())
+
+    def test_a_malformed_known_control_is_still_refused(self) -> None:
+        async def go() -> None:
+            await self.start()
+            for form in (b"_url=http://127.0.0.1:9/&_method=put&_retries=abc", b"_url=http://127.0.0.1:9/&_token=x&_delay=-1"):
+                code, headers, body = await self.request("POST", "/dispatch", form, {"Content-Type": "application/x-www-form-urlencoded"})
+                self.assertApiError(code, headers, body, 400, "bad_parameter")
+            counts = await self.service.store.count_deliveries()
+            self.assertEqual(sum(counts.values()), 0)
+
+        return ensureDeferred(go())
+
+    def test_log_line_is_bounded(self) -> None:
+        async def go() -> None:
+            await self.start()
+            events = self.capture_log()
+            names = [f"_f{i}" for i in range(200)] + ["_" + "x" * 5000]
+            form = ("_url=http://127.0.0.1:9/&_delay=3600&" + "&".join(f"{n}=1" for n in names)).encode()
+            code, _, body = await self.dispatch("", form, "application/x-www-form-urlencoded")
+            self.assertEqual(code, 202)
+            self.assertEqual(body["ignored"], names)
+            [line] = self.ignored_lines(events)
+            self.assertEqual(line["count"], 201)
+            self.assertLess(len(formatEvent(line)), 2000)
+
+        return ensureDeferred(go())
+
+
+# Form fields and query parameters of any bytes, named with a leading "_";
+# Hookah's own names are left out, since their values must be well-formed.
+unknown_controls = st.lists(
+    st.tuples(
+        st.binary(max_size=8).map(lambda b: b"_" + b).filter(lambda b: b.decode("utf-8", "replace") not in CONTROLS),
+        st.binary(max_size=8),
+    ),
+    max_size=6,
+)
+payload_fields = st.lists(
+    st.tuples(st.binary(max_size=8).filter(lambda b: not b.startswith(b"_")), st.binary(max_size=8)), max_size=4
+)
+
+
+def dummy_dispatch(query: List[Tuple[bytes, bytes]], body: bytes, content_type: str) -> Any:
+    request: Any = DummyRequest([b""])
+    request.method = b"POST"
+    request.args = {}
+    for name, value in query:
+        request.args.setdefault(name, []).append(value)
+    request.content = io.BytesIO(body)
+    request.requestHeaders.setRawHeaders(b"content-type", [content_type.encode()])
+    return request
+
+
+@settings(max_examples=200, deadline=None)
+@given(unknown_controls, unknown_controls, payload_fields, st.booleans())
+def test_unknown_underscore_fields_never_reach_the_target_nor_refuse(
+    query: List[Tuple[bytes, bytes]], fields: List[Tuple[bytes, bytes]], kept: List[Tuple[bytes, bytes]], multipart: bool
+) -> None:
+    mixed = fields + kept
+    controls = [(b"_url", b"http://127.0.0.1:9/hook")]
+    if multipart:
+        parts = [Part(n.decode("utf-8", "replace"), v) for n, v in controls + mixed]
+        body, content_type = encode_multipart(parts)
+        # The names as the body spells them (CR and LF go out as %0D, %0A).
+        sent_names = [p.name for p in parse_multipart(body, content_type)[1:] if p.name.startswith("_")]
+    else:
+        body, content_type = encode_form(controls + mixed), "application/x-www-form-urlencoded"
+        sent_names = [n.decode("utf-8", "backslashreplace") for n, _ in fields]
+    dispatch, ignored = parse_dispatch(dummy_dispatch(query, body, content_type))
+    assert dispatch.url == "http://127.0.0.1:9/hook"
+    if multipart:
+        forwarded = [(p.name, p.data) for p in parse_multipart(dispatch.body, dispatch.content_type or "")]
+        assert not any(name.startswith("_") for name, _ in forwarded)
+    else:
+        assert not any(name.startswith(b"_") for name, _ in parse_form(dispatch.body))
+        assert parse_form(dispatch.body) == kept
+    query_names = [n.decode("utf-8", "backslashreplace") for n in dict(query)]
+    expected = [n for n in dict.fromkeys(query_names + sent_names) if n != "_charset_"]
+    assert ignored == expected
+
+
 class InspectionTests(DispatchHTTPTestCase):
     def test_get_delivery_shape(self) -> None:
         async def go() -> None:
@@ -430,8 +636,11 @@ class BadInputTests(DispatchHTTPTestCase):
                 (f"_url={q('https://a]/')}", "bad_url"),
                 (f"_url={ok}&_errback={q('http://[zz/')}", "bad_url"),
                 (f"_url={ok}&_callback={q('http://[::1/')}", "bad_url"),
-                (f"_url={ok}&_bogus=1", "unknown_parameter"),
-                (f"_url={ok}&_URL=x", "unknown_parameter"),
+                # A known control must be UTF-8 text; an unknown one is merely dropped.
+                (f"_url={ok}&_retries=%FF", "bad_parameter"),
+                (f"_url={ok}&_bogus=%FF&_id=%FF", "bad_parameter"),
+                # Unknown fields do not make up for a missing destination.
+                ("_URL=x&_bogus=1", "missing_destination"),
                 (f"_url={ok}&_topic=news", "bad_parameter"),
                 (f"_url={ok}&_url={q('http://127.0.0.1:10/')}", "bad_parameter"),
             ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import IO, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from hookah.cli.client import ClientError, HookahClient, ServerError, UsageError
 
@@ -72,6 +72,17 @@ class Progress:
         if self.tty:
             self.out.write("\n")
             self.out.flush()
+
+
+def ignored_notice(reply: Dict[str, Any]) -> Optional[str]:
+    """
+    The sentence that tells a user which of their ``_`` fields the server
+    did not know and dropped (a typo such as ``_retry`` shows up here).
+    """
+    ignored = reply.get("ignored")
+    if not isinstance(ignored, list) or not ignored:
+        return None
+    return "ignored unknown control field(s), not sent to the target: " + ", ".join(str(name) for name in ignored)
 
 
 def dispatch_headers(content_type: Optional[str], headers: Sequence[Tuple[str, str]], key: Optional[str]) -> Dict[str, str]:
@@ -138,6 +149,9 @@ def send_lines(
             )
             sent += 1
             out.write(str(reply.get("id", "")) + "\n")
+            notice = ignored_notice(reply)
+            if notice:
+                progress.interrupt(f"line {number}: {notice}")
         except (ServerError, UsageError) as e:
             failed += 1
             progress.interrupt(f"line {number}: {e}")

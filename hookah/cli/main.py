@@ -18,7 +18,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hookah import __version__
-from hookah.cli.batch import dispatch_headers, say, send_lines
+from hookah.cli.batch import dispatch_headers, ignored_notice, say, send_lines
 from hookah.cli.client import ClientError, HookahClient, ServerError, UsageError, follow
 
 DEFAULT_SERVER = "http://localhost:8080"
@@ -115,6 +115,9 @@ def send_one(args: argparse.Namespace, destination: Tuple[str, str]) -> int:
             say(f"published to {reply['subscribers']} subscriber(s) and the topic's open streams")
         if reply.get("duplicate"):
             say("duplicate: this idempotency key was used before; nothing new was queued")
+        notice = ignored_notice(reply)
+        if notice:
+            say(notice)
     return 0
 
 

@@ -10,22 +10,29 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 from urllib.parse import SplitResult, urlsplit
 
 import idna
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
 from hookah.outbound.agent import wire_url
 from hookah.model import STATUSES
 from hookah.websub.subscriptions import decode_unreserved
-from hookah.web.payload import PayloadError, split_payload
+from hookah.web.payload import PayloadError, control_name, split_payload
 from hookah.core import Accepted, HookahCore, DispatchRequest
 from hookah.web.common import ApiError, JsonResource, int_arg, json_body, query_args, render_async
 
 CONTROLS = ("_url", "_topic", "_errback", "_callback", "_retries", "_delay", "_timeout", "_id")
+# ``_`` fields that are nobody's typo: RFC 7578's ``_charset_``, which
+# browsers add to forms, is dropped without being reported as ignored.
+SILENTLY_DROPPED = frozenset(["_charset_"])
+# A log line names at most this many ignored fields, each cut to a length.
+LOGGED_NAMES = 20
+LOGGED_NAME_LENGTH = 64
 HEADER_PREFIX = b"x-hookah-header-"
 # Headers a caller must not set on a delivery: those that belong to the
 # connection, and those Hookah sets itself (content type, identity,
@@ -47,6 +54,8 @@ MAX_RETRIES = 100
 MAX_DELAY = 30 * 86400.0
 MIN_TIMEOUT = 0.1
 MAX_TIMEOUT = 3600.0
+
+log = Logger()
 
 
 def _split(name: str, value: str) -> SplitResult:
@@ -109,6 +118,12 @@ def check_sendable(request: DispatchRequest) -> None:
             )
 
 
+def _short(name: str) -> str:
+    """A name as a log line shows it: quoted, escaped, and cut to a length."""
+    shown = repr(name)
+    return shown if len(shown) <= LOGGED_NAME_LENGTH else shown[: LOGGED_NAME_LENGTH - 3] + "..."
+
+
 def _number(name: str, raw: str, minimum: float, maximum: float) -> float:
     if not DECIMAL.match(raw):
         raise ApiError(400, "bad_parameter", f"{name} must be a number of seconds such as 1.5, not {raw!r}.")
@@ -138,41 +153,61 @@ def delivery_headers(request: server.Request) -> List[Tuple[str, str]]:
     return headers
 
 
-def _query_controls(args: Dict[bytes, List[bytes]]) -> List[Tuple[str, str]]:
+def _query_controls(args: Dict[bytes, List[bytes]]) -> List[Tuple[str, bytes]]:
     """
     The ``_``-parameters of the query string, from the ``request.args``
     Twisted has already parsed (parsing the query again would cost as much).
     """
-    controls: List[Tuple[str, str]] = []
+    controls: List[Tuple[str, bytes]] = []
     for name, values in args.items():
         if name.startswith(b"_"):
-            try:
-                text = name.decode("utf-8")
-                controls.extend((text, value.decode("utf-8")) for value in values)
-            except UnicodeDecodeError:
-                raise PayloadError("Control parameters in the query string must be UTF-8.")
+            text = control_name(name)
+            controls.extend((text, value) for value in values)
     return controls
 
 
-def parse_dispatch(request: server.Request) -> DispatchRequest:
-    """Turn an HTTP request into a checked ``DispatchRequest`` or raise ``ApiError``."""
+def read_controls(pairs: Iterable[Tuple[str, bytes]]) -> Tuple[Dict[str, str], List[str]]:
+    """
+    Hookah's control values, and the names of the unknown ``_`` fields.
+
+    Every ``_`` field is a control field: it never reaches the target. One
+    Hookah does not know (Rails' ``_method``, Laravel's ``_token``) is not a
+    reason to refuse the request either; it is dropped and named in the
+    reply, so that a typo such as ``_retry`` still shows. A known control
+    must be well-formed: a value that is not UTF-8, or two different values,
+    is a ``400``. RFC 7578's ``_charset_``, which browsers add to forms, is
+    dropped without a word.
+    """
+    values: Dict[str, str] = {}
+    ignored: Dict[str, None] = {}  # ordered, each name once
+    for name, raw in pairs:
+        if name not in CONTROLS:
+            if name not in SILENTLY_DROPPED:
+                ignored[name] = None
+            continue
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "bad_parameter", f"{name} is not valid UTF-8 text.")
+        if name in values and values[name] != value:
+            raise ApiError(400, "bad_parameter", f"{name} is given more than once with different values.")
+        values[name] = value
+    return values, list(ignored)
+
+
+def parse_dispatch(request: server.Request) -> Tuple[DispatchRequest, List[str]]:
+    """
+    Turn an HTTP request into a checked ``DispatchRequest`` or raise
+    ``ApiError``; also the unknown ``_`` fields it dropped (``read_controls``).
+    """
     raw_type = request.getHeader(b"content-type")
     content_type = raw_type.decode("latin-1") if raw_type is not None else None
     try:
-        controls = _query_controls(request.args or {})
         body = request.content.read() if request.content is not None else b""
         payload = split_payload(body, content_type)
     except PayloadError as e:
         raise ApiError(400, "bad_payload", str(e))
-    values: Dict[str, str] = {}
-    for name, value in controls + list(payload.controls):
-        if name == "_charset_":  # RFC 7578: browsers add it to forms; not ours to forward
-            continue
-        if name not in CONTROLS:
-            raise ApiError(400, "unknown_parameter", f"Unknown control parameter {name}; known ones are {', '.join(CONTROLS)}.")
-        if name in values and values[name] != value:
-            raise ApiError(400, "bad_parameter", f"{name} is given more than once with different values.")
-        values[name] = value
+    values, ignored = read_controls(_query_controls(request.args or {}) + payload.controls)
     url, topic = values.get("_url"), values.get("_topic")
     if not url and not topic:
         raise ApiError(400, "missing_destination", "Give the destination as _url (one target) or _topic (its subscribers and streams).")
@@ -189,7 +224,7 @@ def parse_dispatch(request: server.Request) -> DispatchRequest:
         if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) > MAX_RETRIES:
             raise ApiError(400, "bad_parameter", f"_retries must be a whole number from 0 to {MAX_RETRIES}, not {raw!r}.")
         retries = int(raw)
-    return DispatchRequest(
+    dispatch = DispatchRequest(
         url=check_url("_url", url) if url else None,
         # The hub's rule for topic URLs (5.1.1), so that one topic has one name.
         topic=decode_unreserved(topic) if topic else None,
@@ -203,12 +238,35 @@ def parse_dispatch(request: server.Request) -> DispatchRequest:
         timeout=_number("_timeout", values["_timeout"], MIN_TIMEOUT, MAX_TIMEOUT) if "_timeout" in values else None,
         idempotency_key=key,
     )
+    return dispatch, ignored
 
 
-def accepted_body(request: server.Request, accepted: Accepted) -> bytes:
+def log_ignored(accepted: Accepted, ignored: Sequence[str]) -> None:
+    """
+    One log line per accepted dispatch that dropped unknown ``_`` fields:
+    their names (never their values, which may be CSRF tokens), bounded in
+    number and length whatever the request held.
+    """
+    if not ignored:
+        return
+    shown = ", ".join(_short(name) for name in ignored[:LOGGED_NAMES])
+    log.info(
+        "dispatch {id}: ignored {count} unknown control parameter(s), not sent to the target: {names}",
+        id=accepted.id,
+        duplicate=accepted.duplicate,
+        count=len(ignored),
+        names=shown + (", ..." if len(ignored) > LOGGED_NAMES else ""),
+        ignored=list(ignored[:LOGGED_NAMES]),
+    )
+
+
+def accepted_body(request: server.Request, accepted: Accepted, ignored: Sequence[str] = ()) -> bytes:
     body: Dict[str, Any] = {"id": accepted.id, "status": "scheduled"}
     if accepted.topic is not None:
         body["subscribers"] = accepted.subscribers  # null on a duplicate
+    if ignored:
+        # This request's own fields, so a repeat that drops some says so too.
+        body["ignored"] = list(ignored)
     if accepted.duplicate:
         return json_body(request, 200, dict(body, duplicate=True), Location=accepted.location)
     return json_body(request, 202, body, Location=accepted.location)
@@ -229,12 +287,17 @@ class DispatchResource(JsonResource):
     def render_POST(self, request: server.Request) -> object:
         # Plain callbacks rather than a coroutine: this is the hot path.
         def handle() -> Deferred:
-            dispatch = parse_dispatch(request)
+            dispatch, ignored = parse_dispatch(request)
             refusal = self.core.refusal(dispatch)
             if refusal is not None:
                 raise ApiError(400, "refused_target", refusal)
             check_sendable(dispatch)
-            return self.core.dispatch(dispatch).addCallback(lambda accepted: accepted_body(request, accepted))
+
+            def answer(accepted: Accepted) -> bytes:
+                log_ignored(accepted, ignored)
+                return accepted_body(request, accepted, ignored)
+
+            return self.core.dispatch(dispatch).addCallback(answer)
 
         return render_async(request, handle)
 

@@ -27,6 +27,7 @@ __all__ = [
     "Part",
     "Payload",
     "PayloadError",
+    "control_name",
     "encode_form",
     "encode_multipart",
     "parse_form",
@@ -72,13 +73,17 @@ class Payload:
     """
     What to forward to the target, and the controls that were taken out.
 
-    ``controls`` holds only those found in the body: the query string is the
-    web layer's to parse (``parse_query``), and it decides precedence.
+    ``controls`` holds every ``_`` field found in the body, in order, as
+    (name, raw value): the query string is the web layer's to parse
+    (``parse_query``), and it decides precedence. Values stay bytes because
+    only the web layer knows which fields are Hookah's own: a known control
+    must be UTF-8 text, while an unknown one (Rails' ``_method``, a CSRF
+    token) is merely dropped, so its bytes must never make the body fail.
     """
 
     body: bytes
     content_type: Optional[str]
-    controls: List[Tuple[str, str]] = attr.Factory(list)
+    controls: List[Tuple[str, bytes]] = attr.Factory(list)
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -161,11 +166,11 @@ def _split_form(body: bytes, content_type: str) -> Payload:
     # is nothing to strip and the body need not even be parsed.
     if b"_" not in body and b"%5" not in body:
         return Payload(body, content_type, [])
-    controls = []
+    controls: List[Tuple[str, bytes]] = []
     kept = []
     for name, value in parse_form(body):
         if name.startswith(b"_"):
-            controls.append((_decode_control(name, name), _decode_control(value, name)))
+            controls.append((control_name(name), value))
         else:
             kept.append((name, value))
     if not controls:
@@ -173,15 +178,13 @@ def _split_form(body: bytes, content_type: str) -> Payload:
     return Payload(encode_form(kept), content_type, controls)
 
 
-def _decode_control(raw: bytes, name: bytes | str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "replace")
-        raise PayloadError(
-            f"The control parameter {name!r} is not valid UTF-8."
-        ) from None
+def control_name(raw: bytes) -> str:
+    """
+    A ``_`` field's name as text. Bytes that are not UTF-8 become ``\\xff``
+    escapes rather than an error: such a name can be reported back to the
+    caller, and it never equals one of Hookah's (ASCII) control names.
+    """
+    return raw.decode("utf-8", "backslashreplace")
 
 
 # -- multipart/form-data (RFC 7578, RFC 2046 section 5.1) --------------------
@@ -438,12 +441,12 @@ def _header_value(value: str) -> bytes:
 
 
 def _split_multipart(body: bytes, content_type: str) -> Payload:
-    controls = []
+    controls: List[Tuple[str, bytes]] = []
     kept = []
     for part in parse_multipart(body, content_type):
         # A file upload named ``_x`` is the caller's data, not an instruction.
         if part.filename is None and part.name.startswith("_"):
-            controls.append((part.name, _decode_control(part.data, part.name)))
+            controls.append((part.name, part.data))
         else:
             kept.append(part)
     new_body, new_type = encode_multipart(kept)
