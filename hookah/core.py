@@ -10,7 +10,7 @@ and its start-up order is ``hookah.app``'s work (``HookahService``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from urllib.parse import quote
 
@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from hookah.delivery.dispatcher import Dispatcher
 from hookah.metrics import Metrics
 from hookah.outbound.ssrf import AddressPolicy
+from hookah.storage.interface import IStore
 from hookah.model import SCHEDULED, Delivery, Event, Headers
 
 log = Logger()
@@ -63,7 +64,7 @@ class Accepted:
 class HookahCore:
     def __init__(
         self,
-        store: Any,
+        store: IStore,
         dispatcher: Dispatcher,
         clock: IReactorTime,
         new_id: Callable[[], str],

@@ -24,10 +24,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web import server
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from hookah.app import HookahService
 from hookah.config import Config
-from hookah.outbound.agent import HTTPClient, Response
+from hookah.outbound.agent import Response
+from hookah.outbound.interface import IHTTPClient
 from hookah.web.common import HookahSite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,8 +213,9 @@ class Sent:
 Answer = Callable[[Sent], Any]
 
 
-class FakeClient(HTTPClient):
-    """``request(method, url, headers, body, timeout) -> Deferred[Response]``, answered by ``answer``."""
+@implementer(IHTTPClient)
+class FakeClient:
+    """An ``IHTTPClient`` whose every request is answered by ``answer``, and recorded in ``sent``."""
 
     def __init__(self, clock: Clock, answer: Optional[Answer] = None) -> None:
         self.clock = clock

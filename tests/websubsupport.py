@@ -16,9 +16,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import attr
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from hookah.app import HookahService
-from hookah.outbound.agent import HTTPClient, Response
+from hookah.outbound.agent import Response
+from hookah.outbound.interface import IHTTPClient
 from tests.support import Received, http_client, listen_sink, poll, start_hookah
 
 FORM = {b"Content-Type": [b"application/x-www-form-urlencoded"]}
@@ -50,8 +52,9 @@ class Call:
         self.result.errback(exception)
 
 
-class ScriptedClient(HTTPClient):
-    """An ``HTTPClient`` stand-in: each request waits until the test answers it."""
+@implementer(IHTTPClient)
+class ScriptedClient:
+    """An ``IHTTPClient`` stand-in: each request waits until the test answers it."""
 
     def __init__(self) -> None:
         self.calls: List[Call] = []

@@ -24,7 +24,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hookah.outbound.agent import HTTPClient, Response, describe_failure
+from hookah.outbound.agent import Response, describe_failure
+from hookah.outbound.interface import IHTTPClient
 from hookah.metrics import Metrics, result_class
 from hookah.model import (
     DELIVERED,
@@ -72,7 +73,7 @@ class Dispatcher(Service):
     def __init__(
         self,
         store: IStore,
-        client: HTTPClient,
+        client: IHTTPClient,
         clock: IReactorTime,
         new_id: Callable[[], str],
         schedule: Sequence[float],

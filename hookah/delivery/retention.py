@@ -28,6 +28,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from hookah.storage.interface import IStore
+
 log = Logger()
 
 # Rows one store call may delete, and seconds between passes.
@@ -40,7 +42,7 @@ class RetentionService(Service):
 
     def __init__(
         self,
-        store: Any,
+        store: IStore,
         clock: IReactorTime,
         retention: float,
         history_age: float,

@@ -29,6 +29,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from hookah import __version__
+from hookah.outbound.interface import IHTTPClient
 
 USER_AGENT = f"hookah/{__version__}"
 
@@ -183,6 +184,7 @@ _NEEDS_ESCAPE = re.compile(r"[\x00-\x20\x7f]")
 _URL_SAFE = "/:@!$&'()*+,;=%-._~?[]"
 
 
+@implementer(IHTTPClient)
 class HTTPClient:
     """
     Requests with a deadline over one ``IAgent``: in production an ``Agent``

@@ -45,6 +45,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from hookah.model import Event
+from hookah.storage.interface import IStore
 from hookah.streams.format import FrameCache, StreamFormat, chunk
 from hookah.streams.registry import ILiveStream, TopicRegistry
 
@@ -138,7 +139,7 @@ class HTTPStream:
         if self.format.preamble:
             self._write(self._framed(self.format.preamble))
 
-    async def replay(self, store: Any, after: Optional[str], count: int) -> None:
+    async def replay(self, store: IStore, after: Optional[str], count: int) -> None:
         """
         Join the live feed, then write history: events after ``after`` when
         given (all that storage still holds), else the last ``count``. Live

@@ -21,6 +21,8 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from hookah import __version__
+from hookah.core import HookahCore
+from hookah.storage.interface import IStore
 from hookah.web.auth import COOKIE_MAX_AGE, COOKIE_NAME, Tokens, session_value
 from hookah.metrics import Metrics
 from hookah.model import FAILED, STATUSES
@@ -70,7 +72,7 @@ class StatusPage(JsonResource):
 
     isLeaf = True
 
-    def __init__(self, core: Any, tokens: Optional[Tokens] = None, stream_counts: StreamCounts = no_streams) -> None:
+    def __init__(self, core: HookahCore, tokens: Optional[Tokens] = None, stream_counts: StreamCounts = no_streams) -> None:
         super().__init__()
         self.core = core
         self.store = core.store
@@ -190,7 +192,7 @@ class HealthResource(JsonResource):
 
     def __init__(
         self,
-        store: Any,
+        store: IStore,
         clock: IReactorTime,
         running: Callable[[], object] = lambda: True,
         timeout: float = 5.0,
@@ -239,7 +241,7 @@ class MetricsResource(JsonResource):
 
     isLeaf = True
 
-    def __init__(self, core: Any) -> None:
+    def __init__(self, core: HookahCore) -> None:
         super().__init__()
         self.metrics: Metrics = core.metrics
         self.store = core.store

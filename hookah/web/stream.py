@@ -29,6 +29,7 @@ from twisted.web import server
 
 from hookah.websub.subscriptions import decode_unreserved
 from hookah.streams.format import FORMATS, JSON_LINES, LENGTH_DELIMITED, SSE, StreamFormat
+from hookah.storage.interface import IStore
 from hookah.streams.registry import TopicRegistry
 from hookah.web.common import ApiError, JsonResource, error_body, int_arg
 from hookah.web.httpstream import HTTPStream
@@ -117,7 +118,7 @@ class StreamResource(JsonResource):
     isLeaf = True
     not_allowed_message = "A stream is read with GET."
 
-    def __init__(self, registry: TopicRegistry, store: Any, clock: IReactorTime, buffer_limit: int) -> None:
+    def __init__(self, registry: TopicRegistry, store: IStore, clock: IReactorTime, buffer_limit: int) -> None:
         super().__init__()
         self.registry = registry
         self.store = store

@@ -16,6 +16,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from hookah.websub.subscriptions import decode_unreserved
+from hookah.storage.interface import IStore
 from hookah.streams.eventjson import event_to_json
 from hookah.web.common import JsonResource, NotFound, int_arg, json_body, query_args, render_async
 
@@ -27,7 +28,7 @@ HOW_TO = "Use /topics/<percent-encoded topic>/events."
 class TopicsResource(JsonResource):
     """``GET /topics``: each topic with its number of stored events and active subscribers."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: IStore) -> None:
         super().__init__()
         self.store = store
 
@@ -64,7 +65,7 @@ class TopicEventsResource(JsonResource):
 
     isLeaf = True
 
-    def __init__(self, store: Any, topic: str) -> None:
+    def __init__(self, store: IStore, topic: str) -> None:
         super().__init__()
         self.store = store
         self.topic = topic

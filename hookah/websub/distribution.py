@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import quote, urljoin, urlsplit
 
 from twisted.application.service import Service
@@ -23,9 +23,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hookah.outbound.agent import HTTPClient, describe_failure
+from hookah.outbound.agent import describe_failure
+from hookah.outbound.interface import IHTTPClient
+from hookah.storage.interface import IStore
 from hookah.model import KIND_WEBSUB, SCHEDULED, Delivery, Event, Headers, Subscription
 from hookah.websub.subscriptions import BackgroundTasks, HubBusy
+
+if TYPE_CHECKING:
+    from hookah.core import HookahCore
 
 log = Logger()
 
@@ -90,7 +95,7 @@ class Distributor:
     URL names ``http://localhost/hub`` until it is renewed.
     """
 
-    def __init__(self, store: Any, new_id: Any, public_url: Optional[str] = None) -> None:
+    def __init__(self, store: IStore, new_id: Callable[[], str], public_url: Optional[str] = None) -> None:
         self.store = store
         self.new_id = new_id
         self.public_url = public_url
@@ -178,8 +183,8 @@ class Publisher(Service):
 
     def __init__(
         self,
-        core: Any,
-        client: HTTPClient,
+        core: HookahCore,
+        client: IHTTPClient,
         clock: IReactorTime,
         timeout: float = 30.0,
         max_redirects: int = MAX_REDIRECTS,

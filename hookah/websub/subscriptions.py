@@ -52,7 +52,9 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hookah.outbound.agent import HTTPClient, describe_failure
+from hookah.outbound.agent import describe_failure
+from hookah.outbound.interface import IHTTPClient
+from hookah.outbound.ssrf import AddressPolicy
 from hookah.metrics import Metrics
 from hookah.model import (
     CANCELLED_EXPIRED,
@@ -63,6 +65,7 @@ from hookah.model import (
     Subscription,
 )
 from hookah.outbound.ssrf import TargetRefused
+from hookah.storage.interface import IStore
 
 log = Logger()
 
@@ -258,8 +261,8 @@ class WebSubHub(Service):
 
     def __init__(
         self,
-        store: Any,
-        client: HTTPClient,
+        store: IStore,
+        client: IHTTPClient,
         clock: IReactorTime,
         lease_bounds: Tuple[int, int, int] = (60, 864000, 2592000),
         policy: Optional[TopicPolicy] = None,
@@ -267,7 +270,7 @@ class WebSubHub(Service):
         verify_retries: Sequence[float] = VERIFY_RETRIES,
         purge_interval: float = 60.0,
         metrics: Optional[Metrics] = None,
-        address_policy: Optional[Any] = None,
+        address_policy: Optional[AddressPolicy] = None,
         max_verifications: int = MAX_VERIFICATIONS,
         backlog: int = VERIFY_BACKLOG,
         settle: Optional[float] = None,
