@@ -1,5 +1,7 @@
 """
-The dispatcher on a deterministic ``Clock`` with a ``MemoryStore``.
+The dispatcher on a deterministic ``Clock``, each test on every store flavour
+(``tests/storeflavours.py``): ``MemoryStore``, a store that answers on a
+later tick, and SQLite.
 
 Outgoing HTTP is either a ``FakeClient`` whose answers the test controls
 (when and what), or the real ``hookah.outbound.agent.HTTPClient`` over
@@ -45,6 +47,7 @@ from hookah.model import (
 from hookah.delivery.signing import Signer
 from hookah.storage.interface import IStore
 from hookah.storage.memory import MemoryStore
+from tests.storeflavours import LaterFlavour, LaterStore, MemoryFlavour, SQLiteFlavour, run_on
 from tests.support import Answer, FakeClient, Sent
 
 T0 = 1_700_000_000.0
@@ -104,14 +107,14 @@ class Target(Resource):
 # -- fixtures -----------------------------------------------------------------
 
 
-class DispatcherTestCase(TestCase):
+class DispatcherTestCase(MemoryFlavour, TestCase):
     def clock(self, start: float = T0) -> Clock:
-        clock = Clock()
+        clock = self.make_clock()
         clock.advance(start)
         return clock
 
     def dispatcher(self, clock: Clock, client: Any, store: Optional[MemoryStore] = None, start: bool = True, **kwargs: Any) -> Dispatcher:
-        store = store if store is not None else MemoryStore(clock)
+        store = store if store is not None else self.make_store(clock)
         settings: Dict[str, Any] = dict(timeout=30.0, rand=NO_JITTER, schedule=SCHEDULE)
         settings.update(kwargs)
         schedule = settings.pop("schedule")
@@ -172,6 +175,10 @@ def always(code: int, headers: Sequence[Tuple[str, str]] = (), body: bytes = b""
 class StoreInterfaceTests(TestCase):
     def test_memory_store_provides_istore(self) -> None:
         self.assertTrue(verifyObject(IStore, MemoryStore(Clock())))
+
+    def test_later_store_provides_istore(self) -> None:
+        clock = Clock()
+        self.assertTrue(verifyObject(IStore, LaterStore(MemoryStore(clock), clock)))
 
 
 class ScheduleTests(DispatcherTestCase):
@@ -512,8 +519,8 @@ class ReportTests(DispatcherTestCase):
 
 
 class LifecycleTests(DispatcherTestCase):
-    def stored(self, clock: Clock, *deliveries: Delivery) -> MemoryStore:
-        store = MemoryStore(clock)
+    def stored(self, clock: Clock, *deliveries: Delivery) -> Any:
+        store = self.make_store(clock)
         self.successResultOf(store.add_deliveries(list(deliveries)))
         return store
 
@@ -625,7 +632,7 @@ class StopDuringClaimTests(DispatcherTestCase):
         clock = self.clock()
         store = SlowClaimStore(clock)
         self.successResultOf(store.add_deliveries([self.delivery("DUE")]))
-        clock, client, dispatcher = self.fake(clock=clock, store=store)
+        clock, client, dispatcher = self.fake(clock=clock, store=self.make_store(clock, store))
         clock.advance(0)
         self.assertEqual(len(store.claims), 1)  # the claim is on its way
         stopped = dispatcher.stopService()
@@ -657,7 +664,7 @@ class LimitTests(DispatcherTestCase):
 
     def test_concurrency_cap_with_claims_from_storage(self) -> None:
         clock = self.clock()
-        store = MemoryStore(clock)
+        store = self.make_store(clock)
         self.successResultOf(store.add_deliveries([self.delivery(f"D{i:02}", url=f"http://h{i}.example/") for i in range(10)]))
         clock, client, dispatcher = self.fake(lambda sent: None, clock=clock, store=store, concurrency=4)
         clock.advance(0)
@@ -817,3 +824,6 @@ class SigningTests(DispatcherTestCase):
         clock.pump([1.0] * 15)
         self.assertEqual([s.header("webhook-timestamp") for s in client.sent], [str(int(T0)), str(int(T0 + 10))])
         self.assertEqual({s.header("webhook-id") for s in client.sent}, {"D1"})
+
+
+run_on(globals(), LaterFlavour, SQLiteFlavour)

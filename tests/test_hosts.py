@@ -17,6 +17,7 @@ from hookah.delivery.hosts import DEFER, GO, WAIT, HostGate
 from hookah.ids import IdGenerator
 from hookah.model import Delivery
 from hookah.storage.memory import MemoryStore
+from tests.storeflavours import LaterFlavour, MemoryFlavour, run_on
 from tests.support import FakeClient
 
 T0 = 1_700_000_000.0
@@ -133,7 +134,7 @@ class CountingStore(MemoryStore):
         return super().reschedule(delivery_id, next_attempt_at)
 
 
-class BusyHostTests(TestCase):
+class BusyHostTests(MemoryFlavour, TestCase):
     def test_a_burst_to_one_fast_host_is_delivered_at_its_pace(self) -> None:
         # 200 notifications of one event to subscribers on one host: those
         # beyond the host's slots are stored already spread out (never
@@ -146,7 +147,7 @@ class BusyHostTests(TestCase):
 
         client = FakeClient(clock, answer)
         dispatcher = Dispatcher(
-            store, client, clock, IdGenerator(clock.seconds), (5.0,), timeout=30.0, concurrency=256,
+            self.make_store(clock, store), client, clock, IdGenerator(clock.seconds), (5.0,), timeout=30.0, concurrency=256,
             hosts=HostGate(clock, limit=16, max_waiting=64), rand=lambda: 0.5,
         )
         dispatcher.startService()
@@ -179,7 +180,7 @@ class BusyHostTests(TestCase):
         )
         client = FakeClient(clock, lambda sent: None if "hang" in sent.url else (200, (), b"ok"))
         dispatcher = Dispatcher(
-            store,
+            self.make_store(clock, store),
             client,
             clock,
             IdGenerator(clock.seconds),
@@ -218,7 +219,7 @@ class SlowRescheduleStore(MemoryStore):
         return d
 
 
-class StarvationTests(TestCase):
+class StarvationTests(MemoryFlavour, TestCase):
     def test_a_claim_of_only_deferred_rows_does_not_stop_the_loop(self) -> None:
         clock = clock_at()
         store = SlowRescheduleStore(clock)
@@ -230,7 +231,7 @@ class StarvationTests(TestCase):
         )
         client = FakeClient(clock, lambda sent: (500, (), b"no") if "paused" in sent.url else (200, (), b"ok"))
         dispatcher = Dispatcher(
-            store, client, clock, IdGenerator(clock.seconds), (1.0,), timeout=30.0, concurrency=4,
+            self.make_store(clock, store), client, clock, IdGenerator(clock.seconds), (1.0,), timeout=30.0, concurrency=4,
             hosts=HostGate(clock, limit=4, threshold=1, cooldown=60.0), rand=lambda: 0.5,
         )
         dispatcher.startService()
@@ -239,3 +240,6 @@ class StarvationTests(TestCase):
         fine = [s for s in client.sent if "fine" in s.url]
         self.assertEqual(len(fine), 5)
         self.assertLessEqual(max(s.at for s in fine) - T0, 4.0)
+
+
+run_on(globals(), LaterFlavour)
