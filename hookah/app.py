@@ -18,7 +18,8 @@ from twisted.web.resource import Resource
 
 from hookah.config import Config
 from hookah.delivery.dispatcher import Dispatcher
-from hookah.websub.distribution import Distributor, Publisher
+from hookah.websub.distributor import Distributor
+from hookah.websub.publisher import Publisher
 from hookah.outbound.agent import HTTPClient, pooled_agent
 from hookah.delivery.hosts import HostGate
 from hookah.ids import IdGenerator

@@ -15,7 +15,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from hookah.delivery.dispatcher import Dispatcher
-from hookah.websub.distribution import Distributor, Publisher, hub_url, link_header, signature
+from hookah.websub.distributor import Distributor, hub_url, link_header, signature
+from hookah.websub.publisher import Publisher
 from hookah.ids import IdGenerator
 from hookah.metrics import Metrics
 from hookah.model import (

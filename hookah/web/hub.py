@@ -36,7 +36,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from hookah.websub.distribution import Publisher
+from hookah.websub.publisher import Publisher
 from hookah.web.payload import PayloadError, parse_form, parse_multipart, parse_query
 from hookah.web.common import JsonResource, json_body, query_args, render_async
 from hookah.websub.subscriptions import (

@@ -24,9 +24,10 @@ verification or denial requests are in flight at once, and at most
 ``backlog`` (1024) more accepted requests wait for a turn or for a retry;
 beyond that ``submit`` raises ``HubBusy`` (the web layer answers ``503``).
 
-HTTP parsing lives in ``hookah.web.hub``; content distribution and topic
-fetching in ``hookah.websub.distribution``. Every timer here runs on the injected
-clock, so leases, retries and purges are tested with ``task.Clock``.
+HTTP parsing lives in ``hookah.web.hub``; content distribution in
+``hookah.websub.distributor`` and topic fetching in
+``hookah.websub.publisher``. Every timer here runs on the injected clock,
+so leases, retries and purges are tested with ``task.Clock``.
 """
 
 from __future__ import annotations
