@@ -396,6 +396,24 @@ class StoreContractMixin(_Base):
         self.assertEqual([c.id for c in claimed], [d.id])
 
     @inlineCallbacks
+    def test_renew_claim_moves_the_lease(self) -> _Gen:
+        """An attempt longer than its claim allows keeps its delivery to itself."""
+        d = self.delivery(next_attempt_at=T0)
+        done = self.delivery(status=DELIVERED, next_attempt_at=T0)
+        yield self.store.add_deliveries([d, done])
+        yield self.store.claim_due(T0, 10, T0 + 90)
+        yield self.store.renew_claim(d.id, T0 + 3660)
+        got = yield self.store.get_delivery(d.id)
+        self.assertEqual((got.status, got.claimed_until), (DELIVERING, T0 + 3660))
+        self.assertEqual((yield self.store.claim_due(T0 + 3000, 10, T0 + 3100)), [])
+        self.assertEqual((yield self.store.next_due()), T0 + 3660)
+        claimed = yield self.store.claim_due(T0 + 3660, 10, T0 + 3750)
+        self.assertEqual([c.id for c in claimed], [d.id])
+        # Only a claimed delivery is touched.
+        yield self.store.renew_claim(done.id, T0 + 5000)
+        self.assertEqual((yield self.store.get_delivery(done.id)), done)
+
+    @inlineCallbacks
     def test_requeue_finished(self) -> _Gen:
         attempts = (Attempt(at=T0, status_code=500), Attempt(at=T0 + 5, status_code=500))
         failed = self.delivery(status=FAILED, attempts=attempts, retry_from=1)

@@ -790,6 +790,49 @@ class LimitTests(DispatcherTestCase):
         self.assertEqual(len(target.to("ok.example")), 10)
 
 
+class LeaseTests(DispatcherTestCase):
+    """One rule for a claim's lease: the attempt's own timeout plus the margin."""
+
+    def test_a_long_timeout_delivery_is_attempted_once(self) -> None:
+        # Two dispatchers on one store, as two nodes on one database: the
+        # second must not take the delivery while the first's attempt, with
+        # its own one-hour timeout, is still in flight.
+        clock = self.clock()
+        store = MemoryStore(clock)
+        self.successResultOf(store.add_deliveries([self.delivery("LONG", timeout=3600.0, next_attempt_at=T0)]))
+        clock, first_client, first = self.fake(lambda sent: None, clock=clock, store=store, timeout=30.0)
+        second_client = FakeClient(clock, lambda sent: (200, (), b"ok"))
+        self.dispatcher(clock, second_client, store=store, timeout=30.0)
+        clock.advance(0)
+        self.assertEqual(len(first_client.sent) + len(second_client.sent), 1)
+        attempt = (first_client.sent + second_client.sent)[0]
+        self.assertEqual(attempt.timeout, 3600.0)
+        self.assertGreaterEqual(self.get(first, "LONG").claimed_until, T0 + 3600)
+        clock.pump([10.0] * 300)  # 50 minutes: well past a default claim
+        self.assertEqual(len(first_client.sent) + len(second_client.sent), 1)
+        attempt.respond(200)
+        clock.pump([10.0] * 100)
+        self.assertEqual(len(first_client.sent) + len(second_client.sent), 1)
+        delivery = self.get(first, "LONG")
+        self.assertEqual((delivery.status, len(delivery.attempts)), (DELIVERED, 1))
+
+    def test_a_delivery_held_for_a_slot_is_covered_when_sent(self) -> None:
+        # Held in memory behind a slow host's slot for longer than its claim
+        # would last: the claim is renewed when it is finally sent.
+        clock, client, dispatcher = self.fake(
+            lambda sent: None, hosts=HostGate(self.clock(), limit=1, max_waiting=4), timeout=30.0
+        )
+        dispatcher.hosts.clock = clock
+        self.submit(dispatcher, self.delivery("FIRST"), self.delivery("HELD"))
+        self.assertEqual(len(client.sent), 1)
+        clock.advance(70)  # the fake client never times out on its own
+        client.sent[0].respond(200)
+        self.assertEqual(len(client.sent), 2)
+        held = self.get(dispatcher, "HELD")
+        self.assertEqual(held.status, DELIVERING)
+        self.assertGreaterEqual(held.claimed_until, T0 + 70 + 30)
+
+
 class SigningTests(DispatcherTestCase):
     def test_dispatch_deliveries_are_signed(self) -> None:
         now = float(int(time.time()))  # the reference verifier checks the timestamp against real time

@@ -39,16 +39,13 @@ from hookah.model import (
     Delivery,
 )
 from hookah.delivery.hosts import DEFER, GO, WAIT, HostGate
+from hookah.delivery.lease import covers, lease_until
 from hookah.delivery.retry import Decision, decide
 from hookah.delivery.signing import Signer
 from hookah.outbound.ssrf import TargetRefused
 from hookah.storage.interface import IStore
 
 log = Logger()
-
-# How long a claim lasts beyond an attempt's own timeout: a process killed
-# mid-attempt leaves claims that expire this long after, and are retried.
-CLAIM_MARGIN = 60.0
 
 
 def _call_hook(_: object, hook: Callable[[Delivery], Any], delivery: Delivery) -> Any:
@@ -137,7 +134,7 @@ class Dispatcher(Service):
         return len(self._in_flight)
 
     def _lease(self, delivery: Delivery) -> float:
-        return self.clock.seconds() + (delivery.timeout or self.timeout) + CLAIM_MARGIN
+        return lease_until(self.clock.seconds(), delivery.timeout or self.timeout)
 
     # -- intake ----------------------------------------------------------------
 
@@ -229,7 +226,9 @@ class Dispatcher(Service):
         self._polling = True
         self._poll_finished = Deferred()
         now = self.clock.seconds()
-        d = self.store.claim_due(now, room, now + self.timeout + CLAIM_MARGIN)
+        # Claimed for an attempt at the default timeout; one with a longer
+        # timeout of its own has its claim renewed before it is sent.
+        d = self.store.claim_due(now, room, lease_until(now, self.timeout))
         d.addCallback(self._claimed, room)
         d.addErrback(lambda f: log.failure("claiming due deliveries failed", f))
         d.addBoth(self._polled)
@@ -312,6 +311,12 @@ class Dispatcher(Service):
         self.hosts.started(host)
         timeout = delivery.timeout or self.timeout
         started = self.clock.seconds()
+        if not covers(delivery.claimed_until, started, timeout):
+            # Renewed before the attempt can outlast it, so no one claims it
+            # again while it is in flight (the renewal commits long before
+            # the old claim runs out).
+            renewed = self.store.renew_claim(delivery.id, lease_until(started, timeout))
+            renewed.addErrback(lambda f: log.failure("renewing the claim on {id} failed", f, id=delivery.id))
         headers: List[Any] = []
         if delivery.content_type:
             headers.append(("Content-Type", delivery.content_type))

@@ -71,6 +71,14 @@ class IStore(Interface):
         delivery. Deferred[int]: how many were released.
         """
 
+    def renew_claim(delivery_id, claimed_until):  # type: ignore[misc]
+        """
+        Move the claim of a ``delivering`` delivery to ``claimed_until``
+        (an attempt that lasts longer than the claim it was taken with
+        allows, see ``hookah.delivery.lease``). A delivery that is not
+        ``delivering`` is left alone. Deferred[None].
+        """
+
     def reschedule(delivery_id, next_attempt_at):  # type: ignore[misc]
         """
         Put a claimed delivery back to ``scheduled`` without an attempt

@@ -179,6 +179,12 @@ class MemoryStore:
             self._put(attr.evolve(delivery, status=SCHEDULED, claimed_until=None))
         return succeed(len(claimed))
 
+    def renew_claim(self, delivery_id: str, claimed_until: float) -> Deferred:
+        delivery = self._deliveries.get(delivery_id)
+        if delivery is not None and delivery.status == DELIVERING:
+            self._put(attr.evolve(delivery, claimed_until=claimed_until))
+        return succeed(None)
+
     def reschedule(self, delivery_id: str, next_attempt_at: float) -> Deferred:
         delivery = self._deliveries.get(delivery_id)
         if delivery is not None and delivery.status == DELIVERING:

@@ -53,6 +53,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hookah.delivery.lease import lease_seconds
 from hookah.outbound.agent import describe_failure
 from hookah.outbound.interface import IHTTPClient
 from hookah.outbound.ssrf import AddressPolicy
@@ -303,7 +304,7 @@ class WebSubHub(Service):
         # ``settle`` seconds later: a notification in flight at the first
         # cancellation may have been scheduled for a retry since. The
         # default outlasts an attempt at the default timeout and its claim.
-        self.settle = settle if settle is not None else timeout + 60.0
+        self.settle = settle if settle is not None else lease_seconds(timeout)
         self._settling: Dict[Tuple[str, str], Tuple[float, str]] = {}
 
     # -- lifecycle -------------------------------------------------------------

@@ -276,6 +276,15 @@ class SQLiteStore:
             lambda c: c.execute(RELEASE_CLAIMS, (SCHEDULED, DELIVERING)).rowcount
         )
 
+    def renew_claim(self, delivery_id: str, claimed_until: float) -> Deferred[None]:
+        def work(c: sqlite3.Connection) -> None:
+            c.execute(
+                "UPDATE deliveries SET claimed_until = ? WHERE id = ? AND status = ?",
+                (claimed_until, delivery_id, DELIVERING),
+            )
+
+        return self._worker.submit(work, write=True, isolated=False)
+
     def reschedule(self, delivery_id: str, next_attempt_at: float) -> Deferred[None]:
         def work(c: sqlite3.Connection) -> None:
             c.execute(
