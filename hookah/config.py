@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import attr
 
-from hookah.delivery.retry import DEFAULT_SCHEDULE
+from hookah import defaults
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,29 +29,29 @@ class ConfigError(ValueError):
 
 @attr.s(auto_attribs=True, frozen=True)
 class Config:
-    listen: str = "tcp:8080"
-    storage: str = "sqlite:hookah.db"
+    listen: str = f"tcp:{defaults.PORT}"
+    storage: str = defaults.STORAGE
     allow_private_targets: bool = False
     allowed_networks: Tuple[str, ...] = ()
-    retry_schedule: Tuple[float, ...] = DEFAULT_SCHEDULE
-    timeout: float = 30.0
-    keepalive: float = 30.0
+    retry_schedule: Tuple[float, ...] = defaults.RETRY_SCHEDULE
+    timeout: float = defaults.TIMEOUT
+    keepalive: float = defaults.KEEPALIVE
     public_url: Optional[str] = None
     signing_secrets: Tuple[str, ...] = ()
-    lease_bounds: Tuple[int, int, int] = (60, 864000, 2592000)
-    max_body: int = 1024 * 1024
-    concurrency: int = 256
-    host_concurrency: int = 16
-    breaker_threshold: int = 5
-    breaker_cooldown: float = 60.0
-    history_count: int = 1000
-    history_age: float = 7 * 86400.0
-    retention: float = 7 * 86400.0
-    idempotency_window: float = 86400.0
+    lease_bounds: Tuple[int, int, int] = defaults.LEASE_BOUNDS
+    max_body: int = defaults.MAX_BODY
+    concurrency: int = defaults.CONCURRENCY
+    host_concurrency: int = defaults.HOST_CONCURRENCY
+    breaker_threshold: int = defaults.BREAKER_THRESHOLD
+    breaker_cooldown: float = defaults.BREAKER_COOLDOWN
+    history_count: int = defaults.HISTORY_COUNT
+    history_age: float = defaults.HISTORY_AGE
+    retention: float = defaults.RETENTION
+    idempotency_window: float = defaults.IDEMPOTENCY_WINDOW
     topic_allow: Tuple[str, ...] = ()
     publisher_tokens: Tuple[str, ...] = ()
     admin_tokens: Tuple[str, ...] = ()
-    stream_buffer: int = 1024 * 1024
+    stream_buffer: int = defaults.STREAM_BUFFER
     log_format: str = "text"
     access_log: bool = False
 
@@ -190,6 +190,15 @@ def _signing_secrets(name: str, value: Any) -> Tuple[str, ...]:
     return secrets
 
 
+def _number(value: float) -> str:
+    """A default as the help shows it: ``30``, not ``30.0``."""
+    return str(int(value)) if value == int(value) else str(value)
+
+
+def _numbers(values: Sequence[float]) -> str:
+    return ",".join(_number(v) for v in values)
+
+
 @attr.s(auto_attribs=True, frozen=True)
 class Setting:
     name: str  # the option's name on the command line
@@ -201,31 +210,31 @@ class Setting:
 
 
 SETTINGS: Sequence[Setting] = (
-    Setting("port", "port", _port, "TCP port to listen on [default: 8080]", short="p"),
+    Setting("port", "port", _port, f"TCP port to listen on [default: {defaults.PORT}]", short="p"),
     Setting("interface", "interface", lambda n, v: str(v), "address to listen on [default: all]"),
     Setting("listen", "listen", _endpoint, "a full endpoint string, e.g. tcp:8080:interface=127.0.0.1 (overrides --port)"),
-    Setting("storage", "storage", _storage, "memory:, or sqlite:<path> [default: sqlite:hookah.db]"),
+    Setting("storage", "storage", _storage, f"memory:, or sqlite:<path> [default: {defaults.STORAGE}]"),
     Setting("allow-private-targets", "allow_private_targets", _boolean, "allow deliveries to loopback and private addresses", flag=True),
     Setting("allowed-networks", "allowed_networks", _networks, "networks deliveries may reach despite the SSRF guard, comma-separated"),
     Setting("retry-schedule", "retry_schedule", _schedule, "seconds between attempts, comma-separated [default: about a day]"),
-    Setting("timeout", "timeout", _positive_number, "seconds per delivery attempt [default: 30]"),
-    Setting("keepalive", "keepalive", _positive_number, "seconds between stream keep-alives [default: 30]"),
+    Setting("timeout", "timeout", _positive_number, f"seconds per delivery attempt [default: {_number(defaults.TIMEOUT)}]"),
+    Setting("keepalive", "keepalive", _positive_number, f"seconds between stream keep-alives [default: {_number(defaults.KEEPALIVE)}]"),
     Setting("public-url", "public_url", _public_url, "this hub's public base URL, for Link: rel=\"hub\""),
     Setting("signing-secret", "signing_secrets", _signing_secrets, "Standard Webhooks secret(s), space-separated, to sign /dispatch deliveries"),
-    Setting("lease-bounds", "lease_bounds", _lease_bounds, "WebSub lease seconds min,default,max [default: 60,864000,2592000]"),
-    Setting("max-body", "max_body", lambda n, v: _integer(n, v, 1), "largest request body in bytes [default: 1048576]"),
-    Setting("concurrency", "concurrency", lambda n, v: _integer(n, v, 1, 100000), "delivery attempts in flight at once [default: 256]"),
-    Setting("host-concurrency", "host_concurrency", lambda n, v: _integer(n, v, 1, 100000), "attempts in flight to one host [default: 16]"),
-    Setting("breaker-threshold", "breaker_threshold", lambda n, v: _integer(n, v, 1), "consecutive failures that pause a host [default: 5]"),
-    Setting("breaker-cooldown", "breaker_cooldown", _positive_number, "seconds a paused host rests before a probe [default: 60]"),
-    Setting("history-count", "history_count", lambda n, v: _integer(n, v, 0), "events kept per topic [default: 1000]"),
-    Setting("history-age", "history_age", _positive_number, "seconds events are kept [default: 604800]"),
-    Setting("retention", "retention", _positive_number, "seconds finished (delivered or failed) deliveries are kept [default: 604800]"),
-    Setting("idempotency-window", "idempotency_window", _positive_number, "seconds an Idempotency-Key is remembered [default: 86400]"),
+    Setting("lease-bounds", "lease_bounds", _lease_bounds, f"WebSub lease seconds min,default,max [default: {_numbers(defaults.LEASE_BOUNDS)}]"),
+    Setting("max-body", "max_body", lambda n, v: _integer(n, v, 1), f"largest request body in bytes [default: {defaults.MAX_BODY}]"),
+    Setting("concurrency", "concurrency", lambda n, v: _integer(n, v, 1, 100000), f"delivery attempts in flight at once [default: {defaults.CONCURRENCY}]"),
+    Setting("host-concurrency", "host_concurrency", lambda n, v: _integer(n, v, 1, 100000), f"attempts in flight to one host [default: {defaults.HOST_CONCURRENCY}]"),
+    Setting("breaker-threshold", "breaker_threshold", lambda n, v: _integer(n, v, 1), f"consecutive failures that pause a host [default: {defaults.BREAKER_THRESHOLD}]"),
+    Setting("breaker-cooldown", "breaker_cooldown", _positive_number, f"seconds a paused host rests before a probe [default: {_number(defaults.BREAKER_COOLDOWN)}]"),
+    Setting("history-count", "history_count", lambda n, v: _integer(n, v, 0), f"events kept per topic [default: {defaults.HISTORY_COUNT}]"),
+    Setting("history-age", "history_age", _positive_number, f"seconds events are kept [default: {_number(defaults.HISTORY_AGE)}]"),
+    Setting("retention", "retention", _positive_number, f"seconds finished (delivered or failed) deliveries are kept [default: {_number(defaults.RETENTION)}]"),
+    Setting("idempotency-window", "idempotency_window", _positive_number, f"seconds an Idempotency-Key is remembered [default: {_number(defaults.IDEMPOTENCY_WINDOW)}]"),
     Setting("topic-allow", "topic_allow", lambda n, v: _listing(v), "topic URL prefixes the hub accepts (all when empty)"),
     Setting("publisher-token", "publisher_tokens", _secrets, "bearer token(s) for /dispatch and publish, space-separated"),
     Setting("admin-token", "admin_tokens", _secrets, "bearer token(s) for the admin endpoints, space-separated"),
-    Setting("stream-buffer", "stream_buffer", lambda n, v: _integer(n, v, 1024), "bytes a slow stream may lag before it is closed [default: 1048576]"),
+    Setting("stream-buffer", "stream_buffer", lambda n, v: _integer(n, v, 1024), f"bytes a slow stream may lag before it is closed [default: {defaults.STREAM_BUFFER}]"),
     Setting("log-format", "log_format", _log_format, "text or json [default: text]"),
     Setting("access-log", "access_log", _boolean, "log a line per HTTP request", flag=True),
 )
@@ -279,7 +288,7 @@ def build_config(
             merged.pop("listen", None)
         merged.update(source)
     fields: Dict[str, Any] = {}
-    port, interface = 8080, ""
+    port, interface = defaults.PORT, ""
     for name, raw in merged.items():
         setting = _BY_NAME[name]
         value = setting.parse(name, raw)

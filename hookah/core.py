@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from hookah import defaults
 from hookah.delivery.dispatcher import Dispatcher
 from hookah.metrics import Metrics
 from hookah.outbound.ssrf import AddressPolicy
@@ -68,9 +69,9 @@ class HookahCore:
         dispatcher: Dispatcher,
         clock: IReactorTime,
         new_id: Callable[[], str],
-        idempotency_window: float = 86400.0,
-        history_count: int = 1000,
-        history_age: float = 7 * 86400.0,
+        idempotency_window: float = defaults.IDEMPOTENCY_WINDOW,
+        history_count: int = defaults.HISTORY_COUNT,
+        history_age: float = defaults.HISTORY_AGE,
         metrics: Optional[Metrics] = None,
         address_policy: Optional[AddressPolicy] = None,
     ) -> None:

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from hookah import tap
 from hookah.config import SETTINGS, Config, ConfigError, build_config, from_environment, read_toml
-from hookah.delivery.retry import DEFAULT_SCHEDULE
+from hookah.defaults import RETRY_SCHEDULE as DEFAULT_SCHEDULE
 from tests.support import ROOT, temp_dir
 
 

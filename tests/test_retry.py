@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
 from hookah.model import DELIVERED, FAILED, SCHEDULED
-from hookah.delivery.retry import DEFAULT_SCHEDULE, JITTER, MAX_RETRY_AFTER, backoff, decide, parse_retry_after
+from hookah.defaults import RETRY_SCHEDULE as DEFAULT_SCHEDULE
+from hookah.delivery.retry import JITTER, MAX_RETRY_AFTER, backoff, decide, parse_retry_after
 
 SCHEDULE = (5.0, 30.0, 120.0, 600.0)
 NOW = 1_700_000_000.0  # a realistic epoch, so HTTP-dates mean something

@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hookah import defaults
 from hookah.outbound.agent import Response, describe_failure
 from hookah.outbound.interface import IHTTPClient
 from hookah.metrics import Metrics, result_class
@@ -74,8 +75,8 @@ class Dispatcher(Service):
         clock: IReactorTime,
         new_id: Callable[[], str],
         schedule: Sequence[float],
-        timeout: float = 30.0,
-        concurrency: int = 256,
+        timeout: float = defaults.TIMEOUT,
+        concurrency: int = defaults.CONCURRENCY,
         poll_interval: float = 5.0,
         signer: Optional[Signer] = None,
         rand: Callable[[], float] = random.random,

@@ -28,12 +28,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from hookah import defaults
 from hookah.storage.interface import IStore
 
 log = Logger()
 
-# Rows one store call may delete, and seconds between passes.
-BATCH = 10_000
+# Seconds between passes.
 INTERVAL = 60.0
 
 
@@ -46,9 +46,9 @@ class RetentionService(Service):
         clock: IReactorTime,
         retention: float,
         history_age: float,
-        idempotency_window: float = 86400.0,
+        idempotency_window: float = defaults.IDEMPOTENCY_WINDOW,
         interval: float = INTERVAL,
-        batch: int = BATCH,
+        batch: int = defaults.PURGE_BATCH,
     ) -> None:
         self.store = store
         self.clock = clock

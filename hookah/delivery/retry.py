@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import email.utils
 import random as _random
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence
 
 import attr
 
 from hookah.model import DELIVERED, FAILED, SCHEDULED
-
-# About a day of retries in all (85,685 s, 23.8 h), dense at first, when most
-# outages end, and hourly later.
-DEFAULT_SCHEDULE: Tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800)
 
 # Spread retries by +-20% so that deliveries which failed together (an
 # endpoint's outage) do not all come back at the same second.

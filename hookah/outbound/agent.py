@@ -28,7 +28,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from hookah import __version__
+from hookah import __version__, defaults
 from hookah.outbound.interface import IHTTPClient
 
 USER_AGENT = f"hookah/{__version__}"
@@ -212,7 +212,7 @@ class HTTPClient:
         url: str,
         headers: Sequence[Tuple[str, str]] = (),
         body: Optional[bytes] = None,
-        timeout: float = 30.0,
+        timeout: float = defaults.TIMEOUT,
     ) -> Deferred:
         """Deferred[Response]; fails with ``TimedOut`` past ``timeout`` seconds."""
         timed_out = []

@@ -37,6 +37,7 @@ from hookah.model import (
     Event,
     Subscription,
 )
+from hookah import defaults
 from hookah.storage.interface import IStore
 
 
@@ -234,7 +235,7 @@ class MemoryStore:
             )
         return succeed(len(queued))
 
-    def purge_finished(self, before: float, limit: int = 10_000) -> Deferred:
+    def purge_finished(self, before: float, limit: int = defaults.PURGE_BATCH) -> Deferred:
         doomed: Set[str] = set()
         while self._finished and len(doomed) < limit and self._finished[0][0] < before:
             when, delivery_id = heapq.heappop(self._finished)
@@ -268,7 +269,7 @@ class MemoryStore:
         start = 0 if since is None else bisect_left(entries, (since,))
         return succeed(entries[start][1] if start < len(entries) else None)
 
-    def purge_idempotency_keys(self, before: float, limit: int = 10_000) -> Deferred:
+    def purge_idempotency_keys(self, before: float, limit: int = defaults.PURGE_BATCH) -> Deferred:
         count = 0
         while self._key_times and count < limit and self._key_times[0][0] < before:
             created_at, key, record_id = heapq.heappop(self._key_times)
@@ -302,7 +303,7 @@ class MemoryStore:
             del self._topic_events[event.topic]
         return succeed(None)
 
-    def trim_events(self, before: float, limit: int = 10_000) -> Deferred:
+    def trim_events(self, before: float, limit: int = defaults.PURGE_BATCH) -> Deferred:
         doomed: Dict[str, Set[str]] = {}
         count = 0
         while self._event_times and count < limit and self._event_times[0][0] < before:

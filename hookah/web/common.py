@@ -17,6 +17,8 @@ from twisted.web import server
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from hookah import defaults
+
 log = Logger()
 
 
@@ -172,7 +174,7 @@ class HookahRequest(server.Request):
     _received = 0
 
     def _limit(self) -> int:
-        return int(getattr(getattr(self.channel, "site", None), "max_body", 1024 * 1024))
+        return int(getattr(getattr(self.channel, "site", None), "max_body", defaults.MAX_BODY))
 
     def gotLength(self, length: Optional[int]) -> None:
         if length is not None and length > self._limit():

@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hookah import defaults
 from hookah.model import Event
 from hookah.outbound.agent import describe_failure
 from hookah.outbound.interface import IHTTPClient
@@ -66,7 +67,7 @@ class Publisher(Service):
         core: HookahCore,
         client: IHTTPClient,
         clock: IReactorTime,
-        timeout: float = 30.0,
+        timeout: float = defaults.TIMEOUT,
         max_redirects: int = MAX_REDIRECTS,
         max_fetches: int = MAX_FETCHES,
         backlog: int = FETCH_BACKLOG,

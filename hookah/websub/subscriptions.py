@@ -53,6 +53,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hookah import defaults
 from hookah.delivery.lease import lease_seconds
 from hookah.outbound.agent import describe_failure
 from hookah.outbound.interface import IHTTPClient
@@ -266,9 +267,9 @@ class WebSubHub(Service):
         store: IStore,
         client: IHTTPClient,
         clock: IReactorTime,
-        lease_bounds: Tuple[int, int, int] = (60, 864000, 2592000),
+        lease_bounds: Tuple[int, int, int] = defaults.LEASE_BOUNDS,
         policy: Optional[TopicPolicy] = None,
-        timeout: float = 30.0,
+        timeout: float = defaults.TIMEOUT,
         verify_retries: Sequence[float] = VERIFY_RETRIES,
         purge_interval: float = 60.0,
         metrics: Optional[Metrics] = None,

@@ -64,6 +64,7 @@ from hookah.model import (
     Event,
     Subscription,
 )
+from hookah import defaults
 from hookah.storage.interface import IStore
 from hookah.storage.sqlite.rows import (
     attempt_row,
@@ -332,7 +333,7 @@ class SQLiteStore:
         now = self._reactor.seconds()
         return self._write(lambda c: cancel_deliveries(c, topic, callback, reason, now))
 
-    def purge_finished(self, before: float, limit: int = 10_000) -> Deferred[int]:
+    def purge_finished(self, before: float, limit: int = defaults.PURGE_BATCH) -> Deferred[int]:
         def work(c: sqlite3.Connection) -> int:
             ids = [(row[0],) for row in c.execute(FINISHED_BEFORE, (before, max(limit, 0)))]
             c.executemany(DELETE_ATTEMPTS, ids)
@@ -362,7 +363,7 @@ class SQLiteStore:
 
         return self._read(work)
 
-    def purge_idempotency_keys(self, before: float, limit: int = 10_000) -> Deferred[int]:
+    def purge_idempotency_keys(self, before: float, limit: int = defaults.PURGE_BATCH) -> Deferred[int]:
         return self._write(
             lambda c: c.execute(PURGE_IDEMPOTENCY_KEYS, (before, max(limit, 0))).rowcount
         )
@@ -396,7 +397,7 @@ class SQLiteStore:
 
         return self._write(work)
 
-    def trim_events(self, before: float, limit: int = 10_000) -> Deferred[int]:
+    def trim_events(self, before: float, limit: int = defaults.PURGE_BATCH) -> Deferred[int]:
         return self._write(
             lambda c: c.execute(TRIM_EVENTS, (before, max(limit, 0))).rowcount
         )

@@ -1,0 +1,55 @@
+"""
+Every default setting in one place.
+
+``Config`` takes its defaults from here, and so do the constructors of the
+parts (dispatcher, hub, publisher, core, retention, stores, the outgoing
+client), so that a part built without a ``Config`` (in a test, in an
+embedding program) behaves like the server, and changing a default is one
+edit. The option help (``hookah.config.SETTINGS``) names these values too.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+DAY = 86400.0
+
+# Where the server listens and what it stores in.
+PORT = 8080
+STORAGE = "sqlite:hookah.db"
+
+# About a day of retries in all (85,685 s, 23.8 h), dense at first, when most
+# outages end, and hourly later.
+RETRY_SCHEDULE: Tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800)
+
+# Seconds an outgoing request may take, its response body included: a
+# delivery attempt, a WebSub verification, a topic fetch.
+TIMEOUT = 30.0
+
+# Seconds between keep-alives on an idle stream.
+KEEPALIVE = 30.0
+
+# WebSub lease seconds granted: (minimum, default when none is asked, maximum).
+LEASE_BOUNDS: Tuple[int, int, int] = (60, 864000, 2592000)
+
+# Largest request body accepted, and how far a slow stream may lag, in bytes.
+MAX_BODY = 1024 * 1024
+STREAM_BUFFER = 1024 * 1024
+
+# Delivery attempts in flight at once; to one host; the circuit breaker.
+CONCURRENCY = 256
+HOST_CONCURRENCY = 16
+BREAKER_THRESHOLD = 5
+BREAKER_COOLDOWN = 60.0
+
+# Topic history: events kept per topic, and for how long.
+HISTORY_COUNT = 1000
+HISTORY_AGE = 7 * DAY
+
+# How long finished deliveries are kept, and idempotency keys remembered.
+RETENTION = 7 * DAY
+IDEMPOTENCY_WINDOW = DAY
+
+# Rows one retention call deletes at most: each batch is one short write, so
+# the single SQLite writer keeps serving the requests queued in between.
+PURGE_BATCH = 10_000
