@@ -17,11 +17,12 @@ from twisted.web.resource import Resource
 
 from hookah.model import Event
 from hookah.storage.memory import MemoryStore
-from hookah.streams.parse import ResponseReader, parser_for
+from hookah.streams.parse import parser_for
 from hookah.streams.registry import TopicRegistry
 from hookah.web.common import HookahSite, make_site
 from hookah.web.httpstream import HTTPStream
 from hookah.web.stream import StreamResource
+from tests.streamwire import ResponseReader
 
 
 class GatedStore:

@@ -1,8 +1,8 @@
 """
 The ``hookah`` command, run as a real subprocess against a real Hookah
 (in this process, on a loopback port): dispatch, deliveries, retry,
-dispatch --from-file with its progress bar, publish, tail (with a reconnect
-that resumes by ``Last-Event-ID``), serve, and the errors people see when
+dispatch --from-file with its progress bar, publish, tail (in every stream
+format, with reconnects that resume by ``Last-Event-ID``), serve, and the errors people see when
 the server is not there. Every child process is bounded in time.
 """
 
@@ -16,7 +16,7 @@ import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import protocol, reactor
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.trial.unittest import TestCase
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -250,6 +250,130 @@ class Commands(TestCase):
             self.assertEqual(seen, [None, b"01A", b"01A"])
             self.assertIn("reconnecting", err)
             self.assertIn("resuming after 01A", err)
+
+        return ensureDeferred(go())
+
+    def test_tail_reads_every_stream_format(self) -> Any:
+        """``--format`` changes what is read off the wire, never what is printed: history and live events alike."""
+
+        async def go() -> None:
+            _, base = await start_hookah(self)
+            client = http_client(self)
+            published = [
+                ('{"n": 1, "s": "\u00e9"}'.encode("utf-8"), "application/json"),
+                ("two lines\nand a separator \u2028 \u00e9".encode("utf-8"), "text/plain; charset=utf-8"),
+                (b"\x00\xff binary", "application/octet-stream"),
+            ]
+
+            async def publish(body: bytes, content_type: str) -> str:
+                response = await client.post(f"{base}/dispatch?_topic=mix", data=body, headers={"Content-Type": content_type})
+                self.assertEqual(response.code, 202)
+                return str((await response.json())["id"])
+
+            ids = [await publish(body, content_type) for body, content_type in published]
+            # Three from the history (--count 3), then one published live.
+            tails = {
+                fmt: spawn(self, ["tail", "mix", "--count", "3", "--limit", "4", "--format", fmt, "--server", base])
+                for fmt in ("json", "length", "sse")
+            }
+            for tail in tails.values():
+                await tail.seen(b"following mix")
+            await poll("three replayed events printed", lambda: all(t.out.count(b"\n") >= 3 for t in tails.values()))
+            ids.append(await publish(b'{"live": true}', "application/json"))
+            outputs = {}
+            for fmt, tail in tails.items():
+                code, out, err = await tail.ended
+                self.assertEqual(code, 0, f"{fmt}: {err}")
+                # One event per "\n" (str.splitlines would also split at the U+2028 inside a string).
+                outputs[fmt] = [json.loads(line) for line in out.split("\n") if line]
+            self.assertEqual([e["id"] for e in outputs["json"]], ids)
+            self.assertEqual(
+                [e["data"] for e in outputs["json"]],
+                [{"n": 1, "s": "\u00e9"}, "two lines\nand a separator \u2028 \u00e9", "AP8gYmluYXJ5", {"live": True}],
+            )
+            self.assertEqual(outputs["json"][2]["encoding"], "base64")
+            self.assertEqual(outputs["length"], outputs["json"])
+            self.assertEqual(outputs["sse"], outputs["json"])
+
+        return ensureDeferred(go())
+
+    def test_tail_stops_when_its_reader_goes_away(self) -> Any:
+        """``hookah tail t | head -1``: a closed stdout ends tail (status 0), it is not a dropped stream to resume."""
+
+        async def go() -> None:
+            requests: List[server.Request] = []
+
+            class Stream(Resource):
+                isLeaf = True
+
+                def render_GET(self, request: server.Request) -> Any:
+                    request.setHeader(b"Content-Type", b"application/json")
+                    request.write(b"\r\n")
+                    requests.append(request)
+                    return server.NOT_DONE_YET
+
+            tail = spawn(self, ["tail", "t", "--reconnect-delay", "0.05", "--server", serve(self, Stream())])
+            await tail.seen(b"following t")
+            await poll("the stream request", lambda: requests)
+            tail.transport.closeStdout()  # type: ignore[attr-defined]
+            requests[0].write(b'{"id":"01A","topic":"t","data":"nobody reads this"}\r\n')
+            code, _, err = await tail.ended
+            self.assertEqual(code, 0, err)
+            self.assertNotIn("reconnect", err)
+            self.assertEqual(len(requests), 1)
+
+        return ensureDeferred(go())
+
+    def test_tail_resumes_after_a_closing_error_or_bad_bytes_in_every_format(self) -> Any:
+        async def go() -> None:
+            from hookah.model import Event
+            from hookah.streams.format import FORMATS, encode_event
+
+            garbage = {"json": b"not json\r\n", "length": b"twelve\r\n", "sse": b"data: not json\n\n"}
+            query = {"json": {}, "length": {b"delimited": [b"length"]}, "sse": {b"format": [b"sse"]}}
+
+            def frame(fmt: str, event_id: str, data: str) -> bytes:
+                event = Event(event_id, "t", data.encode(), "text/plain")
+                return FORMATS[fmt].frame(event, encode_event(event))
+
+            async def check(fmt: str) -> None:
+                seen: List[Optional[bytes]] = []
+                stream_format = FORMATS[fmt]
+
+                class Stream(Resource):
+                    isLeaf = True
+
+                    def render_GET(self, request: server.Request) -> Any:
+                        seen.append(request.getHeader(b"last-event-id"))
+                        asked = {k: v for k, v in request.args.items() if k != b"topic"}
+                        request.setHeader(b"Content-Type", stream_format.content_type)
+                        if asked != query[fmt]:
+                            request.setResponseCode(400)
+                            return json.dumps({"error": "bad_parameter", "message": repr(asked)}).encode()
+                        request.write(stream_format.preamble + stream_format.keepalive)
+                        if len(seen) == 1:
+                            first = frame(fmt, "01A", "first")
+                            request.write(first[:7])  # a frame cut across two chunks
+                            request.write(first[7:] + stream_format.keepalive)
+                            request.write(stream_format.message({"error": "too_slow", "message": "the reader fell behind"}))
+                            request.finish()
+                        elif len(seen) == 2:
+                            request.write(garbage[fmt])  # the connection stays open: tail must leave it
+                        else:
+                            request.write(frame(fmt, "01B", "second"))
+                        return server.NOT_DONE_YET
+
+                code, out, err = await run(
+                    self, "tail", "t", "--format", fmt, "--reconnect-delay", "0.05", "--limit", "2",
+                    "--server", serve(self, Stream()),
+                )
+                self.assertEqual(code, 0, f"{fmt}: {err}")
+                self.assertEqual([json.loads(line)["data"] for line in out.splitlines()], ["first", "second"], fmt)
+                self.assertEqual(seen, [None, b"01A", b"01A"], fmt)
+                self.assertIn("the server closed the stream: the reader fell behind; reconnecting", err, fmt)
+                self.assertIn("the stream could not be read", err, fmt)
+
+            await DeferredList([ensureDeferred(check(fmt)) for fmt in ("json", "length", "sse")], fireOnOneErrback=True, consumeErrors=True)
 
         return ensureDeferred(go())
 

@@ -17,8 +17,9 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from hookah.streams.parse import ResponseReader, parser_for
+from hookah.streams.parse import parser_for
 from hookah.web.httpstream import HTTPStream
+from tests.streamwire import ResponseReader
 from tests.support import http_client, poll, start_hookah
 
 LISTEN = "tcp:0:interface=127.0.0.1:backlog=2048"

@@ -14,7 +14,8 @@ from twisted.trial.unittest import TestCase
 
 from hookah.model import Event
 from hookah.streams.format import FORMATS, JSON_LINES, LENGTH_DELIMITED, SSE, FrameCache, chunk, encode_event, sse_field_value, sse_message
-from hookah.streams.parse import ChunkedDecoder, SSEParser, body_of, parser_for
+from hookah.streams.parse import SSEParser, parser_for
+from tests.streamwire import ChunkedDecoder, body_of
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),

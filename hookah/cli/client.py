@@ -7,8 +7,8 @@ It owns what every subcommand needs from the server: one persistent
 connection reused across requests (``dispatch --from-file`` sends
 thousands), the bearer token, the API's ``{"error", "message"}`` replies
 turned into ``ServerError``, every way of not reaching the server turned
-into one readable ``Unreachable`` sentence, and following ``/stream`` line
-by line with reconnection (``follow``).
+into one readable ``Unreachable`` sentence, and following ``/stream`` in
+any of its formats with reconnection (``follow``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import urlencode, urlsplit
 
 from hookah import __version__
+from hookah.streams.parse import SSEMessage, parser_for
 
 USER_AGENT = f"hookah-cli/{__version__}"
 
@@ -175,6 +176,31 @@ class HookahClient:
         return connection, response
 
 
+# The query that asks ``/stream`` for each format the parsers read.
+STREAM_FORMATS: Dict[str, List[Tuple[str, str]]] = {
+    "json": [],
+    "length": [("delimited", "length")],
+    "sse": [("format", "sse")],
+}
+
+
+def _event_or_closing(message: Any) -> Tuple[Any, Optional[str]]:
+    """
+    ``(event, None)`` for an event, ``(None, reason)`` for the error message
+    the server writes before it closes a stream (``StreamFormat.message``):
+    a JSON object with ``error`` and no ``id``, or in SSE an ``hookah-error``
+    event. Raises ``ValueError`` for SSE data that is not JSON.
+    """
+    if isinstance(message, SSEMessage):
+        obj = message.json()
+        if message.event == "hookah-error":
+            return None, str(obj.get("message", obj.get("error")) if isinstance(obj, dict) else obj)
+        return obj, None
+    if isinstance(message, dict) and "id" not in message and "error" in message:
+        return None, str(message.get("message", message["error"]))
+    return message, None
+
+
 def follow(
     client: HookahClient,
     topics: List[str],
@@ -187,21 +213,27 @@ def follow(
     first_delay: float = 1.0,
     max_delay: float = 30.0,
     sleep: Callable[[float], None] = time.sleep,
+    stream_format: str = "json",
 ) -> int:
     """
-    Follow ``/stream`` for ``topics`` (JSON lines) and call ``on_event`` for
-    each event, until ``limit`` events (forever when None). After a drop,
-    reconnect with ``Last-Event-ID`` set to the last event seen, so nothing
-    still in the topic's history is missed, waiting ``first_delay`` seconds
-    and doubling up to ``max_delay`` while the server stays away. The first
-    connection failing is an error (``Unreachable``/``ServerError``): there
-    is nothing to resume yet. Returns the number of events seen.
+    Follow ``/stream`` for ``topics`` in ``stream_format`` (``json``,
+    ``length`` or ``sse``, read by the parsers of ``hookah.streams.parse``)
+    and call ``on_event`` with each event's JSON object, until ``limit``
+    events (forever when None). After a drop, or bytes that do not follow
+    the format, reconnect with ``Last-Event-ID`` set to the last event seen,
+    so nothing still in the topic's history is missed, waiting
+    ``first_delay`` seconds and doubling up to ``max_delay`` while the
+    server stays away. The first connection failing is an error
+    (``Unreachable``/``ServerError``): there is nothing to resume yet.
+    Returns the number of events seen.
     """
+    if stream_format not in STREAM_FORMATS:
+        raise UsageError(f"the stream format must be one of {', '.join(STREAM_FORMATS)}, not {stream_format!r}")
     seen = 0
     delay = first_delay
     connected_before = False
     while limit is None or seen < limit:
-        query: List[Tuple[str, str]] = [("topic", t) for t in topics]
+        query: List[Tuple[str, str]] = [("topic", t) for t in topics] + STREAM_FORMATS[stream_format]
         headers: Dict[str, str] = {}
         if last_event_id is not None:
             headers["Last-Event-ID"] = last_event_id
@@ -223,28 +255,32 @@ def follow(
         connected_before = True
         delay = first_delay
         reason = "the server ended the stream"
+        parser = parser_for(stream_format)
         try:
             while limit is None or seen < limit:
-                line = response.readline()
-                if not line:
-                    break
-                line = line.strip()
-                if not line:
-                    continue  # keep-alive
+                # Reading and parsing may fail; on_event's own errors (a
+                # closed stdout) are not the stream's and go to the caller.
                 try:
-                    obj = json.loads(line)
-                except ValueError:
-                    on_notice(f"skipping a line that is not JSON: {line[:80]!r}")
-                    continue
-                if isinstance(obj, dict) and "id" not in obj and "error" in obj:
-                    reason = f"the server closed the stream: {obj.get('message', obj['error'])}"
-                    continue
-                if isinstance(obj, dict) and obj.get("id") is not None:
-                    last_event_id = str(obj["id"])
-                seen += 1
-                on_event(obj)
-        except (http.client.HTTPException, OSError) as e:
-            reason = f"connection lost ({_reason(e)})"
+                    data = response.read1(65536)
+                    messages = [_event_or_closing(m) for m in parser.feed(data)] if data else []
+                except (http.client.HTTPException, OSError) as e:
+                    reason = f"connection lost ({_reason(e)})"
+                    break
+                except ValueError as e:  # StreamParseError, or JSON that does not parse
+                    reason = f"the stream could not be read ({e})"
+                    break
+                if not data:
+                    break
+                for event, closing in messages:
+                    if closing is not None:
+                        reason = f"the server closed the stream: {closing}"
+                        continue
+                    if isinstance(event, dict) and event.get("id") is not None:
+                        last_event_id = str(event["id"])
+                    seen += 1
+                    on_event(event)
+                    if limit is not None and seen >= limit:
+                        break
         finally:
             response.close()
             connection.close()

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hookah import __version__
 from hookah.cli.batch import dispatch_headers, ignored_notice, say, send_lines
-from hookah.cli.client import ClientError, HookahClient, ServerError, UsageError, follow
+from hookah.cli.client import STREAM_FORMATS, ClientError, HookahClient, ServerError, UsageError, follow
 
 DEFAULT_SERVER = "http://localhost:8080"
 
@@ -166,6 +166,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         limit=args.limit,
         idle_timeout=args.idle_timeout,
         first_delay=args.reconnect_delay,
+        stream_format=args.format,
     )
     return 0
 
@@ -293,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last-event-id", metavar="ID", help="resume after this event id")
     p.add_argument("--limit", type=int, metavar="N", help="exit after N events")
     p.add_argument("--data-only", action="store_true", help="print only each event's data, not the whole event")
+    p.add_argument("--format", choices=sorted(STREAM_FORMATS), default="json",
+                   help="the stream format to read (json lines, length-delimited, or Server-Sent Events); "
+                        "the output is the same (default: %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="reconnect when nothing, not even a keep-alive, arrives for this long (default: %(default)s)")
     p.add_argument("--reconnect-delay", type=float, default=1.0, metavar="SECONDS",

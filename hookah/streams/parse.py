@@ -1,55 +1,33 @@
 """
-The reading side of ``/stream``: incremental parsers for each format and
-for HTTP chunked bodies, fed bytes as they arrive in whatever pieces the
-network cuts them into.
+The reading side of ``/stream``: an incremental parser for each format,
+fed a response body as it arrives, in whatever pieces the network cuts it
+into. Each ``feed`` returns the messages completed so far and keeps the
+unfinished rest for the next call.
 
-They hold the formats to their word (tests feed every encoding through
-them), and they are what a client needs to follow a stream: the benchmark
-and a command-line ``tail`` use them as they are. Each ``feed`` returns the
-messages completed so far and keeps the unfinished tail for the next call.
+``hookah tail`` (``hookah.cli.client.follow``) reads streams with them, and
+the tests feed every encoding of ``hookah.streams.format`` through them, so
+the writing and the reading side of each format are held to each other.
 """
 
 from __future__ import annotations
 
-import base64
 import json
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import attr
 
 __all__ = [
-    "ChunkedDecoder",
     "JsonLinesParser",
     "LengthDelimitedParser",
-    "ResponseReader",
     "SSEMessage",
     "SSEParser",
     "StreamParseError",
-    "body_of",
     "parser_for",
 ]
 
 
 class StreamParseError(ValueError):
     """The bytes do not follow the format: the stream cannot be trusted past here."""
-
-
-def body_of(obj: Dict[str, Any]) -> bytes:
-    """
-    The payload bytes of an event object: base64 decoded, text as UTF-8, a
-    JSON value re-serialised compactly (same value, not the same spacing).
-    """
-    data = obj.get("data")
-    if obj.get("encoding") == "base64":
-        return base64.b64decode(data or "")
-    if isinstance(data, str) and not _is_json(obj.get("content_type")):
-        return data.encode("utf-8")
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def _is_json(content_type: Optional[str]) -> bool:
-    media = (content_type or "").partition(";")[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
 
 
 class JsonLinesParser:
@@ -204,74 +182,3 @@ class _Utf8Decoder:
 def parser_for(format_name: str) -> Any:
     """A fresh parser for ``json``, ``length`` or ``sse``."""
     return {"json": JsonLinesParser, "length": LengthDelimitedParser, "sse": SSEParser}[format_name]()
-
-
-class ChunkedDecoder:
-    """HTTP/1.1 ``Transfer-Encoding: chunked``: chunk payloads out, framing dropped."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._need: Optional[int] = None  # bytes left in the current chunk
-        self.done = False
-
-    def feed(self, data: bytes) -> bytes:
-        self._buffer += data
-        out = []
-        while not self.done:
-            if self._need is None:
-                end = self._buffer.find(b"\r\n")
-                if end < 0:
-                    break
-                size = self._buffer[:end].split(b";", 1)[0].strip()
-                try:
-                    self._need = int(size, 16)
-                except ValueError:
-                    raise StreamParseError(f"bad chunk size {size[:20]!r}")
-                self._buffer = self._buffer[end + 2 :]
-                if self._need == 0:
-                    self.done = True
-                    break
-            if len(self._buffer) < self._need + 2:
-                break
-            out.append(self._buffer[: self._need])
-            self._buffer = self._buffer[self._need + 2 :]
-            self._need = None
-        return b"".join(out)
-
-
-class ResponseReader:
-    """
-    A raw HTTP/1.x response read off a socket: the status and headers, then
-    the body with chunked framing removed. Meant for clients that hold many
-    streams and cannot afford a full HTTP client per stream.
-    """
-
-    def __init__(self) -> None:
-        self._head = b""
-        self.status: Optional[int] = None
-        self.headers: Dict[str, str] = {}
-        self._chunked: Optional[ChunkedDecoder] = None
-
-    @property
-    def done(self) -> bool:
-        return self._chunked is not None and self._chunked.done
-
-    def feed(self, data: bytes) -> bytes:
-        """Body bytes contained in ``data`` (none until the head is complete)."""
-        if self.status is None:
-            self._head += data
-            end = self._head.find(b"\r\n\r\n")
-            if end < 0:
-                return b""
-            head, data = self._head[:end], self._head[end + 4 :]
-            self._head = b""
-            status_line, *header_lines = head.decode("latin-1").split("\r\n")
-            self.status = int(status_line.split(" ", 2)[1])
-            for line in header_lines:
-                name, _, value = line.partition(":")
-                self.headers[name.strip().lower()] = value.strip()
-            if self.headers.get("transfer-encoding", "").lower() == "chunked":
-                self._chunked = ChunkedDecoder()
-        if self._chunked is not None:
-            return self._chunked.feed(data)
-        return data
