@@ -93,6 +93,9 @@ class _Delegate:
     def release_claims(self) -> Deferred:
         return self._call("release_claims")
 
+    def renew_claim(self, delivery_id: Any, claimed_until: Any) -> Deferred:
+        return self._call("renew_claim", delivery_id, claimed_until)
+
     def reschedule(self, delivery_id: Any, next_attempt_at: Any) -> Deferred:
         return self._call("reschedule", delivery_id, next_attempt_at)
 

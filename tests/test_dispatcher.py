@@ -819,10 +819,10 @@ class LeaseTests(DispatcherTestCase):
     def test_a_delivery_held_for_a_slot_is_covered_when_sent(self) -> None:
         # Held in memory behind a slow host's slot for longer than its claim
         # would last: the claim is renewed when it is finally sent.
+        clock = self.clock()
         clock, client, dispatcher = self.fake(
-            lambda sent: None, hosts=HostGate(self.clock(), limit=1, max_waiting=4), timeout=30.0
+            lambda sent: None, clock=clock, hosts=HostGate(clock, limit=1, max_waiting=4), timeout=30.0
         )
-        dispatcher.hosts.clock = clock
         self.submit(dispatcher, self.delivery("FIRST"), self.delivery("HELD"))
         self.assertEqual(len(client.sent), 1)
         clock.advance(70)  # the fake client never times out on its own
