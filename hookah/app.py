@@ -32,8 +32,9 @@ from hookah.storage.interface import IStore
 from hookah.streams.registry import TopicRegistry
 from hookah.web.common import JsonResource, make_site
 from hookah.web.auth import ADMIN, Tokens, describe, dispatch_policy, guard, hub_policy
+from hookah.web.cors import CorsPolicy, cors
 from hookah.web.dispatch import DispatchResource
-from hookah.web.stream import StreamResource
+from hookah.web.streamtokens import stream_mount
 from hookah.web.ops import (
     HealthResource, LoginResource, LogoutResource, MetricsResource, StatusPage, login_or_json, stream_counts,
 )
@@ -60,18 +61,23 @@ def build_root(
     root = JsonResource()  # unknown paths: a JSON 404
     tokens = Tokens.from_config(config)
     describe(tokens)
-    root.putChild(b"dispatch", guard(DispatchResource(core), tokens, dispatch_policy))
+    # Pages of --cors-origins may use these mounts with these methods (None: CORS off).
+    policy = CorsPolicy.from_config(config.cors_origins)
+    root.putChild(b"dispatch", cors(guard(DispatchResource(core), tokens, dispatch_policy), policy, [b"GET", b"POST"]))
     root.putChild(b"login", LoginResource(tokens))
     root.putChild(b"logout", LogoutResource())
     root.putChild(b"healthz", HealthResource(core.store, core.clock, lambda: core.dispatcher.running))
-    root.putChild(b"topics", guard(TopicsResource(core.store), tokens, ADMIN))
-    # Streams replay topic history (count, Last-Event-ID): as admin-only as /topics.
-    root.putChild(b"stream", guard(StreamResource(streams, core.store, core.clock, config.stream_buffer), tokens, ADMIN))
+    root.putChild(b"topics", cors(guard(TopicsResource(core.store), tokens, ADMIN), policy, [b"GET"]))
+    # Streams replay topic history (count, Last-Event-ID): as admin-only as
+    # /topics, or readable with a short-lived token for some topics.
+    root.putChild(b"stream", cors(stream_mount(streams, core.store, core.clock, config.stream_buffer, tokens), policy, [b"GET"]))
     root.putChild(b"", guard(StatusPage(core, tokens, stream_counts(streams)), tokens, ADMIN, login_or_json))
     root.putChild(b"metrics", guard(MetricsResource(core), tokens, ADMIN))
-    root.putChild(b"hub", guard(HubResource(websub, publisher, admin=True), tokens, hub_policy()))
+    root.putChild(b"hub", cors(guard(HubResource(websub, publisher, admin=True), tokens, hub_policy()), policy, [b"POST"]))
     root.putChild(b"subscribe", guard(HubResource(websub, publisher), tokens, hub_policy()))
-    root.putChild(b"publish", guard(HubResource(websub, publisher, default_mode="publish"), tokens, hub_policy("publish")))
+    root.putChild(
+        b"publish", cors(guard(HubResource(websub, publisher, default_mode="publish"), tokens, hub_policy("publish")), policy, [b"POST"])
+    )
     return root
 
 

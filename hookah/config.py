@@ -54,6 +54,7 @@ class Config:
     stream_buffer: int = defaults.STREAM_BUFFER
     log_format: str = "text"
     access_log: bool = False
+    cors_origins: Tuple[str, ...] = ()
 
 
 def _positive_number(name: str, value: Any) -> float:
@@ -199,6 +200,27 @@ def _numbers(values: Sequence[float]) -> str:
     return ",".join(_number(v) for v in values)
 
 
+def _cors_origins(name: str, value: Any) -> Tuple[str, ...]:
+    """
+    ``*``, or origins as browsers send them in ``Origin``: scheme, host and
+    a port only when it is not the scheme's default, lower-cased, no path.
+    """
+    from hookah.web.cors import normalise_origin
+
+    origins = _listing(value)
+    if "*" in origins:
+        if len(origins) > 1:
+            raise ConfigError(f"--{name} is either * (any origin) or a list of origins, not both")
+        return origins
+    normalised = []
+    for origin in origins:
+        try:
+            normalised.append(normalise_origin(origin))
+        except ValueError as e:
+            raise ConfigError(f"--{name}: {e}")
+    return tuple(dict.fromkeys(normalised))
+
+
 @attr.s(auto_attribs=True, frozen=True)
 class Setting:
     name: str  # the option's name on the command line
@@ -237,6 +259,7 @@ SETTINGS: Sequence[Setting] = (
     Setting("stream-buffer", "stream_buffer", lambda n, v: _integer(n, v, 1024), f"bytes a slow stream may lag before it is closed [default: {defaults.STREAM_BUFFER}]"),
     Setting("log-format", "log_format", _log_format, "text or json [default: text]"),
     Setting("access-log", "access_log", _boolean, "log a line per HTTP request", flag=True),
+    Setting("cors-origins", "cors_origins", _cors_origins, "origins (or *) whose pages may use /stream, /topics, /dispatch and publish cross-origin, comma-separated"),
 )
 _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
 

@@ -5,9 +5,9 @@ test created, clicks Resend, and watches the delivery become delivered as
 the target (now answering 200) receives it again.
 
 Screenshots go to ``artifacts/status-page.png`` (after the resend) and
-``artifacts/status-page-before.png``. The test is skipped, saying why, only
-when Chromium or ChromeDriver is not installed (Debian packages
-``chromium`` and ``chromium-driver``).
+``artifacts/status-page-before.png``. Without Chromium and ChromeDriver
+the test is skipped, saying why, or fails when ``CI`` is set
+(``tests.browsersupport``).
 
 Selenium's calls block, and the Hookah under test runs on this process's
 reactor, so every browser step runs in a thread (``deferToThread``) while
@@ -17,54 +17,20 @@ the reactor goes on serving the browser.
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 from urllib.parse import quote
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from hookah.model import DELIVERED, FAILED
-from tests.support import ROOT, http_client, listen_sink, poll, start_hookah, temp_dir
+from tests.browsersupport import start_browser
+from tests.support import ROOT, http_client, listen_sink, poll, start_hookah
 
 ARTIFACTS = os.path.join(ROOT, "artifacts")
-CHROMIUM = os.environ.get("HOOKAH_TEST_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("HOOKAH_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
 ADMIN = "browser-admin-token"
 PUBLISHER = "browser-publisher-token"
-# Flags this machine needs: no sandbox as root, and no background
-# networking, which a closed network refuses many times a second.
-FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--window-size=1280,1100",
-)
-
-
-def find(path: str, name: str) -> str:
-    found = path if os.access(path, os.X_OK) else shutil.which(name)
-    if not found:
-        raise SkipTest(f"{name} is not installed (Debian packages chromium and chromium-driver); the browser test needs it")
-    return found
-
-
-def start_browser(testcase: TestCase) -> Any:
-    chromium = find(CHROMIUM, "chromium")
-    chromedriver = find(CHROMEDRIVER, "chromedriver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = temp_dir(testcase, prefix="hookah-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={profile}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    driver.set_page_load_timeout(30)
-    return driver
 
 
 class StatusPageInBrowser(TestCase):

@@ -205,6 +205,25 @@ class Commands(TestCase):
 
         return ensureDeferred(go())
 
+    def test_token_mints_a_stream_token(self) -> Any:
+        async def go() -> None:
+            _, base = await start_hookah(self, admin_tokens=("cli-admin",))
+            code, out, err = await run(self, "token", "--topic", "orders", "--topic", "news", "--ttl", "60", "--server", base, "--token", "cli-admin")
+            self.assertEqual(code, 0, err)
+            token = out.strip()
+            self.assertTrue(token.startswith("hst1."), out)
+            self.assertIn("reads orders, news", err)
+            client = http_client(self)
+            response = await client.head(f"{base}/stream?topic=news&access_token={token}")
+            self.assertEqual(response.code, 200)
+            response = await client.head(f"{base}/stream?topic=other&access_token={token}")
+            self.assertEqual(response.code, 403)
+            code, _, err = await run(self, "token", "--topic", "orders", "--server", base)
+            self.assertEqual(code, 1)
+            self.assertIn("401", err)
+
+        return ensureDeferred(go())
+
     def test_publish_and_tail(self) -> Any:
         async def go() -> None:
             _, base = await start_hookah(self)

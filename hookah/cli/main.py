@@ -223,6 +223,20 @@ def quote_id(delivery_id: str) -> str:
     return quote(delivery_id, safe="")
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """Mint a stream token for a browser page (``POST /stream/tokens``, which needs the admin token)."""
+    client = client_for(args)
+    query = [("topic", topic) for topic in args.topic] + [("ttl", str(args.ttl))]
+    reply = client.call("POST", client.path("/stream/tokens", query))
+    if args.json_output:
+        print(json.dumps(reply))
+        return 0
+    print(reply.get("token", ""))
+    topics = ", ".join(str(t) for t in reply.get("topics") or [])
+    say(f"reads {topics} from /stream?topic=...&access_token=<token> for {reply.get('expires_in')}s (until {reply.get('expires_at')})")
+    return 0
+
+
 def cmd_serve(argv: List[str]) -> int:
     """Run the server in the foreground: ``twistd -n hookah`` without twistd."""
     from hookah.cli.serve import serve
@@ -319,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("retry", "resend a delivered or failed delivery", [common], "hookah retry 01J9Z...")
     p.add_argument("id", help="the delivery id")
     p.set_defaults(run=cmd_retry)
+
+    p = command("token", "mint a short-lived token that lets a browser page read topics from /stream (admin)",
+                [common], "hookah token --topic orders --ttl 600")
+    p.add_argument("--topic", action="append", required=True, help="a topic the token may read (repeatable)")
+    p.add_argument("--ttl", type=int, default=600, metavar="SECONDS", help="seconds the token is valid (default: %(default)s, at most 86400)")
+    p.add_argument("--json-output", action="store_true", help="print the server's JSON reply")
+    p.set_defaults(run=cmd_token)
 
     commands.add_parser(
         "serve",

@@ -19,7 +19,7 @@ open response and ``TopicRegistry`` feeds it.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import attr
 from twisted.internet.defer import ensureDeferred
@@ -34,7 +34,9 @@ from hookah.streams.registry import TopicRegistry
 from hookah.web.common import ApiError, JsonResource, error_body, int_arg
 from hookah.web.httpstream import HTTPStream
 
-__all__ = ["StreamResource", "StreamRequest", "parse_stream_request", "MAX_COUNT", "MAX_TOPICS"]
+__all__ = [
+    "StreamResource", "StreamRequest", "parse_stream_request", "requested_topics", "split_topics", "MAX_COUNT", "MAX_TOPICS",
+]
 
 log = Logger()
 
@@ -75,14 +77,28 @@ def _wants_sse(request: server.Request) -> bool:
     return False
 
 
-def parse_stream_request(request: server.Request) -> StreamRequest:
-    """A checked ``StreamRequest``, or ``ApiError`` for a ``400``."""
+def split_topics(values: Iterable[str]) -> List[str]:
+    """
+    ``topic`` values as one list of names: each value may hold several,
+    comma-separated; unreserved escapes decoded as the hub does; each once.
+    """
     topics: List[str] = []
-    for value in _values(request, b"topic"):
+    for value in values:
         for topic in value.split(","):
             topic = decode_unreserved(topic.strip())
             if topic and topic not in topics:
                 topics.append(topic)
+    return topics
+
+
+def requested_topics(request: server.Request) -> List[str]:
+    """The topics a ``/stream`` request names (unchecked: may be none, or too many)."""
+    return split_topics(_values(request, b"topic"))
+
+
+def parse_stream_request(request: server.Request) -> StreamRequest:
+    """A checked ``StreamRequest``, or ``ApiError`` for a ``400``."""
+    topics = requested_topics(request)
     if not topics:
         raise ApiError(400, "missing_topic", "Give at least one topic: /stream?topic=<name> (repeat it or separate with commas for several).")
     if len(topics) > MAX_TOPICS:
@@ -115,15 +131,29 @@ def parse_stream_request(request: server.Request) -> StreamRequest:
 
 
 class StreamResource(JsonResource):
+    """
+    ``GET /stream``. ``ends_at``, when given, says when a request's stream
+    must end whatever its reader wants (the expiry of the short-lived token
+    it was opened with, ``hookah.web.streamtokens``), or None for never.
+    """
+
     isLeaf = True
     not_allowed_message = "A stream is read with GET."
 
-    def __init__(self, registry: TopicRegistry, store: IStore, clock: IReactorTime, buffer_limit: int) -> None:
+    def __init__(
+        self,
+        registry: TopicRegistry,
+        store: IStore,
+        clock: IReactorTime,
+        buffer_limit: int,
+        ends_at: Optional[Callable[[server.Request], Optional[float]]] = None,
+    ) -> None:
         super().__init__()
         self.registry = registry
         self.store = store
         self.clock = clock
         self.buffer_limit = buffer_limit
+        self.ends_at = ends_at
 
     def render_GET(self, request: server.Request) -> Any:
         try:
@@ -132,9 +162,28 @@ class StreamResource(JsonResource):
             return error_body(request, e)
         stream = HTTPStream(request, self.registry, wanted.topics, wanted.format, self.buffer_limit, self.clock)
         stream.start_response()
+        until = self.ends_at(request) if self.ends_at is not None else None
+        if until is not None:
+            self._end_at(request, stream, until)
         d = ensureDeferred(stream.replay(self.store, wanted.last_event_id, wanted.count))
         d.addErrback(lambda f: log.failure("opening a stream failed", f))
         return server.NOT_DONE_YET
+
+    def _end_at(self, request: server.Request, stream: HTTPStream, until: float) -> None:
+        """End the stream at ``until`` with a last message that says why and how to go on."""
+        if getattr(request, "_disconnected", False):
+            return  # gone already: notifyFinish would never fire to cancel the call
+        call = self.clock.callLater(
+            max(0.0, until - self.clock.seconds()),
+            stream.close,
+            "its token expired",
+            {
+                "error": "token_expired",
+                "message": "The token this stream was opened with has expired; open it again with a new token "
+                "and last_event_id set to the last event's id to go on where it stopped.",
+            },
+        )
+        request.notifyFinish().addBoth(lambda _: call.cancel() if call.active() else None)
 
     def render_HEAD(self, request: server.Request) -> Any:
         try:
