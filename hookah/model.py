@@ -8,22 +8,69 @@ the web layer is the same value everywhere; a change is a new record
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Optional, Tuple
 
 import attr
 
-SCHEDULED = "scheduled"
-DELIVERING = "delivering"
-DELIVERED = "delivered"
-FAILED = "failed"
-STATUSES = (SCHEDULED, DELIVERING, DELIVERED, FAILED)
 
-# What a delivery is for; errbacks and callbacks never spawn errbacks of
-# their own, so a failing report cannot recurse.
-KIND_DISPATCH = "dispatch"
-KIND_ERRBACK = "errback"
-KIND_CALLBACK = "callback"
-KIND_WEBSUB = "websub"
+class TextEnum(str, Enum):
+    """
+    Named values that are text on the wire and in storage: each member is a
+    ``str`` equal to its value, and prints, formats, JSON-encodes and binds
+    to SQL as that value alone (``"failed"``, never ``DeliveryStatus.FAILED``),
+    on every Python ``setup.py`` allows. Code compares members, not strings.
+    """
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(str.__str__(self), spec)
+
+
+class DeliveryStatus(TextEnum):
+    """Where a delivery stands (``scheduled → delivering → delivered | failed``)."""
+
+    SCHEDULED = "scheduled"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+SCHEDULED = DeliveryStatus.SCHEDULED
+DELIVERING = DeliveryStatus.DELIVERING
+DELIVERED = DeliveryStatus.DELIVERED
+FAILED = DeliveryStatus.FAILED
+STATUSES: Tuple[DeliveryStatus, ...] = tuple(DeliveryStatus)
+
+
+class DeliveryKind(TextEnum):
+    """
+    What a delivery is for; errbacks and callbacks never spawn errbacks of
+    their own, so a failing report cannot recurse.
+    """
+
+    DISPATCH = "dispatch"
+    ERRBACK = "errback"
+    CALLBACK = "callback"
+    WEBSUB = "websub"
+
+
+KIND_DISPATCH = DeliveryKind.DISPATCH
+KIND_ERRBACK = DeliveryKind.ERRBACK
+KIND_CALLBACK = DeliveryKind.CALLBACK
+KIND_WEBSUB = DeliveryKind.WEBSUB
+
+
+def delivery_status(value: str) -> DeliveryStatus:
+    """A status read back as text (storage, a query string) as the member it names; ``ValueError`` for another."""
+    return value if isinstance(value, DeliveryStatus) else DeliveryStatus(value)
+
+
+def delivery_kind(value: str) -> DeliveryKind:
+    """A kind read back as text as the member it names; ``ValueError`` for another."""
+    return value if isinstance(value, DeliveryKind) else DeliveryKind(value)
 
 Headers = Tuple[Tuple[str, str], ...]
 
@@ -68,7 +115,7 @@ class Delivery:
     body: bytes
     content_type: Optional[str] = None
     headers: Headers = ()
-    status: str = SCHEDULED
+    status: DeliveryStatus = attr.ib(default=SCHEDULED, converter=delivery_status)
     created_at: float = 0.0
     next_attempt_at: Optional[float] = None
     attempts: Tuple[Attempt, ...] = ()
@@ -76,7 +123,7 @@ class Delivery:
     timeout: Optional[float] = None
     errback: Optional[str] = None
     callback: Optional[str] = None
-    kind: str = KIND_DISPATCH
+    kind: DeliveryKind = attr.ib(default=KIND_DISPATCH, converter=delivery_kind)
     topic: Optional[str] = None
     event_id: Optional[str] = None
     parent_id: Optional[str] = None

@@ -38,6 +38,7 @@ from hookah.model import (
     SCHEDULED,
     Attempt,
     Delivery,
+    DeliveryKind,
 )
 from hookah.delivery.hosts import DEFER, GO, WAIT, HostGate
 from hookah.delivery.lease import covers, lease_until
@@ -421,7 +422,7 @@ class Dispatcher(Service):
 
     # -- reports: errback and callback -----------------------------------------
 
-    def _follow_up(self, parent: Delivery, kind: str, url: str, body: bytes, content_type: str, headers: Sequence[Any]) -> Delivery:
+    def _follow_up(self, parent: Delivery, kind: DeliveryKind, url: str, body: bytes, content_type: str, headers: Sequence[Any]) -> Delivery:
         return Delivery(
             id=self.new_id(),
             url=url,

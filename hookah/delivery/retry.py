@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import attr
 
-from hookah.model import DELIVERED, FAILED, SCHEDULED
+from hookah.model import DELIVERED, FAILED, SCHEDULED, DeliveryStatus
 
 # Spread retries by +-20% so that deliveries which failed together (an
 # endpoint's outage) do not all come back at the same second.
@@ -63,7 +63,7 @@ def parse_retry_after(value: Optional[str], now: float) -> Optional[float]:
 class Decision:
     """What becomes of a delivery after an attempt."""
 
-    status: str
+    status: DeliveryStatus
     next_attempt_at: Optional[float] = None
     reason: str = ""
 

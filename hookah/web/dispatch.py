@@ -20,7 +20,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from hookah.outbound.agent import wire_url
-from hookah.model import STATUSES
+from hookah.model import SCHEDULED, STATUSES, delivery_status
 from hookah.websub.subscriptions import decode_unreserved
 from hookah.web.payload import PayloadError, control_name, split_payload
 from hookah.core import Accepted, HookahCore, DispatchRequest
@@ -261,7 +261,7 @@ def log_ignored(accepted: Accepted, ignored: Sequence[str]) -> None:
 
 
 def accepted_body(request: server.Request, accepted: Accepted, ignored: Sequence[str] = ()) -> bytes:
-    body: Dict[str, Any] = {"id": accepted.id, "status": "scheduled"}
+    body: Dict[str, Any] = {"id": accepted.id, "status": SCHEDULED}
     if accepted.topic is not None:
         body["subscribers"] = accepted.subscribers  # null on a duplicate
     if ignored:
@@ -304,8 +304,10 @@ class DispatchResource(JsonResource):
     def render_GET(self, request: server.Request) -> object:
         async def handle() -> bytes:
             args = query_args(request)
-            status = args.get("status") or None
-            if status is not None and status not in STATUSES:
+            wanted = args.get("status") or None
+            try:
+                status = delivery_status(wanted) if wanted is not None else None
+            except ValueError:
                 raise ApiError(400, "bad_parameter", f"status must be one of {', '.join(STATUSES)}.")
             limit = int_arg(args, "limit", 50, 1, 1000)
             after = args.get("after") or None

@@ -25,7 +25,7 @@ from hookah.core import HookahCore
 from hookah.storage.interface import IStore
 from hookah.web.auth import COOKIE_MAX_AGE, COOKIE_NAME, Tokens, session_value
 from hookah.metrics import Metrics
-from hookah.model import FAILED, STATUSES
+from hookah.model import DELIVERING, FAILED, SCHEDULED, STATUSES
 from hookah.web.recent import newest_deliveries
 from hookah.web.common import ApiError, JsonResource, json_body, render_async
 from hookah.web.status_html import Snapshot, TopicRow, content_security_policy, login_page, status_page
@@ -252,7 +252,7 @@ class MetricsResource(JsonResource):
         m.gauge(
             "hookah_delivery_queue_depth",
             "Deliveries waiting to be delivered (scheduled or being delivered)",
-            lambda: [((), self._counts.get("scheduled", 0) + self._counts.get("delivering", 0))],
+            lambda: [((), self._counts.get(SCHEDULED, 0) + self._counts.get(DELIVERING, 0))],
         )
         m.gauge(
             "hookah_deliveries",

@@ -18,7 +18,7 @@ from urllib.parse import quote
 import attr
 
 from hookah import __version__
-from hookah.model import DELIVERED, FAILED, SCHEDULED, Delivery, Subscription
+from hookah.model import DELIVERED, DELIVERING, FAILED, SCHEDULED, Delivery, Subscription
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -44,7 +44,7 @@ class Snapshot:
 
     @property
     def queue_depth(self) -> int:
-        return self.counts.get("scheduled", 0) + self.counts.get("delivering", 0)
+        return self.counts.get(SCHEDULED, 0) + self.counts.get(DELIVERING, 0)
 
 
 def e(value: object) -> str:
@@ -190,8 +190,8 @@ def status_page(snapshot: Snapshot, nonce: str, signed_in: bool) -> str:
         (
             _card("queue depth", s.queue_depth, "accent"),
             _card("in flight", s.in_flight),
-            _card("delivered", s.counts.get("delivered", 0), "ok"),
-            _card("failed", s.counts.get("failed", 0), "bad" if s.counts.get("failed") else ""),
+            _card(DELIVERED, s.counts.get(DELIVERED, 0), "ok"),
+            _card(FAILED, s.counts.get(FAILED, 0), "bad" if s.counts.get(FAILED) else ""),
             _card("topics", len(s.topics)),
             _card("subscriptions", s.subscription_total),
             _card("stream readers", streams),

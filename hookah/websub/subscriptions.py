@@ -63,6 +63,7 @@ from hookah.model import (
     CANCELLED_EXPIRED,
     CANCELLED_GONE,
     CANCELLED_UNSUBSCRIBED,
+    TextEnum,
     KIND_WEBSUB,
     Delivery,
     Subscription,
@@ -72,14 +73,34 @@ from hookah.storage.interface import IStore
 
 log = Logger()
 
-SUBSCRIBE = "subscribe"
-UNSUBSCRIBE = "unsubscribe"
-DENIED = "denied"
 
-# Outcomes of a verification (also the ``outcome`` label of the metric).
-VERIFIED = "verified"
-REJECTED = "rejected"  # the subscriber answered, and did not confirm
-UNREACHABLE = "unreachable"  # no answer, or one that says "try later"
+
+class Mode(TextEnum):
+    """The ``hub.mode`` of a request the hub verifies, or of a denial it sends (5.2)."""
+
+    SUBSCRIBE = "subscribe"
+    UNSUBSCRIBE = "unsubscribe"
+    DENIED = "denied"
+
+
+SUBSCRIBE = Mode.SUBSCRIBE
+UNSUBSCRIBE = Mode.UNSUBSCRIBE
+DENIED = Mode.DENIED
+
+
+class Outcome(TextEnum):
+    """What came of a request the hub handled (also the ``outcome`` label of the metric)."""
+
+    VERIFIED = "verified"
+    REJECTED = "rejected"  # the subscriber answered, and did not confirm
+    UNREACHABLE = "unreachable"  # no answer, or one that says "try later"
+    DENIED = "denied"  # refused by --topic-allow; the subscriber was told
+    SENT = "sent"  # a denial reached the subscriber
+
+
+VERIFIED = Outcome.VERIFIED
+REJECTED = Outcome.REJECTED
+UNREACHABLE = Outcome.UNREACHABLE
 
 # Async verifications that got no usable answer are tried again after these
 # many seconds (then given up): a subscriber restarting, or briefly
@@ -183,9 +204,9 @@ class TopicPolicy:
 class SubscriptionRequest:
     """A checked (un)subscription request, URLs already percent-normalized."""
 
-    mode: str
-    topic: str
-    callback: str
+    mode: Mode = attr.ib(converter=Mode)
+    topic: str = attr.ib()
+    callback: str = attr.ib()
     lease_seconds: Optional[int] = None
     secret: Optional[str] = None
     verify_token: Optional[str] = None  # PubSubHubbub 0.3, echoed back
@@ -420,7 +441,7 @@ class WebSubHub(Service):
         """
         Handle an accepted request in the background: deny it (policy) or
         verify it, retrying when the callback gives no usable answer.
-        Deferred[str] with the outcome, for tests; the web layer ignores it.
+        Deferred[Outcome], for tests; the web layer ignores it.
         Raises ``HubBusy`` (before anything starts) when the hub already
         handles as many requests as it allows.
         """
@@ -437,7 +458,7 @@ class WebSubHub(Service):
             raise HubBusy()
         return await self._handle(request, ()) == VERIFIED
 
-    async def _handle(self, request: SubscriptionRequest, retries: Sequence[float]) -> str:
+    async def _handle(self, request: SubscriptionRequest, retries: Sequence[float]) -> Outcome:
         self._pending += 1
         try:
             return await self._handle_pending(request, retries)
@@ -452,7 +473,7 @@ class WebSubHub(Service):
         finally:
             self._slots.release()
 
-    async def _handle_pending(self, request: SubscriptionRequest, retries: Sequence[float]) -> str:
+    async def _handle_pending(self, request: SubscriptionRequest, retries: Sequence[float]) -> Outcome:
         key = (request.topic, request.callback)
         self._sequence += 1
         sequence = self._sequence
@@ -463,7 +484,7 @@ class WebSubHub(Service):
                 reason = self.policy.refusal(request.topic)
                 if reason is not None:
                     await self.deny(request.topic, request.callback, reason)
-                    return DENIED
+                    return Outcome.DENIED
             outcome, sent_at, lease = await self._verify(request)
             for delay in retries:
                 if outcome != UNREACHABLE:
@@ -485,7 +506,7 @@ class WebSubHub(Service):
             if state[0] == 0:
                 del self._keys[key]
 
-    async def _verify(self, request: SubscriptionRequest) -> Tuple[str, float, int]:
+    async def _verify(self, request: SubscriptionRequest) -> Tuple[Outcome, float, int]:
         """One verification GET: (outcome, when it was sent, lease offered)."""
         challenge = new_challenge()
         lease = clamp_lease(request.lease_seconds, self.lease_bounds)
@@ -564,7 +585,7 @@ class WebSubHub(Service):
             log.info("denial of {topic} to {callback} not delivered: {why}", topic=topic, callback=callback,
                      why=describe_failure(Failure(), self.timeout))
             return False
-        self.metrics.verifications.labels(DENIED, "sent").inc()
+        self.metrics.verifications.labels(DENIED, Outcome.SENT).inc()
         log.info("denied {topic} to {callback} (HTTP {code})", topic=topic, callback=callback, code=response.code)
         return True
 

@@ -344,7 +344,7 @@ class SQLiteStore:
 
     def count_deliveries(self) -> Deferred[Dict[str, int]]:
         def work(c: sqlite3.Connection) -> Dict[str, int]:
-            counts = dict.fromkeys(STATUSES, 0)
+            counts: Dict[str, int] = dict.fromkeys(STATUSES, 0)
             counts.update(
                 c.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status")
             )
