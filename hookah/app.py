@@ -16,7 +16,9 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
-from hookah.config import Config
+from prometheus_client import Counter
+
+from hookah.config import Config, with_backlog
 from hookah.delivery.dispatcher import Dispatcher
 from hookah.websub.distributor import Distributor
 from hookah.websub.publisher import Publisher
@@ -30,6 +32,7 @@ from hookah.delivery.signing import Signer
 from hookah.outbound.ssrf import AddressPolicy
 from hookah.storage.interface import IStore
 from hookah.streams.registry import TopicRegistry
+from hookah.web.channel import SocketLimits
 from hookah.web.common import JsonResource, make_site
 from hookah.web.auth import ADMIN, Tokens, describe, dispatch_policy, guard, hub_policy
 from hookah.web.cors import CorsPolicy, cors
@@ -152,8 +155,21 @@ class HookahService(MultiService):
         self.streams = TopicRegistry(reactor, config.keepalive)
         self.core.event_listeners.append(self.streams.publish)
         self.metrics.gauge("hookah_open_streams", "Open /stream responses", lambda: [((), float(len(self.streams)))])
-        self.site = make_site(build_root(self.core, config, self.websub, self.publisher, streams=self.streams), config.max_body, reactor, config.access_log)
-        self.web = strports.service(config.listen, self.site, reactor=reactor)
+        self.site = make_site(
+            build_root(self.core, config, self.websub, self.publisher, streams=self.streams), config.max_body, reactor,
+            config.access_log, SocketLimits(config.head_timeout, config.min_body_rate, config.max_connections, config.max_streams),
+        )
+        refusals = Counter(
+            "hookah_http_refusals", "Connections and requests refused at the socket, by reason", ["reason"],
+            registry=self.metrics.registry,
+        )
+        self.site.on_refusal = lambda reason: refusals.labels(reason).inc()
+        self.metrics.gauge(
+            "hookah_open_connections", "Open HTTP connections, requests and streams apart",
+            lambda: [(("request",), float(self.site.request_connections)), (("stream",), float(self.site.streams))],
+            labels=("kind",),
+        )
+        self.web = strports.service(with_backlog(config.listen, config.backlog), self.site, reactor=reactor)
         self._opened: Optional[Deferred] = None
         self._listening: List[Deferred] = []
 

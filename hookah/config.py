@@ -55,6 +55,11 @@ class Config:
     log_format: str = "text"
     access_log: bool = False
     cors_origins: Tuple[str, ...] = ()
+    head_timeout: float = defaults.HEAD_TIMEOUT
+    min_body_rate: int = defaults.MIN_BODY_RATE
+    max_connections: int = defaults.MAX_CONNECTIONS
+    max_streams: int = defaults.MAX_STREAMS
+    backlog: int = defaults.BACKLOG
 
 
 def _positive_number(name: str, value: Any) -> float:
@@ -257,11 +262,24 @@ SETTINGS: Sequence[Setting] = (
     Setting("publisher-token", "publisher_tokens", _secrets, "bearer token(s) for /dispatch and publish, space-separated"),
     Setting("admin-token", "admin_tokens", _secrets, "bearer token(s) for the admin endpoints, space-separated"),
     Setting("stream-buffer", "stream_buffer", lambda n, v: _integer(n, v, 1024), f"bytes a slow stream may lag before it is closed [default: {defaults.STREAM_BUFFER}]"),
+    Setting("head-timeout", "head_timeout", _non_negative_number, f"seconds a request head may take to arrive, 0 for no limit [default: {defaults.HEAD_TIMEOUT:g}]"),
+    Setting("min-body-rate", "min_body_rate", lambda n, v: _integer(n, v, 0), f"bytes per second a request body must keep up, 0 for no limit [default: {defaults.MIN_BODY_RATE}]"),
+    Setting("max-connections", "max_connections", lambda n, v: _integer(n, v, 1, 1000000), f"open connections carrying requests at most (streams apart) [default: {defaults.MAX_CONNECTIONS}]"),
+    Setting("max-streams", "max_streams", lambda n, v: _integer(n, v, 0, 1000000), f"open /stream responses at most [default: {defaults.MAX_STREAMS}]"),
+    Setting("backlog", "backlog", lambda n, v: _integer(n, v, 1, 65535), f"listen queue length for connection bursts [default: {defaults.BACKLOG}]"),
     Setting("log-format", "log_format", _log_format, "text or json [default: text]"),
     Setting("access-log", "access_log", _boolean, "log a line per HTTP request", flag=True),
     Setting("cors-origins", "cors_origins", _cors_origins, "origins (or *) whose pages may use /stream, /topics, /dispatch and publish cross-origin, comma-separated"),
 )
 _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+def with_backlog(listen: str, backlog: int) -> str:
+    """``listen`` with ``backlog=`` added, for the endpoint types that take one and do not name it."""
+    kind = listen.split(":", 1)[0].lower()
+    if kind not in ("tcp", "tcp6", "ssl", "unix") or "backlog=" in listen:
+        return listen
+    return f"{listen}:backlog={backlog}"
 
 
 def read_toml(path: str) -> Dict[str, Any]:

@@ -53,3 +53,12 @@ IDEMPOTENCY_WINDOW = DAY
 # Rows one retention call deletes at most: each batch is one short write, so
 # the single SQLite writer keeps serving the requests queued in between.
 PURGE_BATCH = 10_000
+
+# Limits at the socket (hookah.web.channel): seconds a request head may
+# take, bytes per second a body must average, connections carrying requests
+# and open streams at most, and the listen queue for bursts.
+HEAD_TIMEOUT = 10.0
+MIN_BODY_RATE = 1024
+MAX_CONNECTIONS = 1000
+MAX_STREAMS = 10000
+BACKLOG = 1024

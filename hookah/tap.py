@@ -46,6 +46,31 @@ class Options(usage.Options):
             raise SystemExit(2)
 
 
+def raise_descriptor_limit(config: Config) -> None:
+    """
+    Let the process hold the descriptors its connection caps allow: the
+    soft limit is often 1024, below what ``--max-connections`` and
+    ``--max-streams`` admit, and past it ``accept`` fails silently.
+    """
+    import resource
+
+    from twisted.logger import Logger
+
+    needed = config.max_connections + config.max_streams + config.concurrency + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        Logger().warn(
+            "hookah may open {needed} descriptors (--max-connections, --max-streams, --concurrency) "
+            "but the system allows {limit}; raise the limit (ulimit -n) or lower the caps",
+            needed=needed, limit=target,
+        )
+
+
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     from hookah.app import HookahService
     from hookah.logs import configure_logging
@@ -54,6 +79,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
+    raise_descriptor_limit(options.config)
     service = HookahService(options.config, reactor, exit_on_failure=True)
     configure_logging(options.config.log_format, service)
     return service

@@ -274,7 +274,7 @@ class BackPressureTests(TestCase):
         slow, fast = h.connect("topic=t"), h.connect("topic=t")
         slow.read()
         slow.pause()
-        stream = next(s for s in h.streams() if s.request.channel is slow.channel._channel)
+        stream = next(s for s in h.streams() if s.request.channel is slow.channel)
         body = b'"' + b"x" * 500 + b'"'
         peak = 0
         for _ in range(50):

@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from hookah import defaults
+from hookah.web.channel import HookahChannel, Refuser, SocketLimits
 
 log = Logger()
 
@@ -193,8 +194,22 @@ class HookahRequest(server.Request):
         if self._received > self._limit():
             self.too_large = True
             self.content = io.BytesIO()
+            # A chunked body says its size only as it goes: refuse it the
+            # moment it passes the limit rather than after reading it all.
+            refuse = getattr(self.channel, "body_too_large", None)
+            if refuse is not None:
+                refuse()
             return
         super().handleContentChunk(data)
+
+    def render(self, resrc: Any) -> None:
+        # Twisted names itself and its exact version in Server.
+        self.responseHeaders.setRawHeaders(b"Server", [b"hookah"])
+        super().render(resrc)
+
+    def processingFailed(self, reason: Failure) -> Any:
+        self.responseHeaders.setRawHeaders(b"Server", [b"hookah"])
+        return super().processingFailed(reason)
 
     def process(self) -> None:
         if self.too_large:
@@ -216,22 +231,81 @@ class HookahSite(server.Site):
     can close them (idle keep-alive connections and open streams alike)
     instead of leaving them to time out.
 
+    It also caps them (``SocketLimits``): connections carrying requests at
+    ``max_connections``, open streams apart at ``max_streams``, so that a
+    thousand listeners never starve the API nor the reverse. A connection
+    over the cap is answered ``503`` with ``Retry-After`` and closed (or,
+    past a small number of such answers in flight, closed at once); a
+    stream over its cap is a ``503`` JSON answer. Each refusal is counted
+    (``on_refusal``) and logged at most once per ``REFUSAL_LOG_INTERVAL``.
+
     The access log is off unless asked for (``--access-log``): formatting a
     line per request costs a tenth of a dispatch, and the deliveries
     themselves are recorded in storage and in the metrics.
     """
 
     access_log = False
+    protocol = HookahChannel  # type: ignore[assignment]
+    REFUSAL_LOG_INTERVAL = 10.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.connections: Set[Any] = set()
+        self.limits = SocketLimits()
+        self.streams = 0
+        self._refusing = 0
+        self._refused_since_log = 0
+        self._last_refusal_log: Optional[float] = None
+        self.on_refusal: Callable[[str], None] = lambda reason: None
+
+    @property
+    def request_connections(self) -> int:
+        """Open connections not carrying a stream."""
+        return len(self.connections) - self.streams
+
+    def admit_stream(self, request: server.Request) -> bool:
+        """
+        Count ``request``'s connection as a stream until the request ends,
+        or refuse (``False``) at ``max_streams``.
+        """
+        if self.streams >= self.limits.max_streams:
+            self._refused("streams", self.streams, self.limits.max_streams, "--max-streams")
+            return False
+        self.streams += 1
+        request.notifyFinish().addBoth(self._stream_ended)
+        return True
+
+    def _stream_ended(self, result: Any) -> None:
+        self.streams -= 1
+
+    def _refused(self, reason: str, open_now: int, limit: int, option: str) -> None:
+        self.on_refusal(reason)
+        self._refused_since_log += 1
+        now = self.reactor.seconds()
+        if self._last_refusal_log is None or now - self._last_refusal_log >= self.REFUSAL_LOG_INTERVAL:
+            log.warn(
+                "refusing {what}: {open} open, {option} {limit} ({count} refused since the last such line)",
+                what="streams" if reason == "streams" else "connections",
+                open=open_now, limit=limit, option=option, count=self._refused_since_log,
+            )
+            self._last_refusal_log = now
+            self._refused_since_log = 0
+
+    def _refuser_gone(self) -> None:
+        self._refusing -= 1
 
     def log(self, request: Any) -> None:
         if self.access_log:
             super().log(request)
 
     def buildProtocol(self, addr: Any) -> Any:
+        if self.request_connections >= self.limits.max_connections:
+            self._refused("connections", self.request_connections, self.limits.max_connections, "--max-connections")
+            # Answering costs a descriptor for up to DRAIN_GRACE: only a few at once.
+            if self._refusing >= max(16, self.limits.max_connections // 16):
+                return None
+            self._refusing += 1
+            return Refuser(self.reactor.callLater, self._refuser_gone)
         protocol = super().buildProtocol(addr)
         if protocol is None:
             return None
@@ -255,12 +329,16 @@ class HookahSite(server.Site):
         return deferLater(self.reactor, 0, lambda: None)
 
 
-def make_site(root: Any, max_body: int, reactor: Any = None, access_log: bool = False) -> HookahSite:
+def make_site(
+    root: Any, max_body: int, reactor: Any = None, access_log: bool = False, limits: Optional[SocketLimits] = None,
+) -> HookahSite:
     # Twisted would otherwise parse every form body into request.args and
     # build an email message per request to read the Content-Type: that
     # halves throughput, and hookah.web.payload parses bodies itself.
     site = HookahSite(root, requestFactory=HookahRequest, parsePOSTFormSubmission=False, reactor=reactor)
     site.max_body = max_body  # type: ignore[attr-defined]
+    if limits is not None:
+        site.limits = limits
     site.access_log = access_log
     site.displayTracebacks = False
     site.noisy = False

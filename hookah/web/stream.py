@@ -160,6 +160,13 @@ class StreamResource(JsonResource):
             wanted = parse_stream_request(request)
         except ApiError as e:
             return error_body(request, e)
+        admit = getattr(getattr(request, "site", None), "admit_stream", None)
+        if admit is not None and not admit(request):
+            request.setHeader(b"Retry-After", b"5")
+            return error_body(
+                request,
+                ApiError(503, "too_many_streams", "Hookah has as many streams open as it is configured to allow; retry shortly."),
+            )
         stream = HTTPStream(request, self.registry, wanted.topics, wanted.format, self.buffer_limit, self.clock)
         stream.start_response()
         until = self.ends_at(request) if self.ends_at is not None else None

@@ -1,0 +1,359 @@
+"""
+The HTTP/1.1 connection with limits and deadlines at the socket.
+
+Twisted's ``HTTPChannel`` parses well but defends little: its only timer is
+an idle timeout that every byte resets, an oversized head is dropped without
+a status, a bare-LF head waits for that timeout, and a body declared too
+large is read to its end before anyone may refuse it. ``HookahChannel``
+adds, through the channel's public methods:
+
+- a deadline for the whole request head, from the moment the connection
+  opens or, on a kept-alive connection, from the next head's first byte:
+  ``408`` (or a plain close when not a byte of a request came); and a
+  minimum rate for the body, measured over windows of ``BODY_WINDOW``
+  seconds: ``408``;
+- ``414`` for a request line and ``431`` for a header block over
+  ``MAX_HEAD`` bytes, ``400`` at once for a head whose lines end in a bare
+  LF;
+- ``413`` as soon as ``Content-Length`` says the body is over the site's
+  ``max_body`` (never a ``100 Continue`` first), or as soon as a chunked body
+  passes it.
+
+Every such refusal is a short JSON body (``{"error", "message"}``) with
+``Connection: close``, after which the connection stops reading requests:
+its write side is closed once the answer is out, what the client still
+sends is read and dropped (closing with unread bytes would reset the
+connection and could destroy the answer before the client reads it), and it
+is aborted ``DRAIN_GRACE`` seconds later whatever the client does.
+
+One private Twisted hook is used, and only here: ``HTTPChannel`` answers
+its parse errors through ``_respondToBadRequestAndDisconnect``, a bare
+``400`` without ``Connection: close`` or body. ``HookahChannel`` overrides
+it to answer like every other refusal; if a Twisted release renames it, the
+override is simply not called and Twisted's own ``400`` and close remain
+(``tests/test_socket_limits.py`` checks the name still exists).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import attr
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel, datetimeToString
+
+from hookah import defaults
+
+__all__ = [
+    "HookahChannel", "SocketLimits", "Refuser", "refusal", "MAX_HEAD", "BODY_WINDOW", "DRAIN_GRACE",
+    "BAD_REQUEST_HOOK",
+]
+
+log = Logger()
+
+# Bytes a request line, or a request line with all its headers, may take.
+MAX_HEAD = 16384
+# Seconds over which the body's minimum rate is measured.
+BODY_WINDOW = 5.0
+# Seconds a refused connection may take to read its answer before it is aborted.
+DRAIN_GRACE = 2.0
+# The private HTTPChannel method that answers parse errors (see the module docstring).
+BAD_REQUEST_HOOK = "_respondToBadRequestAndDisconnect"
+
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class SocketLimits:
+    """What one connection may cost; 0 disables a deadline or a rate."""
+
+    head_timeout: float = defaults.HEAD_TIMEOUT
+    min_body_rate: int = defaults.MIN_BODY_RATE
+    max_connections: int = defaults.MAX_CONNECTIONS
+    max_streams: int = defaults.MAX_STREAMS
+
+
+def refusal(status: int, error: str, message: str, extra: Sequence[Tuple[bytes, bytes]] = ()) -> bytes:
+    """A complete ``Connection: close`` response with the API's JSON error body."""
+    body = json.dumps({"error": error, "message": message}, separators=(",", ":")).encode() + b"\n"
+    lines = [
+        b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Error")),
+        b"Server: hookah",
+        b"Date: " + datetimeToString(),
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(body),
+        b"Connection: close",
+    ]
+    lines.extend(name + b": " + value for name, value in extra)
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def _close_after(transport: Any, call_later: Callable[..., IDelayedCall]) -> Optional[IDelayedCall]:
+    """
+    Close ``transport`` once its buffer is out, reading (and dropping)
+    whatever the peer still sends until it closes or ``DRAIN_GRACE`` passes.
+    """
+    half_close = getattr(transport, "loseWriteConnection", None)
+    if half_close is None:
+        transport.loseConnection()
+        return None
+    resume = getattr(transport, "resumeProducing", None)
+    if resume is not None:
+        resume()  # it may have been paused while a request was read
+    half_close()
+    return call_later(DRAIN_GRACE, transport.abortConnection)
+
+
+class HookahChannel(HTTPChannel):
+    """``HTTPChannel`` with head deadline, body rate and prompt refusals (module docstring)."""
+
+    _awaiting_head = True
+    _refused = False
+    _head_call: Optional[IDelayedCall] = None
+    _body_call: Optional[IDelayedCall] = None
+    _drain_call: Optional[IDelayedCall] = None
+    _head_bytes = 0
+    _head_lines = 0
+    _window_bytes = 0
+    _tail = b""
+
+    # -- settings, from the site --------------------------------------------------
+
+    @property
+    def limits(self) -> SocketLimits:
+        return getattr(getattr(self, "site", None), "limits", None) or SocketLimits()
+
+    def _max_body(self) -> int:
+        return int(getattr(getattr(self, "site", None), "max_body", defaults.MAX_BODY))
+
+    def _refused_for(self, reason: str) -> None:
+        hook = getattr(getattr(self, "site", None), "on_refusal", None)
+        if hook is not None:
+            hook(reason)
+
+    # -- the connection -----------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # A new connection owes its first request head within the deadline,
+        # whether or not it has sent a byte.
+        self._start_head_deadline()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_timers()
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+        self._drain_call = None
+        super().connectionLost(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._awaiting_head:
+            if self._head_call is None:
+                self._start_head_deadline()
+            if b"\n" in data and self._bare_lf(data):
+                self._refuse(400, "bad_request", "Lines of a request head end with CRLF, not a bare LF.", "bad_request")
+                return
+            self._tail = (self._tail + data)[-3:]
+        elif self._body_call is not None:
+            self._window_bytes += len(data)
+        super().dataReceived(data)
+
+    def _bare_lf(self, data: bytes) -> bool:
+        """Whether the head part of ``data`` has an LF without its CR."""
+        seen = self._tail + data
+        end = seen.find(b"\r\n\r\n")
+        if end >= 0:
+            seen = seen[: end + 4]
+        bare = seen.count(b"\n") - seen.count(b"\r\n")
+        if self._tail and seen.startswith(b"\n"):
+            bare -= 1  # already judged with the byte before it
+        return bare > 0
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refused:
+            return
+        if self._awaiting_head:
+            if b"\n" in line:
+                self._refuse(400, "bad_request", "Lines of a request head end with CRLF, not a bare LF.", "bad_request")
+                return
+            if line or self._head_lines:
+                self._head_bytes += len(line) + 2
+                if self._head_bytes > MAX_HEAD:
+                    self._head_too_large()
+                    return
+                self._head_lines += 1
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._head_too_large()
+
+    def _head_too_large(self) -> None:
+        if self._head_lines == 0:
+            self._refuse(414, "uri_too_long", f"The request line is longer than {MAX_HEAD} bytes.", "head_too_large")
+        else:
+            self._refuse(
+                431, "headers_too_large", f"The request headers are larger than {MAX_HEAD} bytes.", "head_too_large"
+            )
+
+    def allHeadersReceived(self) -> None:
+        self._awaiting_head = False
+        self._cancel_head_deadline()
+        super().allHeadersReceived()
+        request = self.requests[-1] if self.requests else None
+        if getattr(request, "too_large", False):
+            self.body_too_large()
+            return
+        if self.length != 0 and self.limits.min_body_rate > 0:
+            self._window_bytes = 0
+            self._body_call = self.callLater(BODY_WINDOW, self._check_body_rate)
+
+    def allContentReceived(self) -> None:
+        if self._refused:
+            return
+        self._cancel_body_deadline()
+        super().allContentReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().rawDataReceived(data)
+
+    def requestDone(self, request: Any) -> None:
+        if self._refused:
+            return
+        self._awaiting_head = True
+        self._tail = b""
+        self._head_bytes = self._head_lines = 0
+        super().requestDone(request)
+        if self.persistent and self.transport is not None and not self._refused:
+            # Bytes of the next request that arrived with this one are held
+            # by the line parser; they get the same checks and deadline as
+            # newly arrived ones.
+            pending = self.clearLineBuffer()
+            if pending:
+                self.dataReceived(pending)
+
+    def body_too_large(self) -> None:
+        """Refuse the request being read: its body is over ``max_body``."""
+        self._refuse(
+            413, "body_too_large", f"The request body is larger than {self._max_body()} bytes.", "body_too_large"
+        )
+
+    # -- Twisted's parse errors --------------------------------------------------------------
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self._refuse(400, "bad_request", "The request is not valid HTTP/1.1.", "bad_request")
+
+    # -- deadlines -------------------------------------------------------------------------------
+
+    def _start_head_deadline(self) -> None:
+        timeout = self.limits.head_timeout
+        if timeout > 0 and self._head_call is None and self.transport is not None:
+            self._head_call = self.callLater(timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_call = None
+        if not self._awaiting_head or self._refused:
+            return
+        if not self._tail and not self._head_bytes:
+            # Not a byte of a request: no one is waiting for an answer (a
+            # browser's preconnect would take a 408 for a failed request).
+            self._refused = True
+            self._cancel_timers()
+            self.setTimeout(None)
+            self._refused_for("head_timeout")
+            if self.transport is not None:
+                self.transport.loseConnection()
+            return
+        self._refuse(
+            408, "request_timeout",
+            f"The request head did not arrive within {self.limits.head_timeout:g} seconds.", "head_timeout",
+        )
+
+    def _check_body_rate(self) -> None:
+        self._body_call = None
+        rate = self.limits.min_body_rate
+        if self._window_bytes < rate * BODY_WINDOW:
+            self._refuse(
+                408, "request_timeout",
+                f"The request body arrived slower than {rate} bytes per second.", "body_too_slow",
+            )
+            return
+        self._window_bytes = 0
+        self._body_call = self.callLater(BODY_WINDOW, self._check_body_rate)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_call is not None and self._head_call.active():
+            self._head_call.cancel()
+        self._head_call = None
+
+    def _cancel_body_deadline(self) -> None:
+        if self._body_call is not None and self._body_call.active():
+            self._body_call.cancel()
+        self._body_call = None
+
+    def _cancel_timers(self) -> None:
+        self._cancel_head_deadline()
+        self._cancel_body_deadline()
+
+    # -- refusing ------------------------------------------------------------------------------------
+
+    def _refuse(self, status: int, error: str, message: str, reason: str) -> None:
+        if self._refused or self.transport is None:
+            return
+        self._refused = True
+        self._cancel_timers()
+        self.setTimeout(None)
+        self.persistent = False
+        self._refused_for(reason)
+        transport = self.transport
+        transport.write(refusal(status, error, message))
+        unregister = getattr(transport, "unregisterProducer", None)
+        if unregister is not None:
+            unregister()
+        self._drain_call = _close_after(transport, self.callLater)
+
+
+class Refuser(Protocol):
+    """
+    What a connection over the cap gets: a ``503`` with ``Retry-After`` and
+    a close, without reading its request.
+    """
+
+    def __init__(self, call_later: Callable[..., IDelayedCall], gone: Callable[[], None]) -> None:
+        self._call_later = call_later
+        self._gone = gone
+        self._abort: Optional[IDelayedCall] = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(
+            refusal(
+                503, "too_many_connections",
+                "Hookah has as many connections open as it is configured to allow; retry shortly.",
+                [(b"Retry-After", b"1")],
+            )
+        )
+        self._abort = _close_after(self.transport, self._call_later)
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+        self._abort = None
+        self._gone()
