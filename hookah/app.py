@@ -29,7 +29,7 @@ from hookah.metrics import Metrics
 from hookah.delivery.retention import RetentionService
 from hookah.core import HookahCore
 from hookah.delivery.signing import Signer
-from hookah.outbound.ssrf import AddressPolicy
+from hookah.urls import AddressPolicy
 from hookah.storage.interface import IStore
 from hookah.streams.registry import TopicRegistry
 from hookah.web.channel import SocketLimits
@@ -95,14 +95,15 @@ def _exit_with_failure() -> None:
 class HookahService(MultiService):
     """Opens storage first, then the dispatcher, then the listening port."""
 
-    def __init__(self, config: Config, reactor: Any, exit_on_failure: bool = False) -> None:
+    def __init__(self, config: Config, reactor: Any, exit_on_failure: bool = False, resolve: Any = None) -> None:
+        """``resolve`` (host, port) -> Deferred[addresses] replaces ``getaddrinfo`` for outgoing requests."""
         super().__init__()
         self.exit_on_failure = exit_on_failure
         self.config = config
         self.reactor = reactor
         self.store = open_store(config.storage, reactor)
         self.address_policy = AddressPolicy(config.allow_private_targets, config.allowed_networks)
-        agent, self.pool = pooled_agent(reactor, config.host_concurrency, self.address_policy)
+        agent, self.pool = pooled_agent(reactor, config.host_concurrency, self.address_policy, resolve=resolve)
         self.client = HTTPClient(agent, reactor)
         self.new_id = IdGenerator(reactor.seconds)
         self.metrics = Metrics()

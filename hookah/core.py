@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from hookah import defaults
 from hookah.delivery.dispatcher import Dispatcher
 from hookah.metrics import Metrics
-from hookah.outbound.ssrf import AddressPolicy
+from hookah.urls import AddressPolicy
 from hookah.storage.interface import IStore
 from hookah.model import SCHEDULED, Delivery, Event, Headers
 
@@ -95,7 +95,7 @@ class HookahCore:
         self.distribution: Optional[Callable[[Event, float], Deferred]] = None
 
     def refusal(self, request: DispatchRequest) -> Optional[str]:
-        """Why a target of ``request`` is refused at submission (an IP literal the SSRF guard forbids)."""
+        """Why a target of ``request`` is refused at submission (an IP literal or loopback name the SSRF guard forbids)."""
         for url in (request.url, request.errback, request.callback):
             if url is not None:
                 reason = self.address_policy.literal_refusal(url)

@@ -175,6 +175,18 @@ async def start_hookah(testcase: TestCase, **overrides: Any) -> Tuple[HookahServ
     return service, f"http://127.0.0.1:{port.getHost().port}"
 
 
+class FakeResolver:
+    """A resolver (``hookah.outbound.ssrf.Resolver``) answering every name with fixed addresses; records what was asked."""
+
+    def __init__(self, *addresses: str) -> None:
+        self.addresses = list(addresses)
+        self.asked: List[Tuple[str, int]] = []
+
+    def __call__(self, host: str, port: int) -> Deferred:
+        self.asked.append((host, port))
+        return succeed(list(self.addresses))
+
+
 # -- a client the test drives -------------------------------------------------
 
 

@@ -387,17 +387,21 @@ class RealClientTests(DispatcherTestCase):
         self.assertEqual(seen.header("authorization"), "Bearer t")
         self.assertIsNone(seen.header("webhook-signature"))
 
-    def test_unencodable_url_fails_the_attempt_and_frees_its_slot(self) -> None:
-        # A hostname the HTTP stack cannot encode (a snowman fails IDNA) must
-        # be a failed attempt, not an exception that leaks the dispatcher's slot.
+    def test_unencodable_url_fails_the_delivery_and_frees_its_slot(self) -> None:
+        # A hostname that is no host (a snowman fails IDNA; /dispatch refuses
+        # it, but a row stored before that rule may carry one) must be a
+        # failed attempt, not an exception that leaks the dispatcher's slot,
+        # and a final one: every retry would fail the same way.
         clock, target, dispatcher = self.stub(lambda seen: (200, [], b""))
         self.submit(dispatcher, self.delivery("BAD", url="http://\u2603\ufe0f.example/hook", retries=1))
         bad = self.get(dispatcher, "BAD")
-        self.assertEqual(bad.status, SCHEDULED)
+        self.assertEqual(bad.status, FAILED)
         self.assertEqual(len(bad.attempts), 1)
         self.assertIsNone(bad.attempts[0].status_code)
-        self.assertTrue(bad.attempts[0].error)
+        self.assertIn("cannot be sent", bad.attempts[0].error)
         self.assertEqual(dispatcher.in_flight, 0)
+        clock.pump([60] * 10)
+        self.assertEqual(len(self.get(dispatcher, "BAD").attempts), 1)
         self.assertEqual(target.seen, [])
 
 

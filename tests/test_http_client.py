@@ -11,7 +11,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseNeverReceived
 
-from hookah.outbound.agent import describe_failure, wire_url
+from hookah.outbound.agent import describe_failure
+from hookah.urls import wire_url
 from tests.support import http_client, listen_sink, start_hookah
 
 
@@ -24,6 +25,10 @@ class WireURLTests(TestCase):
             ("http://b\u00fccher.example/x", b"http://xn--bcher-kva.example/x"),
             ("http://[::1]:8080/\u00e9?q=\u00fc", b"http://[::1]:8080/%C3%A9?q=%C3%BC"),
             ("http://my_service.example/h", b"http://my_service.example/h"),
+            # The host as it is connected to: numeric and full-width spellings, case, a trailing dot.
+            ("http://127.1:8080/a b", b"http://127.0.0.1:8080/a%20b"),
+            ("http://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54./x#frag", b"http://localhost/x"),
+            ("HTTP://Example.COM:0443", b"http://example.com:443/"),
         ]:
             self.assertEqual(wire_url(url), wire, url)
 

@@ -1,8 +1,9 @@
 """
-The SSRF guard: which addresses ``AddressPolicy`` refuses, a refused literal
-at submission (``400`` from a running service), and a hostname that resolves
-to a private address, refused at connect time by ``GuardedEndpointFactory``
-and failed by the dispatcher at once, without retries.
+The SSRF guard: which addresses ``AddressPolicy`` (``hookah.urls``) refuses,
+a refused literal at submission (``400`` from a running service), and a
+hostname that resolves to a private address, refused at connect time by
+``GuardedEndpointFactory`` and failed by the dispatcher at once, without
+retries. Other spellings of refused addresses: tests/test_urls.py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from typing import List, Tuple
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 from twisted.internet.protocol import Factory, Protocol
@@ -21,9 +22,10 @@ from hookah.delivery.dispatcher import Dispatcher
 from hookah.outbound.agent import HTTPClient
 from hookah.ids import IdGenerator
 from hookah.model import DELIVERED, FAILED, Delivery
-from hookah.outbound.ssrf import AddressPolicy, GuardedEndpointFactory, TargetRefused
+from hookah.outbound.ssrf import GuardedEndpointFactory
 from hookah.storage.memory import MemoryStore
-from tests.support import http_client, listen_sink, start_hookah
+from hookah.urls import AddressPolicy, TargetRefused
+from tests.support import FakeResolver, http_client, listen_sink, start_hookah
 
 # (address, the word the refusal must contain); None: a public address, allowed.
 ADDRESSES: List[Tuple[str, object]] = [
@@ -121,18 +123,6 @@ class AddressPolicyTests(TestCase):
             self.assertIsNone(policy.literal_refusal(url), url)
         self.assertIsNone(AddressPolicy(allow_private=True).literal_refusal("http://127.0.0.1/"))
         self.assertIsNone(AddressPolicy(allowed_networks=["127.0.0.0/8"]).literal_refusal("http://127.0.0.1/"))
-
-
-class FakeResolver:
-    """Answers every name with fixed addresses and records what was asked."""
-
-    def __init__(self, *addresses: str) -> None:
-        self.addresses = list(addresses)
-        self.asked: List[Tuple[str, int]] = []
-
-    def __call__(self, host: str, port: int) -> Deferred:
-        self.asked.append((host, port))
-        return succeed(list(self.addresses))
 
 
 def guarded_client(testcase: TestCase, clock, policy: AddressPolicy, resolve: FakeResolver) -> HTTPClient:

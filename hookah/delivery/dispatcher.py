@@ -15,7 +15,6 @@ import base64
 import json
 import random
 from typing import Any, Callable, Dict, List, Optional, Sequence
-from urllib.parse import urlsplit
 
 import attr
 from twisted.application.service import Service
@@ -44,7 +43,8 @@ from hookah.delivery.hosts import DEFER, GO, WAIT, HostGate
 from hookah.delivery.lease import covers, lease_until
 from hookah.delivery.retry import Decision, decide
 from hookah.delivery.signing import Signer
-from hookah.outbound.ssrf import TargetRefused
+from hookah.urls import TargetRefused
+from hookah.urls import host_key
 from hookah.storage.interface import IStore
 
 log = Logger()
@@ -52,12 +52,6 @@ log = Logger()
 
 def _call_hook(_: object, hook: Callable[[Delivery], Any], delivery: Delivery) -> Any:
     return hook(delivery)
-
-
-def host_key(url: str) -> str:
-    """The host a per-host limit applies to: scheme, name and port."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
 class Dispatcher(Service):

@@ -10,12 +10,8 @@ wants them (fetching a published topic) follows them itself.
 
 from __future__ import annotations
 
-import re
 import socket
 from typing import Any, List, Optional, Sequence, Tuple
-from urllib.parse import quote, urlsplit, urlunsplit
-
-import idna
 
 import attr
 from twisted.internet import error as neterror
@@ -30,6 +26,7 @@ from zope.interface import implementer
 
 from hookah import __version__, defaults
 from hookah.outbound.interface import IHTTPClient
+from hookah.urls import wire_url
 
 USER_AGENT = f"hookah/{__version__}"
 
@@ -156,34 +153,6 @@ class BytesProducer:
         pass
 
 
-def wire_url(url: str) -> bytes:
-    """
-    The URL as the bytes an HTTP agent takes: an empty path becomes ``/``
-    (``http://h?x=1`` would otherwise go out as ``POST ?x=1``), a non-ASCII
-    host name is IDNA-encoded (IP literals are left alone), and non-ASCII
-    characters elsewhere are percent-encoded while existing escapes stay.
-    Raises ``ValueError`` for a host that cannot be sent.
-    """
-    parts = urlsplit(url)
-    if url.isascii() and parts.path and not _NEEDS_ESCAPE.search(url):
-        return url.encode("ascii")
-    netloc = parts.netloc
-    if not netloc.isascii():
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port is not None else ""
-        netloc = idna.encode(host, uts46=True).decode("ascii") + port
-    path = quote(parts.path, safe=_URL_SAFE) or "/"
-    rest = urlunsplit(("", "", "", quote(parts.query, safe=_URL_SAFE), quote(parts.fragment, safe=_URL_SAFE)))
-    return f"{parts.scheme}://{netloc}{path}{rest}".encode("ascii")
-
-
-_NEEDS_ESCAPE = re.compile(r"[\x00-\x20\x7f]")
-
-# Everything RFC 3986 allows in a path, query or fragment, and "%" so that
-# existing escapes are kept: only what is outside ASCII (or a space) is encoded.
-_URL_SAFE = "/:@!$&'()*+,;=%-._~?[]"
-
-
 @implementer(IHTTPClient)
 class HTTPClient:
     """
@@ -230,8 +199,9 @@ class HTTPClient:
             # Agent never follows redirects: a 3xx is the target's answer.
             result: Deferred = self._agent.request(method.encode("ascii"), wire_url(url), raw, producer)
         except Exception:
-            # A URL the HTTP stack cannot encode (e.g. "my_host" fails IDNA)
-            # raises here: report it as this request's failure.
+            # A URL that is no target (``BadURL``: refused at submission,
+            # but a redirect or an old row may carry one) fails this
+            # request; as a ``TargetRefused`` it is not retried.
             return fail()
         result.addCallback(self._read)
         timer = self._clock.callLater(timeout, expire)
@@ -266,13 +236,14 @@ class _QuietFactory(webclient._HTTP11ClientFactory):
 
 
 def pooled_agent(
-    reactor: Any, pool_size: int, policy: Any, connect_timeout: float = 10.0
+    reactor: Any, pool_size: int, policy: Any, connect_timeout: float = 10.0, resolve: Any = None
 ) -> Tuple[Any, webclient.HTTPConnectionPool]:
     """
     An ``Agent`` over one persistent connection pool whose connections go
     only where ``policy`` (an ``AddressPolicy``) allows, and that pool
     (close it on stop). It keeps no cookies: a target's ``Set-Cookie`` must
-    never ride along on later deliveries.
+    never ride along on later deliveries. ``resolve`` (host, port) ->
+    Deferred[addresses] replaces ``getaddrinfo`` (embedding, tests).
     """
     from hookah.outbound.ssrf import GuardedEndpointFactory
 
@@ -280,5 +251,5 @@ def pooled_agent(
     pool._factory = _QuietFactory
     pool.maxPersistentPerHost = pool_size
     pool.cachedConnectionTimeout = 120
-    endpoints = GuardedEndpointFactory(reactor, policy, connect_timeout=connect_timeout)
+    endpoints = GuardedEndpointFactory(reactor, policy, resolve=resolve, connect_timeout=connect_timeout)
     return webclient.Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool

@@ -1,20 +1,21 @@
 """
-The SSRF guard: outgoing requests reach only public addresses, unless the
-operator allows private ones or lists networks.
+The SSRF guard at connect time: outgoing requests reach only addresses the
+``AddressPolicy`` (``hookah.urls``) allows.
 
 The check is made on the address actually connected to: the endpoint
 resolves the host itself, checks every candidate, and connects to a checked
 address (the TLS layer still verifies the certificate against the hostname),
 so a DNS answer that changes between check and connect (rebinding) cannot
-slip through.
+slip through. The host it is given is read by ``hookah.urls.canonical_host``,
+the reading the URL was accepted with, so a numeric, full-width or
+trailing-dot spelling of a refused address is refused here too, before any
+lookup, whoever built the request.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import socket
-from typing import Any, Callable, List, Optional, Sequence, Union
-from urllib.parse import urlsplit
+from typing import Any, Callable, List, Optional
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
@@ -24,80 +25,9 @@ from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+from hookah.urls import AddressPolicy, BadURL, TargetRefused, canonical_host
 
-
-class TargetRefused(Exception):
-    """A destination whose address the guard refuses; retrying will not help."""
-
-
-class AddressPolicy:
-    """Which addresses outgoing requests may reach."""
-
-    def __init__(self, allow_private: bool = False, allowed_networks: Sequence[str] = ()) -> None:
-        self.allow_private = allow_private
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in allowed_networks]
-
-    def refusal(self, address: str) -> Optional[str]:
-        """Why ``address`` is refused, or ``None`` when it may be reached."""
-        if self.allow_private:
-            return None
-        try:
-            ip: Address = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return f"{address} is not an IP address"
-        if any(ip in network for network in self.networks):
-            return None
-        # ::ffff:10.0.0.1 reaches 10.0.0.1: judge the IPv4 address inside.
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            if any(ip.ipv4_mapped in network for network in self.networks):
-                return None
-            ip = ip.ipv4_mapped
-        # 2002:7f00:1::/48 (6to4) is tunnelled to the IPv4 address inside.
-        if isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None:
-            inner = _non_public_kind(ip.sixtofour)
-            if inner is not None and not any(ip.sixtofour in network for network in self.networks):
-                return f"{ip} is a 6to4 address of {ip.sixtofour}, {'an' if inner[0] in 'aeiou' else 'a'} {inner} address"
-        kind = _non_public_kind(ip)
-        if kind is None:
-            return None
-        article = "an" if kind[0] in "aeiou" else "a"
-        return f"{ip} is {article} {kind} address"
-
-    def literal_refusal(self, url: str) -> Optional[str]:
-        """For a URL whose host is an IP literal: why it is refused, if it is."""
-        if self.allow_private:
-            return None
-        host = urlsplit(url).hostname or ""
-        try:
-            ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            if host == "localhost" or host.endswith(".localhost"):
-                return self.refusal("127.0.0.1")
-            return None
-        return self.refusal(host)
-
-
-def _non_public_kind(ip: Address) -> Optional[str]:
-    if ip.is_unspecified:
-        return "unspecified"
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
-        # fec0::/10, deprecated but still routed inside some networks.
-        return "site-local"
-    if ip.is_multicast:
-        return "multicast"
-    if ip.is_private:
-        return "private"
-    if ip.is_reserved:
-        return "reserved"
-    if not ip.is_global:
-        return "non-public"
-    return None
-
+__all__ = ["AddressPolicy", "GuardedEndpoint", "GuardedEndpointFactory", "Resolver", "TargetRefused", "threaded_resolver"]
 
 Resolver = Callable[[str, int], Deferred]
 
@@ -142,21 +72,26 @@ class GuardedEndpoint:
 
     async def _connect(self, factory: Any) -> Any:
         try:
-            candidates = [str(ipaddress.ip_address(self._host.split("%", 1)[0]))]
-        except ValueError:
-            candidates = await self._resolve(self._host, self._port)
+            host, address = canonical_host(self._host, https=self._scheme == b"https")
+        except ValueError as e:
+            raise BadURL(f"{self._host!r} cannot be connected to: it {e}")
+        refusal = self._policy.host_refusal(host, address)
+        if refusal is not None:
+            raise TargetRefused(f"{host} refused by the SSRF guard ({refusal}); {_HOW_TO_ALLOW}")
+        if address is not None:
+            candidates = [str(address)]
+        else:
+            candidates = await self._resolve(host, self._port)
         allowed = [a for a in candidates if self._policy.refusal(a) is None]
         if not allowed:
             reasons = "; ".join(r for r in (self._policy.refusal(a) for a in candidates) if r)
-            raise TargetRefused(
-                f"{self._host} refused by the SSRF guard ({reasons or 'no address'}); "
-                "allow it with --allow-private-targets or --allowed-networks"
-            )
-        address = allowed[0]
-        endpoint_class = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
-        endpoint: Any = endpoint_class(self._reactor, address, self._port, timeout=self._connect_timeout)
+            raise TargetRefused(f"{host} refused by the SSRF guard ({reasons or 'no address'}); {_HOW_TO_ALLOW}")
+        address_text = allowed[0]
+        endpoint_class = TCP6ClientEndpoint if ":" in address_text else TCP4ClientEndpoint
+        endpoint: Any = endpoint_class(self._reactor, address_text, self._port, timeout=self._connect_timeout)
         if self._scheme == b"https":
-            creator = self._tls_policy.creatorForNetloc(self._host.encode("idna"), self._port)
+            # The canonical host is ASCII (A-labels), what the certificate names.
+            creator = self._tls_policy.creatorForNetloc(host.encode("ascii"), self._port)
             endpoint = wrapClientTLS(creator, endpoint)
         protocol = await endpoint.connect(factory)
         transport = getattr(protocol, "transport", None)
@@ -164,8 +99,11 @@ class GuardedEndpoint:
             peer = getattr(transport.getPeer(), "host", None)
             if peer is not None and self._policy.refusal(peer) is not None:
                 transport.abortConnection()
-                raise TargetRefused(f"{self._host} connected to {peer}, refused by the SSRF guard")
+                raise TargetRefused(f"{host} connected to {peer}, refused by the SSRF guard")
         return protocol
+
+
+_HOW_TO_ALLOW = "allow it with --allow-private-targets or --allowed-networks"
 
 
 @implementer(IAgentEndpointFactory)
@@ -186,13 +124,17 @@ class GuardedEndpointFactory:
         self._connect_timeout = connect_timeout
 
     def endpointForURI(self, uri: Any) -> GuardedEndpoint:
-        host = uri.host.decode("idna") if isinstance(uri.host, bytes) else uri.host
+        """
+        Never raises: the host is read when connecting, so a host that
+        cannot be used fails that connection (``BadURL``) like any other.
+        """
+        host = uri.host.decode("utf-8", "replace") if isinstance(uri.host, bytes) else str(uri.host)
         return GuardedEndpoint(
             self._reactor,
             self._policy,
             self._resolve,
             uri.scheme,
-            host.strip("[]"),
+            host,
             uri.port,
             self._tls_policy,
             self._connect_timeout,

@@ -8,23 +8,20 @@ storage has committed the delivery.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import Any, Dict, Iterable, List, Sequence, Tuple
-from urllib.parse import SplitResult, urlsplit
 
-import idna
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from hookah.outbound.agent import wire_url
 from hookah.model import SCHEDULED, STATUSES, delivery_status
 from hookah.websub.subscriptions import decode_unreserved
 from hookah.web.payload import PayloadError, control_name, split_payload
 from hookah.core import Accepted, HookahCore, DispatchRequest
 from hookah.web.common import ApiError, JsonResource, int_arg, json_body, query_args, render_async
+from hookah.urls import BadURL, check_submitted
 
 CONTROLS = ("_url", "_topic", "_errback", "_callback", "_retries", "_delay", "_timeout", "_id")
 # ``_`` fields that are nobody's typo: RFC 7578's ``_charset_``, which
@@ -58,64 +55,14 @@ MAX_TIMEOUT = 3600.0
 log = Logger()
 
 
-def _split(name: str, value: str) -> SplitResult:
-    """``urlsplit`` with its ``ValueError`` (``http://[zz/``) as a ``400``."""
-    try:
-        return urlsplit(value)
-    except ValueError:
-        raise ApiError(400, "bad_url", f"{name} is not a well-formed URL: {value!r}.")
-
-
 def check_url(name: str, value: str) -> str:
-    parts = _split(name, value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ApiError(400, "bad_url", f"{name} must be an absolute http or https URL, not {value!r}.")
+    """A target URL as ``hookah.urls`` accepts it at submission, or a ``400 bad_url``."""
     try:
-        _ = parts.port  # raises ValueError for a port that is not a number
-    except ValueError:
-        raise ApiError(400, "bad_url", f"{name} has an invalid port: {value!r}.")
+        check_submitted(value, name)
+    except BadURL as e:
+        advice = " Send credentials with X-Hookah-Header-Authorization." if e.kind == "userinfo" else ""
+        raise ApiError(400, "bad_url", str(e) + advice)
     return value
-
-
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def check_sendable(request: DispatchRequest) -> None:
-    """
-    Refuse target URLs the outgoing client cannot put on the wire (a host
-    that fails IDNA, whitespace), rather than accept them and fail every
-    attempt for a day. ASCII URLs cost one scan; only others are encoded.
-    """
-    for name, url in (("_url", request.url), ("_errback", request.errback), ("_callback", request.callback)):
-        if url is None:
-            continue
-        parts = urlsplit(url)
-        if parts.username is not None or parts.password is not None:
-            raise ApiError(
-                400,
-                "bad_url",
-                f"{name} must not carry a user name or password; send credentials with X-Hookah-Header-Authorization.",
-            )
-        try:
-            if any(c.isspace() for c in url):
-                raise ValueError("whitespace")
-            wire_url(url)
-            if parts.scheme == "https" and not _is_ip_literal(parts.hostname or ""):
-                # TLS checks the certificate against an IDNA name: an https
-                # host such as "my_host" could never be verified.
-                idna.encode(parts.hostname or "", uts46=True)
-        except Exception:
-            raise ApiError(
-                400,
-                "bad_url",
-                f"{name} cannot be sent: its host {parts.hostname!r} is not a valid host name, IPv4 or IPv6 address "
-                "(https needs a DNS name), or the URL contains whitespace.",
-            )
 
 
 def _short(name: str) -> str:
@@ -291,8 +238,6 @@ class DispatchResource(JsonResource):
             refusal = self.core.refusal(dispatch)
             if refusal is not None:
                 raise ApiError(400, "refused_target", refusal)
-            check_sendable(dispatch)
-
             def answer(accepted: Accepted) -> bytes:
                 log_ignored(accepted, ignored)
                 return accepted_body(request, accepted, ignored)

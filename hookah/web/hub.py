@@ -26,7 +26,6 @@ The hub URL a subscriber used is kept with its request
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
-from urllib.parse import urlsplit
 
 import attr
 from twisted.internet.defer import ensureDeferred
@@ -39,6 +38,7 @@ from twisted.web.server import NOT_DONE_YET
 from hookah.websub.publisher import Publisher
 from hookah.web.payload import PayloadError, parse_form, parse_multipart, parse_query
 from hookah.web.common import JsonResource, json_body, query_args, render_async
+from hookah.urls import BadURL, check_submitted
 from hookah.websub.subscriptions import (
     MAX_SECRET_BYTES,
     SUBSCRIBE,
@@ -117,29 +117,22 @@ def hub_mode(params: Params, default_mode: Optional[str] = None) -> Optional[str
 
 
 def check_url(name: str, value: Optional[str]) -> str:
-    """An absolute http(s) URL without userinfo, percent-normalized as 5.1.1 requires."""
+    """
+    A callback or topic URL, percent-normalized as 5.1.1 requires, and
+    accepted by ``hookah.urls`` in that form (the form that is stored and
+    requested): absolute http(s), no user name or password (the client
+    could never reach it), a host that can be connected to.
+    """
     if not value:
         raise HubError(400, f"{name} is required.")
     if len(value) > MAX_URL_LENGTH:
         raise HubError(400, f"{name} is longer than {MAX_URL_LENGTH} characters.")
+    url = decode_unreserved(value)
     try:
-        parts = urlsplit(value)
-    except ValueError:
-        raise HubError(400, f"{name} is not a well-formed URL: {value}")
-    try:
-        _ = parts.port  # raises ValueError for a port that is not a number
-    except ValueError:
-        raise HubError(400, f"{name} has an invalid port: {value}")
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise HubError(400, f"{name} must be an absolute http or https URL: {value}")
-    if "@" in parts.netloc:
-        # Hookah could never reach it: the HTTP client would take
-        # ``user:pass@host`` for the host name. Credentials belong in the
-        # path or query string of a callback, never in its authority.
-        raise HubError(400, f"{name} must not contain a user name or password (user:password@host): {value}")
-    if any(ord(c) < 0x21 or c == "\x7f" for c in value):
-        raise HubError(400, f"{name} must not contain spaces or control characters.")
-    return decode_unreserved(value)
+        check_submitted(url, name)
+    except BadURL as e:
+        raise HubError(400, str(e))
+    return url
 
 
 def parse_verify(params: Params) -> Optional[str]:

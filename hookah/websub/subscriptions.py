@@ -57,7 +57,7 @@ from hookah import defaults
 from hookah.delivery.lease import lease_seconds
 from hookah.outbound.agent import describe_failure
 from hookah.outbound.interface import IHTTPClient
-from hookah.outbound.ssrf import AddressPolicy
+from hookah.urls import AddressPolicy
 from hookah.metrics import Metrics
 from hookah.model import (
     CANCELLED_EXPIRED,
@@ -68,7 +68,7 @@ from hookah.model import (
     Delivery,
     Subscription,
 )
-from hookah.outbound.ssrf import TargetRefused
+from hookah.urls import TargetRefused
 from hookah.storage.interface import IStore
 
 log = Logger()
@@ -425,8 +425,9 @@ class WebSubHub(Service):
     def url_refusal(self, url: str) -> Optional[str]:
         """
         Why the hub will not send requests to ``url`` (a callback, a topic),
-        when that is known before connecting: an IP literal the SSRF guard
-        refuses. Names are checked again on the address actually connected.
+        when that is known before connecting: an IP literal or loopback name
+        the SSRF guard refuses (``hookah.urls``). Other names are checked on
+        the addresses they resolve to, when connecting.
         """
         if self.address_policy is None:
             return None
