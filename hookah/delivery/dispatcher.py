@@ -43,8 +43,7 @@ from hookah.delivery.hosts import DEFER, GO, WAIT, HostGate
 from hookah.delivery.lease import covers, lease_until
 from hookah.delivery.retry import Decision, decide
 from hookah.delivery.signing import Signer
-from hookah.urls import TargetRefused
-from hookah.urls import host_key
+from hookah.urls import TargetRefused, host_key
 from hookah.storage.interface import IStore
 
 log = Logger()
