@@ -133,7 +133,7 @@ def check_submitted(url: str, name: str) -> Target:
     anywhere (those are a copy-and-paste accident far more often than a
     URL anyone meant; Python's URL parser would silently drop some).
     """
-    if _CONTROL_OR_SPACE.search(url) or any(c.isspace() for c in url if not c.isascii()):
+    if _CONTROL_OR_SPACE.search(url) or (not url.isascii() and any(c.isspace() for c in url)):
         raise BadURL(f"{name} cannot be sent: it contains whitespace or a control character: {_show(url)}.", "whitespace")
     return parse_target(url, name)
 
