@@ -254,7 +254,7 @@ class IDNTests(TestCase):
 
 def raw_uri(scheme: str, host: str, port: int) -> URI:
     """A parsed URI with ``host`` as written (UTF-8), as an agent that did not use the wire form would pass it."""
-    netloc = f"{host}:{port}".encode("utf-8")
+    netloc = f"{host}:{port}".encode()
     return URI(scheme.encode("ascii"), netloc, host.strip("[]").encode("utf-8"), port, b"/hook", b"", b"", b"")
 
 
@@ -264,7 +264,7 @@ class ConnectTimeTests(TestCase):
     def test_non_canonical_spellings_are_refused_before_resolving(self) -> None:
         # A resolver that would call everything public: the verdict must not depend on it.
         connector = Connector(AddressPolicy(), PUBLIC)
-        for host, canonical, word in NON_CANONICAL:
+        for host, _, word in NON_CANONICAL:
             # Through the client, which sends the wire form...
             failure = self.failureResultOf(connector.post(f"http://{host}:8080/hook"), TargetRefused)
             self.assertIn(word, str(failure.value), host)
@@ -304,7 +304,7 @@ class SubmissionTests(TestCase):
         async def go() -> None:
             service, base = await start_hookah(self, allow_private_targets=False)
             client = http_client(self)
-            for host, canonical, word in NON_CANONICAL:
+            for host, _, word in NON_CANONICAL:
                 target = quote(f"http://{host}:9/hook", safe="")
                 for query in (f"_url={target}", f"_url=http://{PUBLIC}/ok&_errback={target}", f"_url=http://{PUBLIC}/ok&_callback={target}"):
                     response = await client.post(f"{base}/dispatch?{query}", data=b"{}")
@@ -323,7 +323,7 @@ class SubmissionTests(TestCase):
         async def go() -> None:
             service, base = await start_hookah(self, allow_private_targets=False)
             hub = base + "/hub"
-            for host, canonical, word in NON_CANONICAL:
+            for host, _, word in NON_CANONICAL:
                 url = f"http://{host}:9/x"
                 for params, name in [
                     ([("hub.mode", "subscribe"), ("hub.topic", f"http://{PUBLIC}/feed"), ("hub.callback", url)], "hub.callback"),
