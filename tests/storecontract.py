@@ -803,6 +803,35 @@ class StoreContractMixin(_Base):
         self.assertEqual((yield self.history("other")), [other.id])
 
     @inlineCallbacks
+    def test_events_page_ends_at_the_byte_bound(self) -> _Gen:
+        sizes = [100, 300, 50, 1000, 10, 10, 10]
+        events = [self.event("a" if i % 2 else "b", body=b"x" * n) for i, n in enumerate(sizes)]
+        yield self.publish(*events)
+        # 100 + 300 reaches 400: the page ends with the event that got there.
+        self.assertEqual((yield self.store.events_page(["a", "b"], None, 100, 400)), events[:2])
+        self.assertEqual((yield self.store.events_page(["a", "b"], None, 100, 401)), events[:3])
+        # At least one event, however large.
+        self.assertEqual((yield self.store.events_page(["a", "b"], events[2].id, 100, 1)), [events[3]])
+        # The count bound still holds, and the cursor as in events_after.
+        self.assertEqual((yield self.store.events_page(["a", "b"], events[3].id, 2, 10_000)), events[4:6])
+        self.assertEqual((yield self.store.events_page(["b"], None, 100, 10_000)), events[0::2])
+        self.assertEqual((yield self.store.events_page(["a", "b"], events[-1].id, 100, 10_000)), [])
+        self.assertEqual((yield self.store.events_page(["nope"], None, 100, 10_000)), [])
+
+    @inlineCallbacks
+    def test_replay_cursor_is_where_the_newest_count_begin(self) -> _Gen:
+        events = [self.event(topic) for topic in "abcabcab"]
+        yield self.publish(*events)
+        a_or_b = [e for e in events if e.topic in ("a", "b")]
+        for count in (1, 3, 5):
+            cursor = yield self.store.replay_cursor(["a", "b"], count)
+            self.assertEqual(cursor, a_or_b[-count - 1].id)
+            self.assertEqual((yield self.store.events_after(["a", "b"], cursor, 100)), a_or_b[-count:])
+        self.assertIsNone((yield self.store.replay_cursor(["a", "b"], len(a_or_b))))
+        self.assertIsNone((yield self.store.replay_cursor(["a", "b"], 1000)))
+        self.assertIsNone((yield self.store.replay_cursor(["nope"], 3)))
+
+    @inlineCallbacks
     def test_events_after_across_topics(self) -> _Gen:
         events = [self.event(topic) for topic in "abcabcab"]
         yield self.publish(*events)

@@ -132,6 +132,12 @@ class _Delegate:
     def last_events(self, topics: Any, count: Any) -> Deferred:
         return self._call("last_events", topics, count)
 
+    def events_page(self, topics: Any, after: Any, limit: Any, max_bytes: Any) -> Deferred:
+        return self._call("events_page", topics, after, limit, max_bytes)
+
+    def replay_cursor(self, topics: Any, count: Any) -> Deferred:
+        return self._call("replay_cursor", topics, count)
+
     def list_topics(self) -> Deferred:
         return self._call("list_topics")
 

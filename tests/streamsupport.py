@@ -27,8 +27,8 @@ from tests.streamwire import ResponseReader
 
 class GatedStore:
     """
-    A ``MemoryStore`` whose ``events_after``/``last_events`` answers wait
-    until ``release()``: what storage returns is computed at release time,
+    A ``MemoryStore`` whose history pages (``events_page``, ``events_after``,
+    ``last_events``) answer only once ``release()`` is called: what storage returns is computed at release time,
     as a real query that finishes late would see rows committed meanwhile
     only if they were there when it read, so ``snapshot_at_call`` picks.
     """
@@ -55,6 +55,9 @@ class GatedStore:
 
     def last_events(self, topics: Sequence[str], count: int) -> Deferred:
         return self._gate(lambda: self.store.last_events(topics, count).result)
+
+    def events_page(self, topics: Sequence[str], after: Optional[str], limit: int, max_bytes: int) -> Deferred:
+        return self._gate(lambda: self.store.events_page(topics, after, limit, max_bytes).result)
 
     def release(self) -> None:
         pending, self.pending = self.pending, []

@@ -146,6 +146,40 @@ class KeepaliveTests(TestCase):
 
 
 class ReplayTests(TestCase):
+    def test_history_is_read_a_bounded_page_at_a_time_as_the_reader_takes_it(self) -> None:
+        limit = 8192
+        h = StreamHarness(gate=False, limit=limit)
+        gated = h.gated
+        asked = []
+        real = gated.events_page
+
+        def events_page(topics, after, count, max_bytes):  # type: ignore[no-untyped-def]
+            asked.append((after, count, max_bytes))
+            return real(topics, after, count, max_bytes)
+
+        gated.events_page = events_page
+        events = [h.store_event(h.event("t", b'"' + b"x" * 1000 + b'"')) for _ in range(30)]
+        conn = h.connect("topic=t&count=25")
+        [stream] = h.streams()
+        # Each page stops at a quarter of the buffer limit: three ~1 KB events.
+        self.assertEqual(asked, [(events[4].id, 25, limit // 4)])
+        gated.release()
+        self.assertEqual(conn.ids(), [e.id for e in events[5:8]])
+        self.assertEqual(asked[1:], [(events[7].id, 22, limit // 4)])
+        # It stops reading with a page on its way: that page waits, no other
+        # is read, and what it holds is that page.
+        conn.pause()
+        gated.release()
+        self.assertEqual(conn.ids(), [e.id for e in events[5:8]])
+        self.assertEqual(len(asked), 2)
+        self.assertEqual(stream.buffered, 3 * 1002)
+        conn.resume()
+        while gated.pending:
+            gated.release()
+        self.assertEqual(conn.ids(), [e.id for e in events[5:]])
+        self.assertEqual(stream.buffered, 0)
+        self.assertTrue(all(max_bytes == limit // 4 for _, _, max_bytes in asked))
+
     def test_count_replays_last_events_across_topics_then_live(self) -> None:
         h = StreamHarness()
         for topic in "abab":
@@ -228,14 +262,15 @@ class ReplayTests(TestCase):
         self.assertEqual(len(h.registry), 0)
 
     def test_history_failure_closes_with_error(self) -> None:
-        h = StreamHarness()
-        self.patch(h.memory, "last_events", lambda topics, count: fail(OSError("disk")))
-        conn = h.connect("topic=t&count=2")
-        self.assertEqual(conn.read()[-1]["error"], "history_unavailable")
-        self.assertEqual(len(h.registry), 0)
-        self.assertTrue(conn.transport.disconnecting)
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
-        conn.drop()
+        for method in ("events_page", "replay_cursor"):
+            h = StreamHarness()
+            self.patch(h.memory, method, lambda *args: fail(OSError("disk")))
+            conn = h.connect("topic=t&count=2")
+            self.assertEqual(conn.read()[-1]["error"], "history_unavailable", method)
+            self.assertEqual(len(h.registry), 0)
+            self.assertTrue(conn.transport.disconnecting)
+            self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+            conn.drop()
 
     def test_history_waits_for_a_paused_reader(self) -> None:
         h2 = StreamHarness(gate=False)

@@ -184,6 +184,23 @@ class IStore(Interface):
         Deferred[List[Event]].
         """
 
+    def events_page(topics, after, limit, max_bytes):  # type: ignore[misc]
+        """
+        As ``events_after``, but the page also ends at the first event that
+        brings the bodies returned to ``max_bytes`` or more (so it holds at
+        least one event when there is any): what a history reader holds in
+        memory is bounded whatever the history holds. Rows are read one at
+        a time, never the whole range. Deferred[List[Event]].
+        """
+
+    def replay_cursor(topics, count):  # type: ignore[misc]
+        """
+        Where a replay of the newest ``count`` events across ``topics``
+        starts: the id of the newest event older than them (to pass as
+        ``after``), or ``None`` when the topics hold ``count`` events or
+        fewer. Reads ids only. Deferred[Optional[str]].
+        """
+
     def trim_events(before, limit):  # type: ignore[misc]
         """
         Delete at most ``limit`` events, of any topic, created strictly

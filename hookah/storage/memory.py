@@ -340,6 +340,23 @@ class MemoryStore:
         ids = self._history(topics)
         return succeed([self._events[i] for i in ids[max(0, len(ids) - count) :]] if count > 0 else [])
 
+    def events_page(self, topics: Sequence[str], after: Optional[str], limit: int, max_bytes: int) -> Deferred:
+        ids = self._history(topics)
+        start = bisect_right(ids, after) if after is not None else 0
+        page: List[Event] = []
+        size = 0
+        for event_id in ids[start : start + max(limit, 0)]:
+            event = self._events[event_id]
+            page.append(event)
+            size += len(event.body)
+            if size >= max_bytes:
+                break
+        return succeed(page)
+
+    def replay_cursor(self, topics: Sequence[str], count: int) -> Deferred:
+        ids = self._history(topics)
+        return succeed(ids[len(ids) - count - 1] if len(ids) > count else None)
+
     def list_topics(self) -> Deferred:
         now = self._clock.seconds()
         active = {

@@ -11,6 +11,14 @@ the thousand:
   wait, the reader is too slow: it gets a final error line (if it ever
   reads again) and the connection is closed. So a stalled reader costs at
   most ``limit`` plus the transport's own buffer, whatever is published.
+- **History a page at a time.** A replay (``count``, ``Last-Event-ID``)
+  reads storage one page at a time (``HISTORY_PAGE`` events, and bodies
+  adding up to a quarter of ``limit``, at least one event), asks for the
+  next page only once the transport has taken the last one, and lets go of
+  each event once it is written. A reader that stops reading holds at most
+  one page and the transport's buffer, whatever the history holds; the
+  unwritten rest of its page counts with the live events held meanwhile
+  towards ``limit``, so the slow-reader rule applies to replays too.
 - **The seam between history and live events.** The stream joins the
   registry *before* it asks storage for history, and holds the live events
   that arrive meanwhile. Once the history is written, held events that the
@@ -53,7 +61,8 @@ __all__ = ["HTTPStream", "HISTORY_PAGE", "CLOSE_GRACE", "EXPECT_TAIL"]
 
 log = Logger()
 
-# Events read from storage per query when resuming after an id.
+# Events read from storage per query when replaying history; bytes per
+# query are bounded by a quarter of the stream's buffer limit.
 HISTORY_PAGE = 500
 # Seconds a closing stream may take to flush before it is aborted.
 CLOSE_GRACE = 2.0
@@ -68,6 +77,27 @@ def _plain_tcp(transport: Any) -> bool:
     )
 
 
+class _Replayed:
+    """
+    What a replay remembers of the ids it wrote: those newer than the last
+    live announcement before the stream joined (only those can also be
+    among the live events held meanwhile, announcements coming in id
+    order), and the newest ``EXPECT_TAIL``.
+    """
+
+    __slots__ = ("floor", "newer", "tail")
+
+    def __init__(self, floor: Optional[str]) -> None:
+        self.floor = floor
+        self.newer: Set[str] = set()
+        self.tail: Deque[str] = deque(maxlen=EXPECT_TAIL)
+
+    def add(self, event_id: str) -> None:
+        if self.floor is None or event_id > self.floor:
+            self.newer.add(event_id)
+        self.tail.append(event_id)
+
+
 @implementer(ILiveStream, IPushProducer)
 class HTTPStream:
     # Slots: thousands of idle streams each carry only these fields.
@@ -75,7 +105,7 @@ class HTTPStream:
         "request", "topics", "format", "registry", "clock", "limit",
         "_write", "_write_later", "_chunked", "_direct", "_paused", "_queue", "_queued_bytes",
         "_held", "_held_bytes", "_expect", "_closing", "_gone", "_abort_call",
-        "_waiting", "_gone_waiters", "_transport",
+        "_waiting", "_gone_waiters", "_transport", "_pending",
     )
 
     def __init__(
@@ -105,6 +135,8 @@ class HTTPStream:
         # Live (event, frame) pairs that arrive while history is replayed.
         self._held: Optional[List[Tuple[Event, bytes]]] = None
         self._held_bytes = 0
+        # Body bytes of the history page read but not yet written.
+        self._pending = 0
         self._expect: Optional[Set[str]] = None
         self._closing = False
         self._gone = False
@@ -142,8 +174,9 @@ class HTTPStream:
     async def replay(self, store: IStore, after: Optional[str], count: int) -> None:
         """
         Join the live feed, then write history: events after ``after`` when
-        given (all that storage still holds), else the last ``count``. Live
-        events wait until the history is out.
+        given (all that storage still holds), else the last ``count``, a
+        page at a time as the reader takes them. Live events wait until the
+        history is out.
         """
         replaying = after is not None or count > 0
         if self._gone:
@@ -154,44 +187,64 @@ class HTTPStream:
         self.registry.add(self)
         if not replaying:
             return
-        replayed: List[str] = []
+        replayed = _Replayed(self.registry.last_announced)
         try:
-            if after is not None:
-                while not self._closing:
-                    page = await store.events_after(self.topics, after, HISTORY_PAGE)
-                    await self._write_history(page, replayed)
-                    if len(page) < HISTORY_PAGE:
-                        break
-                    after = page[-1].id
-            else:
-                await self._write_history(await store.last_events(self.topics, count), replayed)
+            remaining: Optional[int] = None
+            if after is None:
+                after = await store.replay_cursor(self.topics, count)
+                remaining = count
+            while not self._closing and (remaining is None or remaining > 0):
+                await self._drained()
+                if self._closing:
+                    break
+                limit = HISTORY_PAGE if remaining is None else min(HISTORY_PAGE, remaining)
+                budget = max(1, self.limit // 4)
+                page = await store.events_page(self.topics, after, limit, budget)
+                if not page:
+                    break
+                after = page[-1].id
+                if remaining is not None:
+                    remaining -= len(page)
+                # A page short of both bounds is the end of what storage holds.
+                last = len(page) < limit and sum(len(e.body) for e in page) < budget
+                await self._write_history(page, replayed)
+                if last:
+                    break
         except Exception:
             log.failure("replaying history for a stream on {topics} failed", topics=self.topics)
             self.close("history unavailable", {"error": "history_unavailable", "message": "Hookah could not read the topic history; reconnect to try again."})
             return
         self._join_live(replayed)
 
-    async def _write_history(self, events: Sequence[Event], replayed: List[str]) -> None:
-        for event in events:
-            while self._paused and not self._closing:
-                self._waiting = Deferred()
-                await self._waiting
-            if self._closing:
-                return
-            self._write(FrameCache(event).get(self.format, self._chunked))
-            replayed.append(event.id)
+    async def _drained(self) -> None:
+        """Wait until the transport takes more (or the stream ends)."""
+        while self._paused and not self._closing:
+            self._waiting = Deferred()
+            await self._waiting
 
-    def _join_live(self, replayed: List[str]) -> None:
+    async def _write_history(self, page: List[Event], replayed: _Replayed) -> None:
+        self._pending = sum(len(e.body) for e in page)
+        events = deque(page)
+        del page[:]  # each event is let go of once written
+        while events:
+            await self._drained()
+            if self._closing:
+                break
+            event = events.popleft()
+            self._pending -= len(event.body)
+            self._write(FrameCache(event).get(self.format, self._chunked))
+            replayed.add(event.id)
+        self._pending = 0
+
+    def _join_live(self, replayed: _Replayed) -> None:
         held, self._held, self._held_bytes = self._held or [], None, 0
         if self._closing:
             return
-        if held:
-            already = set(replayed)
-            for event, frame in held:
-                if event.id not in already:
-                    self._send(frame)
+        for event, frame in held:
+            if event.id not in replayed.newer:
+                self._send(frame)
         announced = self.registry.last_announced
-        expect = {i for i in replayed[-EXPECT_TAIL:] if announced is None or i > announced}
+        expect = {i for i in replayed.tail if announced is None or i > announced}
         self._expect = expect or None
         self._update()
 
@@ -210,7 +263,7 @@ class HTTPStream:
         if self._held is not None:
             self._held.append((event, frame))
             self._held_bytes += len(frame)
-            if self._held_bytes > self.limit:
+            if self._held_bytes + self._pending > self.limit:
                 self._too_slow()
             return
         if self._expect is not None:
@@ -299,7 +352,7 @@ class HTTPStream:
     @property
     def buffered(self) -> int:
         """Bytes waiting in this stream for the reader (not the transport's own buffer)."""
-        return self._queued_bytes + self._held_bytes
+        return self._queued_bytes + self._held_bytes + self._pending
 
     # -- internals ---------------------------------------------------------------------
 

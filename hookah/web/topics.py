@@ -10,18 +10,31 @@ Events are in the JSON form of ``hookah.streams.eventjson``, shared with ``/stre
 
 from __future__ import annotations
 
-from typing import Any, List
+import json
+from typing import Any, List, Optional
 
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
 from hookah.websub.subscriptions import decode_unreserved
 from hookah.storage.interface import IStore
 from hookah.streams.eventjson import event_to_json
-from hookah.web.common import JsonResource, NotFound, int_arg, json_body, query_args, render_async
+from hookah.web.backpressure import Backpressure
+from hookah.web.common import (
+    ApiError, JsonResource, NotFound, error_body, int_arg, json_body, query_args, render_async,
+)
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
+# Bytes of event bodies one answer carries at most (and at least one event).
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+# Events and bytes of bodies read from storage per query.
+READ_EVENTS = 100
+READ_BYTES = 256 * 1024
+
+log = Logger()
 HOW_TO = "Use /topics/<percent-encoded topic>/events."
 
 
@@ -61,7 +74,18 @@ class TopicsResource(JsonResource):
 
 
 class TopicEventsResource(JsonResource):
-    """``GET /topics/<T>/events?after=<event id>&limit=N``: a page of history, oldest first."""
+    """
+    ``GET /topics/<T>/events?after=<event id>&limit=N``: a page of history,
+    oldest first.
+
+    The answer is written as storage is read, ``READ_EVENTS`` events and
+    ``READ_BYTES`` bytes of bodies per query, each query once the reader has
+    taken what came before (``Backpressure``): a reader that does not read
+    holds one read's worth and the transport's buffer, not the answer. One
+    answer carries at most ``limit`` events and ``MAX_ANSWER_BYTES`` of
+    bodies (always at least one event); ``next`` then names the last event
+    sent, to ask for the rest with ``after``.
+    """
 
     isLeaf = True
 
@@ -71,20 +95,63 @@ class TopicEventsResource(JsonResource):
         self.topic = topic
 
     def render_GET(self, request: server.Request) -> Any:
-        async def handle() -> bytes:
-            args = query_args(request)
+        args = query_args(request)
+        try:
             limit = int_arg(args, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-            after = args.get("after") or None
-            events = await self.store.events_after([self.topic], after, limit)
-            return json_body(
-                request,
-                200,
-                {
-                    "topic": self.topic,
-                    "events": [event_to_json(e) for e in events],
-                    "next": events[-1].id if len(events) == limit else None,
-                },
-            )
+        except ApiError as e:
+            return error_body(request, e)
+        after = args.get("after") or None
+        d = ensureDeferred(self._answer(request, Backpressure(request), limit, after))
+        d.addErrback(lambda f: log.failure("writing the history of {topic} failed", f, topic=self.topic))
+        return server.NOT_DONE_YET
 
-        return render_async(request, handle)
+    async def _answer(self, request: server.Request, writer: Backpressure, limit: int, after: Optional[str]) -> None:
+        asked = (min(READ_EVENTS, limit), min(READ_BYTES, MAX_ANSWER_BYTES))
+        try:
+            page = await self.store.events_page([self.topic], after, *asked)
+        except Exception:
+            log.failure("reading the history of {topic} failed", topic=self.topic)
+            body = error_body(request, ApiError(500, "internal_error", "Hookah failed to handle this request; see its log."))
+            writer.done()
+            if not writer.gone:
+                request.write(body)
+                request.finish()
+            return
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.write(b'{"topic":' + _json(self.topic) + b',"events":[')
+        sent = size = 0
+        try:
+            while True:
+                for event in page:
+                    request.write((b"," if sent else b"") + _json(event_to_json(event)))
+                    sent += 1
+                    size += len(event.body)
+                    after = event.id
+                # Short of both bounds: storage holds no more.
+                exhausted = len(page) < asked[0] and sum(len(e.body) for e in page) < asked[1]
+                page = []
+                if exhausted or sent >= limit or size >= MAX_ANSWER_BYTES:
+                    break
+                await writer.drained()
+                if writer.gone:
+                    return
+                asked = (min(READ_EVENTS, limit - sent), min(READ_BYTES, MAX_ANSWER_BYTES - size))
+                page = await self.store.events_page([self.topic], after, *asked)
+        except Exception:
+            # The status is out: all that can be said is that the answer is
+            # cut short, which a JSON reader cannot mistake for a whole one.
+            log.failure("reading the history of {topic} failed", topic=self.topic)
+            writer.done()
+            request.loseConnection()
+            return
+        writer.done()
+        if writer.gone:
+            return
+        more = sent > 0 and (sent >= limit or not exhausted)
+        request.write(b'],"next":' + _json(after if more else None) + b"}\n")
+        request.finish()
 
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()

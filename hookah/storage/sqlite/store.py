@@ -447,6 +447,48 @@ class SQLiteStore:
 
         return self._read(work)
 
+    def events_page(
+        self, topics: Iterable[str], after: Optional[str], limit: int, max_bytes: int
+    ) -> Deferred[List[Event]]:
+        topics = list(dict.fromkeys(topics))
+        sql = (
+            f"SELECT {EVENT_COLUMNS} FROM events"
+            " WHERE topic = ? AND id > ? ORDER BY id LIMIT ?"
+        )
+
+        def work(c: sqlite3.Connection) -> List[Event]:
+            # The cursors step one row at a time: rows past the byte bound
+            # are never read.
+            ranges = [
+                c.execute(sql, (topic, after or "", max(limit, 0))) for topic in topics
+            ]
+            page: List[Event] = []
+            size = 0
+            merged = heapq.merge(*ranges, key=lambda row: row[0])
+            for row in itertools.islice(merged, max(limit, 0)):
+                event = event_from_row(row)
+                page.append(event)
+                size += len(event.body)
+                if size >= max_bytes:
+                    break
+            for cursor in ranges:
+                cursor.close()
+            return page
+
+        return self._read(work)
+
+    def replay_cursor(self, topics: Iterable[str], count: int) -> Deferred[Optional[str]]:
+        topics = list(dict.fromkeys(topics))
+        sql = "SELECT id FROM events WHERE topic = ? ORDER BY id DESC LIMIT ?"
+
+        def work(c: sqlite3.Connection) -> Optional[str]:
+            ranges = [c.execute(sql, (topic, max(count, 0) + 1)) for topic in topics]
+            merged = heapq.merge(*ranges, key=lambda row: row[0], reverse=True)
+            newest = list(itertools.islice(merged, max(count, 0) + 1))
+            return str(newest[-1][0]) if len(newest) > count else None
+
+        return self._read(work)
+
     def list_topics(self) -> Deferred[List[Tuple[str, int, int]]]:
         now = self._reactor.seconds()
         sql = (
