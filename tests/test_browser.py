@@ -17,6 +17,8 @@ the reactor goes on serving the browser.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from typing import Any
 from urllib.parse import quote
 
@@ -127,3 +129,33 @@ class StatusPageInBrowser(TestCase):
             self.assertTrue(os.path.getsize(os.path.join(ARTIFACTS, "status-page.png")) > 10000)
 
         return ensureDeferred(go())
+
+
+class MissingBrowser(TestCase):
+    """The browser test, run with no browser to be found: skipped on a laptop, failed in CI."""
+
+    def run_without_browser(self, ci: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "CI"}
+        if ci:
+            env["CI"] = ci
+        env["HOOKAH_TEST_CHROMIUM"] = os.path.join(ROOT, "no-such-dir", "chromium")
+        env["HOOKAH_TEST_CHROMEDRIVER"] = os.path.join(ROOT, "no-such-dir", "chromedriver")
+        env["PATH"] = os.path.dirname(sys.executable)  # no chromium on it
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+             "tests/test_browser.py::StatusPageInBrowser"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )
+
+    def test_skipped_outside_ci(self) -> None:
+        result = self.run_without_browser(ci="")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("1 skipped", result.stdout)
+        self.assertIn("chromium is not installed", result.stdout)
+
+    def test_failed_in_ci(self) -> None:
+        result = self.run_without_browser(ci="true")
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("1 failed", result.stdout)
+        self.assertIn("chromium is not installed", result.stdout)
+        self.assertIn("a failure, not a skip", result.stdout)
