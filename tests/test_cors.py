@@ -17,15 +17,19 @@ import json
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from hookah.config import ConfigError, build_config
 from hookah.web.auth import Tokens
 from hookah.web.cors import normalise_origin
-from hookah.web.streamtokens import StreamTokens, stream_mount
+from hookah.web.streamtokens import MAX_TTL, StreamTokens, TokenError, stream_mount
 from tests.browsersupport import start_browser
 from tests.streamsupport import StreamHarness
 from tests.support import http_client, listen_sink, poll, start_hookah, temp_dir
@@ -430,6 +434,58 @@ class StreamTokenClockTests(TestCase):
             rotated.check(token, ["t"])
         self.assertEqual(getattr(caught.exception, "status", None), 401)
         self.assertIsNone(StreamTokens.from_admin_tokens([], h.clock))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=80),
+        st.text(alphabet="hst1.0123456789abcXYZ-_=", max_size=80),
+        # Shaped like a token, with anything in its parts.
+        st.builds(
+            lambda *parts: ".".join(parts),
+            st.sampled_from(["hst1", "HST1", ""]), st.text(alphabet="0123456789", max_size=14), st.text(max_size=20), st.text(max_size=50),
+        ),
+    )
+)
+def test_any_access_token_is_refused_cleanly(token: str) -> None:
+    clock = Clock()
+    tokens = StreamTokens.from_admin_tokens([ADMIN.encode()], clock)
+    assert tokens is not None
+    with pytest.raises(TokenError) as caught:
+        tokens.check(token, ["t"])
+    assert caught.value.status == 401
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=5), st.integers(1, MAX_TTL), st.data())
+def test_minted_tokens_grant_exactly_their_topics_until_they_expire(topics: List[str], ttl: int, data: Any) -> None:
+    clock = Clock()
+    clock.advance(data.draw(st.integers(0, 2**31)))
+    tokens = StreamTokens.from_admin_tokens([ADMIN.encode(), b"other"], clock)
+    assert tokens is not None
+    token, expires = tokens.mint(topics, ttl)
+    assert token.isascii() and "," not in token and "&" not in token and "=" not in token
+    subset = data.draw(st.lists(st.sampled_from(topics), max_size=3))
+    assert tokens.check(token, subset) == expires
+    with pytest.raises(TokenError) as caught:
+        tokens.check(token, subset + [next(t for t in "uvwxyz" if t not in topics)])
+    assert caught.value.status == 403
+    clock.advance(expires - clock.seconds())
+    with pytest.raises(TokenError) as caught:
+        tokens.check(token, subset)
+    assert caught.value.status == 401
+
+
+@given(st.text(max_size=40))
+def test_origins_normalise_to_a_fixed_point_or_are_refused(text: str) -> None:
+    try:
+        origin = normalise_origin(text)
+    except ValueError:
+        return
+    assert normalise_origin(origin) == origin
+    assert origin == origin.lower()
+    assert origin.startswith(("http://", "https://"))
 
 
 # -- in a real browser ---------------------------------------------------------------

@@ -104,7 +104,7 @@ class StreamTokens:
         ``topics`` now; else ``TokenError`` saying why.
         """
         parts = token.split(".")
-        if len(parts) != 4 or parts[0] != VERSION or not (parts[1].isascii() and parts[1].isdigit()) or len(parts[1]) > 12:
+        if not token.isascii() or len(parts) != 4 or parts[0] != VERSION or not parts[1].isdigit() or len(parts[1]) > 12:
             raise TokenError(401, "access_token is not a stream token (mint one with POST /stream/tokens or `hookah token`).")
         signed, signature = ".".join(parts[:3]), parts[3].encode("ascii", "replace")
         valid = False
