@@ -162,6 +162,34 @@ class BusyHostTests(MemoryFlavour, TestCase):
         self.assertLessEqual(max(s.at for s in client.sent) - T0, 0.5)
         self.assertLessEqual(client.max_per_host["one.example"], 16)
 
+    def test_the_first_burst_to_a_new_host_is_not_held_to_a_guessed_pace(self) -> None:
+        # The first event to 200 subscribers on one host nobody has measured
+        # yet: with the default waiting room (16) most of them are stored
+        # pushed back before any answer is in. They must come back at about
+        # the pace of a fast host, not of a guess: at a 50 ms guess the last
+        # one left 0.5 s after the event, ten times the later events' time.
+        clock = clock_at()
+        store = CountingStore(clock)
+
+        def answer(sent: Any) -> None:
+            clock.callLater(0.001, sent.respond, 200, (), b"ok")
+
+        client = FakeClient(clock, answer)
+        dispatcher = Dispatcher(
+            self.make_store(clock, store), client, clock, IdGenerator(clock.seconds), (5.0,), timeout=30.0, concurrency=256,
+            hosts=HostGate(clock, limit=16), rand=lambda: 0.5,
+        )
+        dispatcher.startService()
+        burst = [
+            Delivery(id=f"F{n:04d}", url=f"http://new.example/cb/{n}", body=b"x", created_at=T0, next_attempt_at=T0)
+            for n in range(200)
+        ]
+        self.successResultOf(dispatcher.submit(burst))
+        clock.pump([0.001] * 1000)
+        self.assertEqual(len({s.url for s in client.sent}), 200)
+        self.assertLessEqual(max(s.at for s in client.sent) - T0, 0.1)
+        self.assertLessEqual(client.max_per_host["new.example"], 16)
+
     def test_a_hanging_hosts_backlog_is_not_claimed_in_a_loop(self) -> None:
         clock = clock_at()
         store = CountingStore(clock)
