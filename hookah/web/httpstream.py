@@ -34,8 +34,9 @@ the thousand:
 Frames are written straight to the HTTP/1.x transport, already chunk-framed
 (``FrameCache``): ``Request.write`` would frame each write anew for each
 reader. On a plain TCP transport with nothing queued, a frame goes to the
-socket at once (``_write_now``). Other channels (HTTP/2) fall back to
-``Request.write``.
+socket at once (``hookah.web.fastwrite``, which holds every private detail
+of Twisted this relies on). Other channels (HTTP/2) fall back to
+``Request.write``. A disconnect is learnt from ``Request.notifyFinish``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Deque, List, Optional, Sequence, Set, Tuple
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
@@ -56,6 +56,7 @@ from hookah.model import Event
 from hookah.storage.interface import IStore
 from hookah.streams.format import FrameCache, StreamFormat, chunk
 from hookah.streams.registry import ILiveStream, TopicRegistry
+from hookah.web.fastwrite import fast_path
 
 __all__ = ["HTTPStream", "HISTORY_PAGE", "CLOSE_GRACE", "EXPECT_TAIL"]
 
@@ -68,13 +69,6 @@ HISTORY_PAGE = 500
 CLOSE_GRACE = 2.0
 # How many of the newest replayed ids may still be announced live.
 EXPECT_TAIL = 64
-
-
-def _plain_tcp(transport: Any) -> bool:
-    """Whether ``transport`` is Twisted's own TCP connection, whose buffer ``_write_now`` reads."""
-    return isinstance(transport, tcp.Connection) and all(
-        hasattr(transport, name) for name in ("socket", "dataBuffer", "_tempDataBuffer", "offset", "TLS")
-    )
 
 
 class _Replayed:
@@ -160,13 +154,11 @@ class HTTPStream:
             self._transport = channel.transport
             self._chunked = bool(request.chunked)
             self._write_later = channel.transport.write
-            self._write = self._write_now if _plain_tcp(channel.transport) else channel.transport.write
-            self._paused = bool(getattr(channel, "_waitingForTransport", False))
+            self._write = fast_path.writer(channel.transport)
+        # If the transport's buffer is already full (a pipelined response
+        # before this one filled it), the first write tells: the transport
+        # pauses its producer, which the channel passes on to this stream.
         request.registerProducer(self, True)
-        if getattr(request, "_disconnected", False):
-            # notifyFinish would never fire for a request already cut off.
-            self._connection_gone(None)
-            return
         request.notifyFinish().addBoth(self._connection_gone)
         if self.format.preamble:
             self._write(self._framed(self.format.preamble))
@@ -311,7 +303,7 @@ class HTTPStream:
         if self._transport is None:
             # Not an HTTP/1.x transport we write to ourselves: let the
             # request end its own body.
-            if not request.finished and not getattr(request, "_disconnected", False):
+            if not request.finished:
                 request.finish()
         elif self._chunked:
             self._write(b"0\r\n\r\n")
@@ -355,33 +347,6 @@ class HTTPStream:
         return self._queued_bytes + self._held_bytes + self._pending
 
     # -- internals ---------------------------------------------------------------------
-
-    def _write_now(self, data: bytes) -> None:
-        """
-        ``transport.write``, but sent at once when the transport has nothing
-        queued: Twisted would queue the bytes, register the socket for
-        writability and send on the next reactor turn, which for a thousand
-        streams is a thousand selector registrations per event and most of
-        the cost of a fan-out. Whatever the kernel does not take at once
-        (or any doubt: TLS, closing) goes through ``transport.write``, so
-        ordering, back-pressure and error handling stay Twisted's.
-        """
-        transport = self._transport
-        if (
-            transport._tempDataBuffer
-            or transport.offset != len(transport.dataBuffer)
-            or transport.TLS
-            or transport.disconnecting
-            or not transport.connected
-        ):
-            transport.write(data)
-            return
-        try:
-            sent = transport.socket.send(data)
-        except OSError:
-            sent = 0  # would block, or the connection is failing: Twisted's path will tell
-        if sent < len(data):
-            transport.write(data[sent:] if sent else data)
 
     def _framed(self, data: bytes) -> bytes:
         return chunk(data) if self._chunked else data

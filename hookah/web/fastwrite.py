@@ -1,0 +1,155 @@
+"""
+The stream fast path: a frame goes straight to the socket when Twisted has
+nothing queued for that connection. This is the one module in Hookah that
+reads Twisted's private transport state; everything else uses public API.
+
+Why it exists: ``FileDescriptor.write`` queues the bytes, registers the
+socket for writability and sends on the next reactor turn. For a thousand
+open streams that is a thousand selector registrations per event, most of
+the cost of a fan-out; sending at once when the kernel takes the bytes
+halves the CPU a fan-out costs. Whatever the kernel does not take (and any
+doubt: closing, TLS) goes through ``transport.write``, so ordering,
+back-pressure and error handling stay Twisted's.
+
+What it relies on, all of ``twisted.internet.abstract.FileDescriptor`` /
+``twisted.internet.tcp.Connection``, none of it public:
+
+- ``_tempDataBuffer`` (a list) and ``dataBuffer``/``offset`` (bytes, int):
+  nothing is queued when the list is empty and ``offset`` has reached the
+  end of ``dataBuffer``;
+- ``socket``, the connected socket, sent to with ``send``;
+- ``TLS``: set once ``startTLS`` made the connection TLS;
+- ``connected``, ``disconnecting``, ``_writeDisconnected``;
+- and that ``write`` is ``FileDescriptor.write`` (behind ``_newtls``'s
+  switch to TLS), whose buffers those are.
+
+A Twisted release may change any of that, so the first transport a stream
+offers is checked for each of them (``FastPath.writer``); if one is missing
+or of another kind, the fast path turns itself off for the life of the
+process with one log line, and every stream writes with ``transport.write``.
+A transport of another kind than plain TCP (TLS, HTTP/2, a test's
+``StringTransport``) is written to with its own ``write``; one log line per
+kind says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Set
+
+import twisted
+from twisted.internet import abstract, tcp
+from twisted.logger import Logger
+
+__all__ = ["FastPath", "fast_path"]
+
+log = Logger()
+
+Write = Callable[[bytes], Any]
+
+# The private state the fast path reads, and the kind each must be.
+_EXPECTED = (
+    ("_tempDataBuffer", list),
+    ("dataBuffer", bytes),
+    ("offset", int),
+    ("TLS", int),  # bool, or Twisted's older 0/1
+    ("connected", int),
+    ("disconnecting", int),
+    ("_writeDisconnected", int),
+)
+
+
+class FastPath:
+    """
+    Hands each stream its write function: the direct one for a plain TCP
+    transport while the fast path is on, else ``transport.write``.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = True
+        # Frames (or parts of frames) the kernel took straight away.
+        self.sends = 0
+        self._checked = False
+        self._reported: Set[str] = set()
+
+    def writer(self, transport: Any) -> Write:
+        """The function a stream writes ``transport``'s bytes with."""
+        plain: Write = transport.write
+        if not self.enabled:
+            return plain
+        kind = type(transport).__name__
+        if not isinstance(transport, tcp.Connection):
+            self._once(kind, "stream fast path not used on {kind} transports: frames go through transport.write", kind=kind)
+            return plain
+        if not self._checked:
+            self._checked = True
+            problem = self._self_check(transport)
+            if problem is not None:
+                self.disable(problem)
+                return plain
+        if transport.TLS:
+            self._once("TLS", "stream fast path not used on TLS connections: frames go through transport.write")
+            return plain
+        return self._direct(transport)
+
+    def disable(self, reason: str) -> None:
+        """Turn the fast path off for every stream opened from now on."""
+        if self.enabled:
+            self.enabled = False
+            log.warn(
+                "stream fast path off ({reason}, Twisted {version}): frames go through transport.write",
+                reason=reason,
+                version=twisted.__version__,
+            )
+
+    def _self_check(self, transport: Any) -> Optional[str]:
+        """What about ``transport`` is not as this module expects, or None."""
+        for klass in type(transport).__mro__:
+            if klass is abstract.FileDescriptor:
+                break
+            # _newtls's write only routes to TLS once startTLS set TLS.
+            if "write" in vars(klass) and klass.__module__ != "twisted.internet._newtls":
+                return f"{klass.__name__}.write stands in front of FileDescriptor.write"
+        else:
+            return f"{type(transport).__name__} is not a FileDescriptor"
+        for name, kind in _EXPECTED:
+            if not hasattr(transport, name):
+                return f"{type(transport).__name__} has no {name}"
+            if not isinstance(getattr(transport, name), kind):
+                return f"{type(transport).__name__}.{name} is a {type(getattr(transport, name)).__name__}, not {kind.__name__}"
+        if not callable(getattr(getattr(transport, "socket", None), "send", None)):
+            return f"{type(transport).__name__} has no socket to send to"
+        return None
+
+    def _direct(self, transport: Any) -> Write:
+        plain = transport.write
+
+        def write(data: bytes) -> None:
+            if (
+                transport._tempDataBuffer
+                or transport.offset != len(transport.dataBuffer)
+                or transport.TLS
+                or transport.disconnecting
+                or not transport.connected
+                or transport._writeDisconnected
+            ):
+                plain(data)
+                return
+            try:
+                sent = transport.socket.send(data)
+            except OSError:
+                sent = 0  # would block, or the connection is failing: Twisted's path will tell
+            if sent:
+                self.sends += 1
+            if sent < len(data):
+                plain(data[sent:] if sent else data)
+
+        return write
+
+    def _once(self, key: str, message: str, **fields: Any) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            log.info(message, **fields)
+
+
+# The one the streams use.
+fast_path = FastPath()
