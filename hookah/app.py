@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, List, Optional
+from typing import Any, Optional
 
-from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
@@ -42,6 +42,7 @@ from hookah.web.ops import (
     HealthResource, LoginResource, LogoutResource, MetricsResource, StatusPage, login_or_json, stream_counts,
 )
 from hookah.web.hub import HubResource
+from hookah.web.listener import WebPort
 from hookah.web.topics import TopicsResource
 from hookah.websub.subscriptions import TopicPolicy, WebSubHub
 
@@ -170,25 +171,12 @@ class HookahService(MultiService):
             lambda: [(("request",), float(self.site.request_connections)), (("stream",), float(self.site.streams))],
             labels=("kind",),
         )
-        self.web = strports.service(with_backlog(config.listen, config.backlog), self.site, reactor=reactor)
+        self.web = WebPort(serverFromString(reactor, with_backlog(config.listen, config.backlog)), self.site)
         self._opened: Optional[Deferred] = None
-        self._listening: List[Deferred] = []
 
     def listening(self) -> Deferred:
         """Deferred[IListeningPort] once the web port listens (tests use port 0)."""
-        d: Deferred = Deferred()
-        if getattr(self.web, "_waitingForPort", None) is not None:
-            self._notify_listening(d)
-        else:
-            self._listening.append(d)
-        return d
-
-    def _notify_listening(self, d: Deferred) -> None:
-        def fire(port: Any) -> Any:
-            d.callback(port)
-            return port
-
-        self.web._waitingForPort.addCallback(fire)  # type: ignore[attr-defined,union-attr]
+        return self.web.listening()
 
     def startService(self) -> None:
         # Storage opens before anything can accept or claim work.
@@ -198,15 +186,16 @@ class HookahService(MultiService):
         self._opened.addCallback(lambda _: self._start_children())
         self._opened.addErrback(self._failed_to_start)
 
-    def _start_children(self) -> None:
+    def _start_children(self) -> Deferred:
         self.dispatcher.setServiceParent(self)
         self.websub.setServiceParent(self)
         self.publisher.setServiceParent(self)
         self.retention.setServiceParent(self)
         self.web.setServiceParent(self)
-        waiting, self._listening = self._listening, []
-        for d in waiting:
-            self._notify_listening(d)
+        # A port that cannot be bound fails the start like storage does.
+        return self.web.listening().addCallback(self._listening_now)
+
+    def _listening_now(self, port: Any) -> None:
         log.info("hookah listening on {listen}, storage {storage}", listen=self.config.listen, storage=self.config.storage)
 
     def _failed_to_start(self, failure: Any) -> None:

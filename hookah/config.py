@@ -132,14 +132,21 @@ def _schedule(name: str, value: Any) -> Tuple[float, ...]:
     return tuple(_non_negative_number(name, step) for step in steps)
 
 
+class _NoReactor:
+    """
+    What an endpoint is built with while its string is only checked: the
+    endpoint constructors keep their reactor for ``listen``, which is never
+    called here (the service builds its own endpoint on the real reactor).
+    """
+
+
 def _endpoint(name: str, value: Any) -> str:
-    """A server endpoint string, checked by parsing it (nothing listens yet)."""
+    """A server endpoint string, checked by building its endpoint (nothing listens yet)."""
     from twisted.internet.endpoints import serverFromString
-    from twisted.internet.testing import MemoryReactor
 
     text = str(value)
     try:
-        serverFromString(MemoryReactor(), text)
+        serverFromString(_NoReactor(), text)
     except Exception as e:
         raise ConfigError(f"--{name} is not a valid endpoint such as tcp:8080:interface=127.0.0.1: {text!r} ({e})")
     return text

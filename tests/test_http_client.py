@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+from typing import Any, Dict, List
+
 from hypothesis import given, strategies as st
 from OpenSSL import SSL
+from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseNeverReceived
 
-from hookah.outbound.agent import describe_failure
-from hookah.urls import wire_url
+from zope.interface import provider
+
+from hookah.outbound.agent import HTTPClient, describe_failure, pooled_agent
+from hookah.urls import AddressPolicy, wire_url
 from tests.support import http_client, listen_sink, start_hookah
 
 
@@ -72,5 +78,33 @@ class SubmissionTests(TestCase):
             self.assertEqual(response.code, 202, await response.text())
             [received] = await sink.wait_for(1)
             self.assertEqual(received.path, "/?x=1")
+
+        return ensureDeferred(go())
+
+
+class PoolTests(TestCase):
+    def test_connections_come_and_go_without_a_log_line(self) -> None:
+        """Twisted logs a factory's start and stop; the pool builds one per connection."""
+
+        async def go() -> None:
+            events: List[Dict[str, Any]] = []
+
+            @provider(ILogObserver)
+            def observe(event: Dict[str, Any]) -> None:
+                events.append(event)
+
+            sink, base = listen_sink(self)
+            agent, pool = pooled_agent(reactor, 4, AddressPolicy(True, ()))
+            client = HTTPClient(agent, reactor)
+            globalLogPublisher.addObserver(observe)
+            try:
+                for _ in range(2):
+                    response = await client.request("POST", base + "/hook", body=b"{}")
+                    self.assertEqual(response.code, 200)
+                await pool.closeCachedConnections()
+            finally:
+                globalLogPublisher.removeObserver(observe)
+            self.assertEqual(len(sink.received), 2)
+            self.assertEqual([e for e in events if "factory" in str(e.get("log_format", "")).lower()], [])
 
         return ensureDeferred(go())

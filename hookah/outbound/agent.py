@@ -229,12 +229,6 @@ class HTTPClient:
         return read_body(response, self._max_body).addCallback(build)
 
 
-class _QuietFactory(webclient._HTTP11ClientFactory):
-    """The pool's connection factory, without a log line per connection."""
-
-    noisy = False
-
-
 def pooled_agent(
     reactor: Any, pool_size: int, policy: Any, connect_timeout: float = 10.0, resolve: Any = None
 ) -> Tuple[Any, webclient.HTTPConnectionPool]:
@@ -248,7 +242,6 @@ def pooled_agent(
     from hookah.outbound.ssrf import GuardedEndpointFactory
 
     pool = webclient.HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietFactory
     pool.maxPersistentPerHost = pool_size
     pool.cachedConnectionTimeout = 120
     endpoints = GuardedEndpointFactory(reactor, policy, resolve=resolve, connect_timeout=connect_timeout)

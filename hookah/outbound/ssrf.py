@@ -68,6 +68,9 @@ class GuardedEndpoint:
         self._connect_timeout = connect_timeout
 
     def connect(self, factory: Any) -> Deferred:
+        # The pool builds a factory per connection, which would log its
+        # start and stop: two lines per connection, for nothing.
+        factory.noisy = False
         return ensureDeferred(self._connect(factory))
 
     async def _connect(self, factory: Any) -> Any:

@@ -10,6 +10,7 @@ import json
 from typing import Any, Callable, Coroutine, Dict, List, Optional, Set, Union
 
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -45,8 +46,26 @@ def error_body(request: server.Request, error: ApiError) -> bytes:
     return json_body(request, error.status, {"error": error.error, "message": error.message})
 
 
-def _finish(request: server.Request, body: bytes) -> None:
-    if getattr(request, "_disconnected", False) or request.finished:
+def client_gone(request: server.Request) -> Callable[[], bool]:
+    """
+    A function that says whether the client of ``request`` has gone: the
+    Deferred of ``notifyFinish`` fails once the connection is lost before
+    the response ended. Call it before the reactor turns (a client lost
+    earlier would never be reported).
+    """
+    gone = False
+
+    def lost(_: Failure) -> None:
+        nonlocal gone
+        gone = True
+
+    request.notifyFinish().addErrback(lost)
+    return lambda: gone
+
+
+def finish_unless_gone(request: server.Request, body: bytes, gone: Callable[[], bool]) -> None:
+    """Write ``body`` and end the response, unless it ended or its client left meanwhile."""
+    if gone() or request.finished:
         return
     request.write(body)
     request.finish()
@@ -74,9 +93,10 @@ def render_async(
         return error_body(request, e)
     except Exception:
         return failed(Failure())
+    gone = client_gone(request)
     d = ensureDeferred(result) if not isinstance(result, Deferred) else result
     d.addErrback(failed)
-    d.addCallback(lambda body: _finish(request, body))
+    d.addCallback(lambda body: finish_unless_gone(request, body, gone))
     d.addErrback(lambda f: log.failure("writing a response failed", f))
     return NOT_DONE_YET
 
@@ -225,6 +245,20 @@ class HookahRequest(server.Request):
         super().process()
 
 
+class _Channel(HookahChannel):
+    """A ``HookahChannel`` in its site's ``connections`` from its start to its end."""
+
+    site: HookahSite  # set by Site.buildProtocol, before the connection starts
+
+    def connectionMade(self) -> None:
+        self.site.connections.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.site.connections.discard(self)
+        super().connectionLost(reason)
+
+
 class HookahSite(server.Site):
     """
     A Site that knows its open connections, so that stopping the service
@@ -245,7 +279,7 @@ class HookahSite(server.Site):
     """
 
     access_log = False
-    protocol = HookahChannel  # type: ignore[assignment]
+    protocol = _Channel  # type: ignore[assignment]
     REFUSAL_LOG_INTERVAL = 10.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -306,24 +340,11 @@ class HookahSite(server.Site):
                 return None
             self._refusing += 1
             return Refuser(self.reactor.callLater, self._refuser_gone)
-        protocol = super().buildProtocol(addr)
-        if protocol is None:
-            return None
-        connections = self.connections
-        lost = protocol.connectionLost
-
-        def connectionLost(reason: Any) -> None:
-            connections.discard(protocol)
-            lost(reason)
-
-        protocol.connectionLost = connectionLost
-        connections.add(protocol)
-        return protocol
+        return super().buildProtocol(addr)
 
     def close_connections(self) -> Deferred:
         """Close every open connection; fires once the reactor has seen them go."""
-        for protocol in list(self.connections):
-            channel = getattr(protocol, "_channel", protocol)
+        for channel in list(self.connections):
             if channel.transport is not None:
                 channel.transport.abortConnection()
         return deferLater(self.reactor, 0, lambda: None)

@@ -37,7 +37,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from hookah.websub.publisher import Publisher
 from hookah.web.payload import PayloadError, parse_form, parse_multipart, parse_query
-from hookah.web.common import JsonResource, json_body, query_args, render_async
+from hookah.web.common import JsonResource, client_gone, finish_unless_gone, json_body, query_args, render_async
 from hookah.urls import BadURL, check_submitted
 from hookah.websub.subscriptions import (
     MAX_SECRET_BYTES,
@@ -250,6 +250,7 @@ class HubResource(JsonResource):
         return super().getChild(path, request)
 
     def render_POST(self, request: server.Request) -> Any:
+        gone = client_gone(request)
         d = ensureDeferred(self._handle(request))
 
         def failed(failure: Failure) -> bytes:
@@ -261,14 +262,8 @@ class HubResource(JsonResource):
             log.failure("unhandled error in a hub request", failure)
             return _plain(request, 500, "Hookah failed to handle this request; see its log.")
 
-        def finish(body: bytes) -> None:
-            if request.finished or getattr(request, "_disconnected", False):
-                return
-            request.write(body)
-            request.finish()
-
         d.addErrback(failed)
-        d.addCallback(finish)
+        d.addCallback(lambda body: finish_unless_gone(request, body, gone))
         d.addErrback(lambda f: log.failure("writing a hub response failed", f))
         return NOT_DONE_YET
 
