@@ -178,8 +178,8 @@ class StreamResource(JsonResource):
 
     def _end_at(self, request: server.Request, stream: HTTPStream, until: float) -> None:
         """End the stream at ``until`` with a last message that says why and how to go on."""
-        if getattr(request, "_disconnected", False):
-            return  # gone already: notifyFinish would never fire to cancel the call
+        # Called while the request renders, so its client is still there
+        # and notifyFinish will report its end, cancelling the call.
         call = self.clock.callLater(
             max(0.0, until - self.clock.seconds()),
             stream.close,
