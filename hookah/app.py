@@ -44,6 +44,7 @@ from hookah.web.ops import (
 from hookah.web.hub import HubResource
 from hookah.web.listener import WebPort
 from hookah.web.topics import TopicsResource
+from hookah.websub.access import SubscribeAccess
 from hookah.websub.subscriptions import TopicPolicy, WebSubHub
 
 log = Logger()
@@ -67,6 +68,8 @@ def build_root(
     describe(tokens)
     # Pages of --cors-origins may use these mounts with these methods (None: CORS off).
     policy = CorsPolicy.from_config(config.cors_origins)
+    access = SubscribeAccess.from_config(config)
+    log.info("WebSub subscription: {access}", access=access.describe())
     root.putChild(b"dispatch", cors(guard(DispatchResource(core), tokens, dispatch_policy), policy, [b"GET", b"POST"]))
     root.putChild(b"login", LoginResource(tokens))
     root.putChild(b"logout", LogoutResource())
@@ -77,10 +80,10 @@ def build_root(
     root.putChild(b"stream", cors(stream_mount(streams, core.store, core.clock, config.stream_buffer, tokens), policy, [b"GET"]))
     root.putChild(b"", guard(StatusPage(core, tokens, stream_counts(streams)), tokens, ADMIN, login_or_json))
     root.putChild(b"metrics", guard(MetricsResource(core), tokens, ADMIN))
-    root.putChild(b"hub", cors(guard(HubResource(websub, publisher, admin=True), tokens, hub_policy()), policy, [b"POST"]))
-    root.putChild(b"subscribe", guard(HubResource(websub, publisher), tokens, hub_policy()))
+    root.putChild(b"hub", cors(guard(HubResource(websub, publisher, admin=True, access=access), tokens, hub_policy()), policy, [b"POST"]))
+    root.putChild(b"subscribe", guard(HubResource(websub, publisher, access=access), tokens, hub_policy()))
     root.putChild(
-        b"publish", cors(guard(HubResource(websub, publisher, default_mode="publish"), tokens, hub_policy("publish")), policy, [b"POST"])
+        b"publish", cors(guard(HubResource(websub, publisher, default_mode="publish", access=access), tokens, hub_policy("publish")), policy, [b"POST"])
     )
     return root
 

@@ -49,6 +49,8 @@ class Config:
     retention: float = defaults.RETENTION
     idempotency_window: float = defaults.IDEMPOTENCY_WINDOW
     topic_allow: Tuple[str, ...] = ()
+    subscribe_tokens: Tuple[str, ...] = ()
+    subscribe_open: Tuple[str, ...] = ()
     publisher_tokens: Tuple[str, ...] = ()
     admin_tokens: Tuple[str, ...] = ()
     stream_buffer: int = defaults.STREAM_BUFFER
@@ -266,6 +268,8 @@ SETTINGS: Sequence[Setting] = (
     Setting("retention", "retention", _positive_number, f"seconds finished (delivered or failed) deliveries are kept [default: {_number(defaults.RETENTION)}]"),
     Setting("idempotency-window", "idempotency_window", _positive_number, f"seconds an Idempotency-Key is remembered [default: {_number(defaults.IDEMPOTENCY_WINDOW)}]"),
     Setting("topic-allow", "topic_allow", lambda n, v: _listing(v), "topic URL prefixes the hub accepts (all when empty)"),
+    Setting("subscribe-token", "subscribe_tokens", _secrets, "bearer token(s) WebSub (un)subscription requests must present, space-separated (open when none)"),
+    Setting("subscribe-open", "subscribe_open", lambda n, v: _listing(v), "topic URL prefixes or patterns anyone may subscribe to despite --subscribe-token"),
     Setting("publisher-token", "publisher_tokens", _secrets, "bearer token(s) for /dispatch and publish, space-separated"),
     Setting("admin-token", "admin_tokens", _secrets, "bearer token(s) for the admin endpoints, space-separated"),
     Setting("stream-buffer", "stream_buffer", lambda n, v: _integer(n, v, 1024), f"bytes a slow stream may lag before it is closed [default: {defaults.STREAM_BUFFER}]"),
