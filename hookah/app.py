@@ -41,7 +41,7 @@ from hookah.web.streamtokens import stream_mount
 from hookah.web.ops import (
     HealthResource, LoginResource, LogoutResource, MetricsResource, StatusPage, login_or_json, stream_counts,
 )
-from hookah.web.hub import HubResource
+from hookah.web.hub import HubResource, SubscriptionsResource
 from hookah.web.listener import WebPort
 from hookah.web.topics import TopicsResource
 from hookah.websub.access import SubscribeAccess
@@ -73,14 +73,14 @@ def build_root(
     root.putChild(b"dispatch", cors(guard(DispatchResource(core), tokens, dispatch_policy), policy, [b"GET", b"POST"]))
     root.putChild(b"login", LoginResource(tokens))
     root.putChild(b"logout", LogoutResource())
-    root.putChild(b"healthz", HealthResource(core.store, core.clock, lambda: core.dispatcher.running))
-    root.putChild(b"topics", cors(guard(TopicsResource(core.store), tokens, ADMIN), policy, [b"GET"]))
+    root.putChild(b"healthz", HealthResource(core.ping, core.clock, lambda: core.running))
+    root.putChild(b"topics", cors(guard(TopicsResource(core), tokens, ADMIN), policy, [b"GET"]))
     # Streams replay topic history (count, Last-Event-ID): as admin-only as
     # /topics, or readable with a short-lived token for some topics.
-    root.putChild(b"stream", cors(stream_mount(streams, core.store, core.clock, config.stream_buffer, tokens), policy, [b"GET"]))
+    root.putChild(b"stream", cors(stream_mount(streams, core, core.clock, config.stream_buffer, tokens), policy, [b"GET"]))
     root.putChild(b"", guard(StatusPage(core, tokens, stream_counts(streams)), tokens, ADMIN, login_or_json))
     root.putChild(b"metrics", guard(MetricsResource(core), tokens, ADMIN))
-    root.putChild(b"hub", cors(guard(HubResource(websub, publisher, admin=True, access=access), tokens, hub_policy()), policy, [b"POST"]))
+    root.putChild(b"hub", cors(guard(HubResource(websub, publisher, subscriptions=SubscriptionsResource(core), access=access), tokens, hub_policy()), policy, [b"POST"]))
     root.putChild(b"subscribe", guard(HubResource(websub, publisher, access=access), tokens, hub_policy()))
     root.putChild(
         b"publish", cors(guard(HubResource(websub, publisher, default_mode="publish", access=access), tokens, hub_policy("publish")), policy, [b"POST"])
@@ -111,6 +111,12 @@ class HookahService(MultiService):
         self.client = HTTPClient(agent, reactor)
         self.new_id = IdGenerator(reactor.seconds)
         self.metrics = Metrics()
+        # WebSub: verification and leases; it hears of finished deliveries
+        # (a 410 from a callback ends its subscription).
+        self.websub = WebSubHub(
+            self.store, self.client, reactor, config.lease_bounds, TopicPolicy(config.topic_allow),
+            timeout=config.timeout, metrics=self.metrics, address_policy=self.address_policy,
+        )
         self.dispatcher = Dispatcher(
             self.store,
             self.client,
@@ -130,7 +136,12 @@ class HookahService(MultiService):
                 # waiting; the rest stay free for every other host.
                 max_waiting=max(config.host_concurrency, config.concurrency // 4),
             ),
+            outcome_listeners=[self.websub],
         )
+        # Live streams: fed with every stored event, ended cleanly on stop.
+        self.streams = TopicRegistry(reactor, config.keepalive)
+        # An event becomes one delivery per WebSub subscriber.
+        self.distributor = Distributor(self.store, self.new_id, config.public_url)
         self.core = HookahCore(
             self.store,
             self.dispatcher,
@@ -141,24 +152,16 @@ class HookahService(MultiService):
             history_age=config.history_age,
             metrics=self.metrics,
             address_policy=self.address_policy,
+            distribution=self.distributor,
+            event_listeners=[self.streams],
         )
-        # WebSub: verification and leases, event -> deliveries, publish pings.
-        self.websub = WebSubHub(
-            self.store, self.client, reactor, config.lease_bounds, TopicPolicy(config.topic_allow),
-            timeout=config.timeout, metrics=self.metrics, address_policy=self.address_policy,
-        )
-        self.distributor = Distributor(self.store, self.new_id, config.public_url)
-        self.core.distribution = self.distributor
-        self.dispatcher.on_final.append(self.websub.delivery_finished)
+        # Publish pings: topic fetches that become events.
         self.publisher = Publisher(self.core, self.client, reactor, timeout=config.timeout)
         # Retention: finished deliveries, old events and idempotency keys
         # past their window are deleted in batches.
         self.retention = RetentionService(
             self.store, reactor, config.retention, config.history_age, config.idempotency_window
         )
-        # Live streams: fed with every stored event, ended cleanly on stop.
-        self.streams = TopicRegistry(reactor, config.keepalive)
-        self.core.event_listeners.append(self.streams.publish)
         self.metrics.gauge("hookah_open_streams", "Open /stream responses", lambda: [((), float(len(self.streams)))])
         self.site = make_site(
             build_root(self.core, config, self.websub, self.publisher, streams=self.streams), config.max_body, reactor,

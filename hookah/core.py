@@ -10,7 +10,7 @@ and its start-up order is ``hookah.app``'s work (``HookahService``).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Protocol, Sequence
 
 from urllib.parse import quote
 
@@ -24,9 +24,33 @@ from hookah.delivery.dispatcher import Dispatcher
 from hookah.metrics import Metrics
 from hookah.urls import AddressPolicy
 from hookah.storage.interface import IStore
-from hookah.model import SCHEDULED, Delivery, Event, Headers
+from hookah.listeners import IEventListener
+from hookah.model import SCHEDULED, Delivery, DeliveryStatus, Event, Headers
 
 log = Logger()
+
+
+class EventHistory(Protocol):
+    """
+    The reads of a topic's history that a stream's replay makes.
+    ``HookahCore`` answers them in the server; every ``IStore`` has them
+    too, so a stream's tests may hand it a store.
+    """
+
+    def events_page(self, topics: Sequence[str], after: Optional[str], limit: int, max_bytes: int) -> Deferred: ...
+
+    def replay_cursor(self, topics: Sequence[str], count: int) -> Deferred: ...
+
+
+class DeliveryPages(Protocol):
+    """Pages of deliveries by id (``HookahCore``, or any ``IStore``)."""
+
+    def list_deliveries(self, status: Optional[DeliveryStatus], limit: int, after: Optional[str]) -> Deferred: ...
+
+
+# Turns an event into its deliveries, one per subscriber whose lease runs
+# at the given time (``hookah.websub.distributor.Distributor``).
+Distribution = Callable[[Event, float], "Deferred[List[Delivery]]"]
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -63,6 +87,14 @@ class Accepted:
 
 
 class HookahCore:
+    """
+    What the web layer talks to: it accepts dispatches and events, decides
+    what is stored for them (a delivery, an event with one notification per
+    subscriber, an idempotency key) and writes it, hands the dispatcher what
+    is due, tells its ``IEventListener``s of each stored event, and answers
+    the web layer's reads, so that no resource touches storage itself.
+    """
+
     def __init__(
         self,
         store: IStore,
@@ -74,6 +106,8 @@ class HookahCore:
         history_age: float = defaults.HISTORY_AGE,
         metrics: Optional[Metrics] = None,
         address_policy: Optional[AddressPolicy] = None,
+        distribution: Optional[Distribution] = None,
+        event_listeners: Sequence[IEventListener] = (),
     ) -> None:
         self.store = store
         self.address_policy = address_policy or AddressPolicy(allow_private=True)
@@ -89,10 +123,10 @@ class HookahCore:
         # Requests whose idempotency key is being stored right now: a
         # concurrent repeat waits for the first instead of queueing twice.
         self._pending_keys: Dict[str, List[Deferred]] = {}
-        # Called with each stored event: live streams, other nodes.
-        self.event_listeners: List[Callable[[Event], None]] = []
+        # Told of each stored event: live streams, other nodes.
+        self.event_listeners = tuple(event_listeners)
         # Turns an event and a topic's subscriptions into deliveries (WebSub).
-        self.distribution: Optional[Callable[[Event, float], Deferred]] = None
+        self.distribution = distribution
 
     def refusal(self, request: DispatchRequest) -> Optional[str]:
         """Why a target of ``request`` is refused at submission (an IP literal or loopback name the SSRF guard forbids)."""
@@ -157,7 +191,8 @@ class HookahCore:
             idempotency_key=request.idempotency_key,
         )
         accepted = Accepted(delivery.id, f"/dispatch/{delivery.id}")
-        return self.dispatcher.submit([delivery]).addCallback(lambda _: accepted)
+        intake = self.dispatcher.intake([delivery])
+        return intake.when_stored(self.store.add_deliveries(intake.deliveries)).addCallback(lambda _: accepted)
 
     async def _publish(self, request: DispatchRequest, now: float) -> Accepted:
         event = Event(
@@ -193,24 +228,66 @@ class HookahCore:
                 for d in deliveries
             ]
         keep_after = event.created_at - self.history_age
-
-        def write(ds: List[Delivery]) -> Deferred:
-            return self.store.add_event(event, ds, self.history_count, keep_after)
-
-        await self.dispatcher.submit(deliveries, write=write)
+        intake = self.dispatcher.intake(deliveries)
+        await intake.when_stored(self.store.add_event(event, intake.deliveries, self.history_count, keep_after))
         self.metrics.events.inc()
-        for listener in list(self.event_listeners):
+        for listener in self.event_listeners:
             try:
-                listener(event)
+                listener.publish(event)
             except Exception:
                 log.failure("event listener failed for {id}", id=event.id)
         return deliveries
 
     async def retry(self, delivery_id: str) -> Optional[Delivery]:
+        """Make a finished delivery due now with a fresh retry budget; ``None`` when there is no finished one."""
         delivery = await self.store.requeue(delivery_id, self.clock.seconds())
         if delivery is not None:
-            self.dispatcher._wake()
+            self.dispatcher.deliveries_due()
         return delivery
+
+    # -- what the web layer reads ------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Delivery attempts in flight on this node."""
+        return self.dispatcher.in_flight
+
+    @property
+    def running(self) -> bool:
+        """Whether deliveries are being claimed and sent (not starting or stopping)."""
+        return bool(self.dispatcher.running)
+
+    def ping(self) -> Deferred:
+        """Deferred[None] once storage answered a round trip (health checks)."""
+        return self.store.ping()
+
+    def get_delivery(self, delivery_id: str) -> Deferred:
+        """Deferred[Optional[Delivery]], attempts included."""
+        return self.store.get_delivery(delivery_id)
+
+    def list_deliveries(self, status: Optional[DeliveryStatus], limit: int, after: Optional[str]) -> Deferred:
+        """Deferred[List[Delivery]]: a page by id, after ``after``, of ``status`` when given."""
+        return self.store.list_deliveries(status, limit, after)
+
+    def count_deliveries(self) -> Deferred:
+        """Deferred[Dict[str, int]]: deliveries per status."""
+        return self.store.count_deliveries()
+
+    def list_topics(self) -> Deferred:
+        """Deferred[List[(topic, events, subscribers)]]."""
+        return self.store.list_topics()
+
+    def events_page(self, topics: Sequence[str], after: Optional[str], limit: int, max_bytes: int) -> Deferred:
+        """Deferred[List[Event]]: history of ``topics`` after the event ``after``, oldest first, bounded in count and bytes."""
+        return self.store.events_page(topics, after, limit, max_bytes)
+
+    def replay_cursor(self, topics: Sequence[str], count: int) -> Deferred:
+        """Deferred[Optional[str]]: where a replay of the newest ``count`` events of ``topics`` starts."""
+        return self.store.replay_cursor(topics, count)
+
+    def list_subscriptions(self, topic: Optional[str]) -> Deferred:
+        """Deferred[List[Subscription]]: all, or those of ``topic``."""
+        return self.store.list_subscriptions(topic)
 
 
 def _location(request: DispatchRequest, id_: str) -> str:

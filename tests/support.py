@@ -257,3 +257,14 @@ class FakeClient:
     def fail_outstanding(self) -> None:
         for sent in self.outstanding():
             sent.fail(neterror.ConnectionLost("test over"))
+
+
+def submit(dispatcher: Any, deliveries: Sequence[Any]) -> Deferred:
+    """
+    Store new deliveries and hand them to ``dispatcher`` the way
+    ``HookahCore`` does for a dispatch: the dispatcher's intake claims those
+    due now, the store writes them, and the claimed ones start once written.
+    Deferred[List[Delivery]] as stored.
+    """
+    intake = dispatcher.intake(list(deliveries))
+    return intake.when_stored(dispatcher.store.add_deliveries(intake.deliveries))

@@ -48,7 +48,7 @@ from hookah.delivery.signing import Signer
 from hookah.storage.interface import IStore
 from hookah.storage.memory import MemoryStore
 from tests.storeflavours import LaterFlavour, LaterStore, MemoryFlavour, SQLiteFlavour, run_on
-from tests.support import Answer, FakeClient, Sent
+from tests.support import Answer, FakeClient, Sent, submit
 
 T0 = 1_700_000_000.0
 SCHEDULE = (10.0, 20.0, 40.0)
@@ -154,7 +154,7 @@ class DispatcherTestCase(MemoryFlavour, TestCase):
         return Delivery(id=id, url=url, body=kwargs.pop("body", b'{"n": 1}'), **kwargs)
 
     def submit(self, dispatcher: Dispatcher, *deliveries: Delivery) -> None:
-        self.successResultOf(dispatcher.submit(list(deliveries)))
+        self.successResultOf(submit(dispatcher, deliveries))
 
     def get(self, dispatcher: Dispatcher, delivery_id: str) -> Delivery:
         delivery = self.successResultOf(dispatcher.store.get_delivery(delivery_id))

@@ -18,7 +18,7 @@ from hookah.ids import IdGenerator
 from hookah.model import Delivery
 from hookah.storage.memory import MemoryStore
 from tests.storeflavours import LaterFlavour, MemoryFlavour, run_on
-from tests.support import FakeClient
+from tests.support import FakeClient, submit
 
 T0 = 1_700_000_000.0
 
@@ -155,7 +155,7 @@ class BusyHostTests(MemoryFlavour, TestCase):
             Delivery(id=f"E{n:04d}", url=f"http://one.example/cb/{n}", body=b"x", created_at=T0, next_attempt_at=T0)
             for n in range(200)
         ]
-        self.successResultOf(dispatcher.submit(burst))
+        self.successResultOf(submit(dispatcher, burst))
         self.assertEqual(store.rescheduled, 0)
         clock.pump([0.001] * 1000)  # one second
         self.assertEqual(len({s.url for s in client.sent}), 200)
@@ -184,7 +184,7 @@ class BusyHostTests(MemoryFlavour, TestCase):
             Delivery(id=f"F{n:04d}", url=f"http://new.example/cb/{n}", body=b"x", created_at=T0, next_attempt_at=T0)
             for n in range(200)
         ]
-        self.successResultOf(dispatcher.submit(burst))
+        self.successResultOf(submit(dispatcher, burst))
         clock.pump([0.001] * 1000)
         self.assertEqual(len({s.url for s in client.sent}), 200)
         self.assertLessEqual(max(s.at for s in client.sent) - T0, 0.1)

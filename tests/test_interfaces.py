@@ -12,8 +12,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent
 from zope.interface.verify import verifyClass, verifyObject
 
+from hookah.delivery.dispatcher import Dispatcher
+from hookah.listeners import IDeliveryOutcomeListener, IDueDeliveryListener, IEventListener
 from hookah.outbound.agent import HTTPClient
 from hookah.outbound.interface import IHTTPClient
+from hookah.storage.memory import MemoryStore
+from hookah.streams.registry import TopicRegistry
+from hookah.websub.subscriptions import WebSubHub
 from tests.support import FakeClient
 from tests.websubsupport import ScriptedClient
 
@@ -27,3 +32,15 @@ class HTTPClientInterfaceTests(SynchronousTestCase):
     def test_the_test_doubles(self) -> None:
         self.assertTrue(verifyObject(IHTTPClient, FakeClient(Clock())))
         self.assertTrue(verifyObject(IHTTPClient, ScriptedClient()))
+
+
+class ListenerInterfaceTests(SynchronousTestCase):
+    """The parts that hear of each other's events provide the interfaces they are wired by."""
+
+    def test_providers(self) -> None:
+        clock = Clock()
+        store = MemoryStore(clock)
+        client = FakeClient(clock)
+        self.assertTrue(verifyObject(IEventListener, TopicRegistry(clock, 30.0)))
+        self.assertTrue(verifyObject(IDeliveryOutcomeListener, WebSubHub(store, client, clock)))
+        self.assertTrue(verifyObject(IDueDeliveryListener, Dispatcher(store, client, clock, lambda: "D", (5,))))

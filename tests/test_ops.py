@@ -60,7 +60,7 @@ class Health(TestCase):
         never: Deferred = Deferred()
         store = attr.make_class("Store", [])()
         store.ping = lambda: never  # type: ignore[attr-defined]
-        resource = HealthResource(store, clock, timeout=5.0)
+        resource = HealthResource(store.ping, clock, timeout=5.0)
         request: Any = DummyRequest([b""])
         self.assertEqual(resource.render_GET(request), NOT_DONE_YET)
         self.assertFalse(request.finished)
@@ -69,7 +69,7 @@ class Health(TestCase):
         self.assertEqual(json.loads(b"".join(request.written))["error"], "storage_unavailable")
 
     def test_stopped_service_is_unhealthy(self) -> None:
-        resource = HealthResource(MemoryStore(Clock()), Clock(), running=lambda: False)
+        resource = HealthResource(MemoryStore(Clock()).ping, Clock(), running=lambda: False)
         request: Any = DummyRequest([b""])
         resource.render_GET(request)
         self.assertEqual(request.responseCode, 503)

@@ -25,7 +25,7 @@ from hookah.model import DELIVERED, FAILED, Delivery
 from hookah.outbound.ssrf import GuardedEndpointFactory
 from hookah.storage.memory import MemoryStore
 from hookah.urls import AddressPolicy, TargetRefused
-from tests.support import FakeResolver, http_client, listen_sink, start_hookah
+from tests.support import FakeResolver, http_client, listen_sink, start_hookah, submit
 
 # (address, the word the refusal must contain); None: a public address, allowed.
 ADDRESSES: List[Tuple[str, object]] = [
@@ -186,7 +186,7 @@ class ResolvedToPrivateTests(TestCase):
             id="D1", url="http://rebind.example.test/hook", body=b"{}", created_at=clock.seconds(),
             errback="http://8.8.8.8/errback",
         )
-        self.successResultOf(dispatcher.submit([delivery]))
+        self.successResultOf(submit(dispatcher, [delivery]))
         stored = self.successResultOf(store.get_delivery("D1"))
         self.assertEqual(stored.status, FAILED)
         self.assertEqual(len(stored.attempts), 1)
@@ -215,7 +215,7 @@ class ResolvedToPrivateTests(TestCase):
             dispatcher.startService()
             self.addCleanup(dispatcher.stopService)
             url = f"http://hooks.example.test:{port}/hook?x=1"
-            await dispatcher.submit([Delivery(id="OK1", url=url, body=b'{"a":1}', content_type="application/json")])
+            await submit(dispatcher, [Delivery(id="OK1", url=url, body=b'{"a":1}', content_type="application/json")])
             received = await sink.wait_for(1)
             self.assertEqual(received[0].path, "/hook?x=1")
             self.assertEqual(received[0].body, b'{"a":1}')

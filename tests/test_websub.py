@@ -50,6 +50,7 @@ from hookah.websub.subscriptions import (
     verification_url,
 )
 from tests.storeflavours import LaterFlavour, MemoryFlavour, SQLiteFlavour, run_on
+from tests.support import submit
 from tests.websubsupport import ScriptedClient, parse_links
 
 T0 = 1_000_000.0
@@ -507,15 +508,14 @@ class DispatcherGoneTests(MemoryFlavour, SynchronousTestCase):
         client = ScriptedClient()
         new_id = IdGenerator(clock.seconds)
         hub = WebSubHub(store, client, clock, BOUNDS)
-        dispatcher = Dispatcher(store, client, clock, new_id, (10,))
-        dispatcher.on_final.append(hub.delivery_finished)
+        dispatcher = Dispatcher(store, client, clock, new_id, (10,), outcome_listeners=[hub])
         dispatcher.startService()
         self.addCleanup(dispatcher.stopService)
         self.successResultOf(store.put_subscription(Subscription(TOPIC, CALLBACK, None, 60, T0, T0 + 600)))
         clock.advance(1)
         distributor = Distributor(store, new_id, "https://hub.example")
         deliveries = self.successResultOf(distributor(Event("E1", TOPIC, b"x"), clock.seconds()))
-        self.successResultOf(dispatcher.submit(deliveries))
+        self.successResultOf(submit(dispatcher, deliveries))
         clock.advance(0)
         post = client.pop()
         self.assertEqual((post.method, post.url), ("POST", CALLBACK))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import random
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attr
 from twisted.application.service import Service
@@ -22,8 +22,10 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succee
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from hookah import defaults
+from hookah.listeners import IDeliveryOutcomeListener, IDueDeliveryListener
 from hookah.outbound.agent import Response, describe_failure
 from hookah.outbound.interface import IHTTPClient
 from hookah.metrics import Metrics, result_class
@@ -49,15 +51,54 @@ from hookah.storage.interface import IStore
 log = Logger()
 
 
-def _call_hook(_: object, hook: Callable[[Delivery], Any], delivery: Delivery) -> Any:
-    return hook(delivery)
+def _tell(_: object, listener: IDeliveryOutcomeListener, delivery: Delivery) -> Any:
+    return listener.delivery_finished(delivery)
 
 
+@attr.s(auto_attribs=True, frozen=True, eq=False)
+class Intake:
+    """
+    New deliveries as the dispatcher wants them stored (``Dispatcher.intake``),
+    and what it does once the caller's write of them is done.
+
+    ``deliveries`` holds the given ones in order, those due now claimed by
+    this dispatcher (``delivering``, with a lease) and those of a busy host
+    pushed back. The caller stores exactly these, in its own transaction
+    (an event with its notifications, an attempt's outcome with its
+    report), and hands that write's Deferred to ``when_stored``.
+    """
+
+    deliveries: List[Delivery]
+    _dispatcher: Dispatcher
+    _claimed: List[Tuple[Delivery, Deferred]]
+
+    def when_stored(self, write: Deferred) -> Deferred:
+        """
+        Once ``write`` succeeds, send the claimed deliveries at once (no
+        round trip through the due-queue); if it fails, free their slots
+        and pass the failure on. Deferred[List[Delivery]]: ``deliveries``.
+        """
+        return write.addCallbacks(self._stored, self._not_stored)
+
+    def _stored(self, _: object) -> List[Delivery]:
+        self._dispatcher._stored(self._claimed, len(self.deliveries))
+        return self.deliveries
+
+    def _not_stored(self, failure: Failure) -> Failure:
+        self._dispatcher._not_stored(self._claimed)
+        return failure
+
+
+@implementer(IDueDeliveryListener)
 class Dispatcher(Service):
     """
-    Delivers what storage holds. ``submit`` is the fast path for deliveries
-    due now: they are stored already claimed and sent as soon as the write
-    commits, with no round trip through the due-queue.
+    Delivers what storage holds. ``intake`` is the fast path for deliveries
+    due now: their creator stores them already claimed, and they are sent
+    as soon as the write commits, with no round trip through the due-queue.
+
+    The dispatcher writes only its own work (claims, attempts, outcomes and
+    the reports they promise); what new deliveries are stored, and with what
+    (an event, an idempotency key), is its callers' decision.
     """
 
     name = "dispatcher"
@@ -76,6 +117,7 @@ class Dispatcher(Service):
         rand: Callable[[], float] = random.random,
         metrics: Optional[Metrics] = None,
         hosts: Optional[HostGate] = None,
+        outcome_listeners: Sequence[IDeliveryOutcomeListener] = (),
     ) -> None:
         self.store = store
         self.client = client
@@ -89,9 +131,9 @@ class Dispatcher(Service):
         self.hosts = hosts if hosts is not None else HostGate(clock)
         self.rand = rand
         self.metrics = metrics or Metrics()
-        # Called with each delivery that reached a final state, its attempts
-        # included (WebSub ends a subscription on 410); must not raise.
-        self.on_final: List[Callable[[Delivery], Any]] = []
+        # Told of each delivery that reached a final state, its attempts
+        # included (WebSub ends a subscription on 410).
+        self.outcome_listeners = tuple(outcome_listeners)
         self._in_flight: Dict[str, Deferred] = {}
         self._counters: Dict[Any, Any] = {}
         self._timer: Optional[IDelayedCall] = None
@@ -133,11 +175,12 @@ class Dispatcher(Service):
 
     # -- intake ----------------------------------------------------------------
 
-    def submit(self, deliveries: Sequence[Delivery], write: Optional[Callable[[List[Delivery]], Deferred]] = None) -> Deferred:
+    def intake(self, deliveries: Sequence[Delivery]) -> Intake:
         """
-        Store ``deliveries`` (with ``write``, e.g. an event's atomic insert;
-        ``store.add_deliveries`` by default) and start those due now, within
-        the concurrency limit. Deferred[List[Delivery]] fired once durable.
+        Take new ``deliveries`` about to be stored: claim those due now
+        (within the concurrency limit and their host's room) and push back
+        those of a busy host. The caller stores ``Intake.deliveries`` and
+        passes its write to ``Intake.when_stored``.
         """
         now = self.clock.seconds()
         room = self.concurrency - len(self._in_flight) if self.running else 0
@@ -160,22 +203,21 @@ class Dispatcher(Service):
                     delivery = attr.evolve(delivery, next_attempt_at=self._deferral(host))
                     host_room[host] = 0
             stored.append(delivery)
-        reserved = [self._reserve(d.id) for d in start_now]
-        d = (write or self.store.add_deliveries)(stored)
+        return Intake(stored, self, [(d, self._reserve(d.id)) for d in start_now])
 
-        def committed(_: object) -> List[Delivery]:
-            for delivery, slot in zip(start_now, reserved):
-                self._dispatch(delivery, slot)
-            if len(start_now) < len(stored):
-                self._wake()
-            return stored
+    def _stored(self, claimed: List[Tuple[Delivery, Deferred]], count: int) -> None:
+        for delivery, slot in claimed:
+            self._dispatch(delivery, slot)
+        if len(claimed) < count:
+            self._wake()
 
-        def rejected(failure: Failure) -> Failure:
-            for delivery, slot in zip(start_now, reserved):
-                self._release(delivery.id, slot)
-            return failure
+    def _not_stored(self, claimed: List[Tuple[Delivery, Deferred]]) -> None:
+        for delivery, slot in claimed:
+            self._release(delivery.id, slot)
 
-        return d.addCallbacks(committed, rejected)
+    def deliveries_due(self) -> None:
+        """``IDueDeliveryListener``: a delivery became due outside the claim loop."""
+        self._wake()
 
     def _reserve(self, delivery_id: str) -> Deferred:
         slot: Deferred = Deferred()
@@ -392,16 +434,16 @@ class Dispatcher(Service):
             # The report is stored with the outcome, in one transaction: a
             # kill cannot leave a failed delivery whose errback was never
             # queued. It is sent at once, like any new delivery.
-            def record(reports: List[Delivery]) -> Deferred:
-                return self.store.finish_attempt(
-                    delivery.id, attempt, decision.status, decision.next_attempt_at, reports
+            intake = self.intake(follow_ups)
+            d: Deferred = intake.when_stored(
+                self.store.finish_attempt(
+                    delivery.id, attempt, decision.status, decision.next_attempt_at, intake.deliveries
                 )
-
-            d: Deferred = self.submit(follow_ups, write=record)
+            )
         else:
             d = self.store.finish_attempt(delivery.id, attempt, decision.status, decision.next_attempt_at)
-        for hook in self.on_final if decision.final else ():
-            d.addCallback(_call_hook, hook, finished)
+        for listener in self.outcome_listeners if decision.final else ():
+            d.addCallback(_tell, listener, finished)
         return d
 
     def _counter(self, metric: Any, label: str) -> Any:

@@ -23,8 +23,9 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
 
+from hookah.listeners import IEventListener
 from hookah.model import Event
 from hookah.streams.format import FrameCache
 
@@ -57,6 +58,7 @@ class ILiveStream(Interface):
         """
 
 
+@implementer(IEventListener)
 class TopicRegistry:
     def __init__(self, clock: IReactorTime, keepalive: float) -> None:
         self.clock = clock
@@ -118,8 +120,8 @@ class TopicRegistry:
 
     def publish(self, event: Event) -> None:
         """
-        Hand ``event`` to the streams on its topic; a ``HookahCore`` event
-        listener, called after the event is stored.
+        Hand ``event`` to the streams on its topic (``IEventListener``: the
+        core calls it after the event is stored).
         """
         if self.last_announced is None or event.id > self.last_announced:
             self.last_announced = event.id

@@ -256,7 +256,7 @@ class DispatchResource(JsonResource):
                 raise ApiError(400, "bad_parameter", f"status must be one of {', '.join(STATUSES)}.")
             limit = int_arg(args, "limit", 50, 1, 1000)
             after = args.get("after") or None
-            page = await self.core.store.list_deliveries(status, limit, after)
+            page = await self.core.list_deliveries(status, limit, after)
             return json_body(
                 request,
                 200,
@@ -286,7 +286,7 @@ class DeliveryResource(JsonResource):
 
     def render_GET(self, request: server.Request) -> object:
         async def handle() -> bytes:
-            delivery = await self.core.store.get_delivery(self.delivery_id)
+            delivery = await self.core.get_delivery(self.delivery_id)
             if delivery is None:
                 raise ApiError(404, "not_found", f"There is no delivery {self.delivery_id}.")
             return json_body(request, 200, delivery.to_json())
@@ -311,7 +311,7 @@ class RetryResource(JsonResource):
 
     def render_POST(self, request: server.Request) -> object:
         async def handle() -> bytes:
-            delivery = await self.core.store.get_delivery(self.delivery_id)
+            delivery = await self.core.get_delivery(self.delivery_id)
             if delivery is None:
                 raise ApiError(404, "not_found", f"There is no delivery {self.delivery_id}.")
             requeued = await self.core.retry(self.delivery_id)

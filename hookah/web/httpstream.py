@@ -52,8 +52,8 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from hookah.core import EventHistory
 from hookah.model import Event
-from hookah.storage.interface import IStore
 from hookah.streams.format import FrameCache, StreamFormat, chunk
 from hookah.streams.registry import ILiveStream, TopicRegistry
 from hookah.web.fastwrite import fast_path
@@ -163,7 +163,7 @@ class HTTPStream:
         if self.format.preamble:
             self._write(self._framed(self.format.preamble))
 
-    async def replay(self, store: IStore, after: Optional[str], count: int) -> None:
+    async def replay(self, history: EventHistory, after: Optional[str], count: int) -> None:
         """
         Join the live feed, then write history: events after ``after`` when
         given (all that storage still holds), else the last ``count``, a
@@ -183,7 +183,7 @@ class HTTPStream:
         try:
             remaining: Optional[int] = None
             if after is None:
-                after = await store.replay_cursor(self.topics, count)
+                after = await history.replay_cursor(self.topics, count)
                 remaining = count
             while not self._closing and (remaining is None or remaining > 0):
                 await self._drained()
@@ -191,7 +191,7 @@ class HTTPStream:
                     break
                 limit = HISTORY_PAGE if remaining is None else min(HISTORY_PAGE, remaining)
                 budget = max(1, self.limit // 4)
-                page = await store.events_page(self.topics, after, limit, budget)
+                page = await history.events_page(self.topics, after, limit, budget)
                 if not page:
                     break
                 after = page[-1].id

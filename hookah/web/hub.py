@@ -35,6 +35,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from hookah.core import HookahCore
 from hookah.websub.publisher import Publisher
 from hookah.web.payload import PayloadError, parse_form, parse_multipart, parse_query
 from hookah.web.auth import bearer_token
@@ -237,7 +238,7 @@ class HubResource(JsonResource):
         hub: WebSubHub,
         publisher: Publisher,
         default_mode: Optional[str] = None,
-        admin: bool = False,
+        subscriptions: Optional[Resource] = None,
         access: Optional[SubscribeAccess] = None,
     ) -> None:
         super().__init__()
@@ -245,8 +246,8 @@ class HubResource(JsonResource):
         self.publisher = publisher
         self.default_mode = default_mode
         self.access = access or SubscribeAccess()
-        if admin:
-            self.putChild(b"subscriptions", SubscriptionsResource(hub))
+        if subscriptions is not None:
+            self.putChild(b"subscriptions", subscriptions)
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:
         if path == b"":
@@ -317,15 +318,15 @@ class HubResource(JsonResource):
 class SubscriptionsResource(JsonResource):
     """``GET /hub/subscriptions?topic=T``: subscriptions, all or of one topic."""
 
-    def __init__(self, hub: WebSubHub) -> None:
+    def __init__(self, core: HookahCore) -> None:
         super().__init__()
-        self.hub = hub
+        self.core = core
 
     def render_GET(self, request: server.Request) -> Any:
         async def handle() -> bytes:
             topic = query_args(request).get("topic") or None
-            now = self.hub.clock.seconds()
-            subscriptions = await self.hub.store.list_subscriptions(topic)
+            now = self.core.clock.seconds()
+            subscriptions = await self.core.list_subscriptions(topic)
             listing: List[Dict[str, Any]] = [
                 dict(s.to_json(), active=s.expires_at > now)
                 for s in sorted(subscriptions, key=lambda s: (s.topic, s.callback))

@@ -22,7 +22,6 @@ from twisted.web import server
 
 from hookah import __version__
 from hookah.core import HookahCore
-from hookah.storage.interface import IStore
 from hookah.web.auth import COOKIE_MAX_AGE, COOKIE_NAME, Tokens, session_value
 from hookah.metrics import Metrics
 from hookah.model import DELIVERING, FAILED, SCHEDULED, STATUSES
@@ -75,23 +74,22 @@ class StatusPage(JsonResource):
     def __init__(self, core: HookahCore, tokens: Optional[Tokens] = None, stream_counts: StreamCounts = no_streams) -> None:
         super().__init__()
         self.core = core
-        self.store = core.store
         self.clock: IReactorTime = core.clock
         self.tokens = tokens or Tokens()
         self.stream_counts = stream_counts
 
     async def snapshot(self) -> Snapshot:
         now = self.clock.seconds()
-        counts = await self.store.count_deliveries()
-        listed = await self.store.list_topics()
+        counts = await self.core.count_deliveries()
+        listed = await self.core.list_topics()
         streams = self.stream_counts()
         topics = {name: TopicRow(name, events, subscribers, streams.get(name, 0)) for name, events, subscribers in listed}
         for name, open_streams in streams.items():
             if name not in topics:
                 topics[name] = TopicRow(name, 0, 0, open_streams)
-        failed = await newest_deliveries(self.store, FAILED, FAILED_SHOWN, now)
-        recent = await newest_deliveries(self.store, None, RECENT_SHOWN, now)
-        subscriptions = sorted(await self.store.list_subscriptions(None), key=lambda s: (s.topic, s.callback))
+        failed = await newest_deliveries(self.core, FAILED, FAILED_SHOWN, now)
+        recent = await newest_deliveries(self.core, None, RECENT_SHOWN, now)
+        subscriptions = sorted(await self.core.list_subscriptions(None), key=lambda s: (s.topic, s.callback))
         return Snapshot(
             now=now,
             counts={status: counts.get(status, 0) for status in STATUSES},
@@ -100,7 +98,7 @@ class StatusPage(JsonResource):
             recent=recent,
             subscriptions=subscriptions[:SUBSCRIPTIONS_SHOWN],
             subscription_total=len(subscriptions),
-            in_flight=getattr(self.core.dispatcher, "in_flight", 0),
+            in_flight=self.core.in_flight,
         )
 
     def render_GET(self, request: server.Request) -> object:
@@ -185,20 +183,21 @@ class HealthResource(JsonResource):
     """
     ``GET /healthz``: ``200`` when the service runs and storage answers a
     ping within ``timeout`` seconds, ``503`` otherwise, for load balancers
-    and orchestrators (so it is never behind a token).
+    and orchestrators (so it is never behind a token). ``ping`` is
+    ``HookahCore.ping`` (a store's own ``ping`` in tests).
     """
 
     isLeaf = True
 
     def __init__(
         self,
-        store: IStore,
+        ping: Callable[[], Deferred],
         clock: IReactorTime,
         running: Callable[[], object] = lambda: True,
         timeout: float = 5.0,
     ) -> None:
         super().__init__()
-        self.store = store
+        self.ping = ping
         self.clock = clock
         self.running = running
         self.timeout = timeout
@@ -210,7 +209,7 @@ class HealthResource(JsonResource):
             if not self.running():
                 return self._unavailable(request, "service_stopped", "Hookah is not running (starting or stopping).")
             try:
-                ping: Deferred = self.store.ping()
+                ping: Deferred = self.ping()
                 ping.addTimeout(self.timeout, self.clock)
                 await ping
             except Exception as e:
@@ -244,8 +243,7 @@ class MetricsResource(JsonResource):
     def __init__(self, core: HookahCore) -> None:
         super().__init__()
         self.metrics: Metrics = core.metrics
-        self.store = core.store
-        self.dispatcher = core.dispatcher
+        self.core = core
         self._counts: Dict[str, int] = {}
         self._topics: List[Any] = []
         m = self.metrics
@@ -263,7 +261,7 @@ class MetricsResource(JsonResource):
         m.gauge(
             "hookah_deliveries_in_flight",
             "Delivery attempts in flight on this node",
-            lambda: [((), getattr(self.dispatcher, "in_flight", 0))],
+            lambda: [((), self.core.in_flight)],
         )
         m.gauge("hookah_topics", "Topics with history or subscribers", lambda: [((), len(self._topics))])
         m.gauge(
@@ -274,8 +272,8 @@ class MetricsResource(JsonResource):
 
     def render_GET(self, request: server.Request) -> object:
         async def handle() -> bytes:
-            counts = await self.store.count_deliveries()
-            topics = await self.store.list_topics()
+            counts = await self.core.count_deliveries()
+            topics = await self.core.list_topics()
             # Rendered right after the last read, with no await in between,
             # so concurrent scrapes cannot mix their readings.
             self._counts, self._topics = dict(counts), list(topics)

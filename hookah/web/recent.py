@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from hookah.model import Delivery
-from hookah.storage.interface import IStore
+from hookah.core import DeliveryPages
+from hookah.model import Delivery, DeliveryStatus
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 FIRST_WINDOW = 60.0
@@ -36,7 +36,7 @@ def id_at(seconds: float) -> str:
     return "".join(reversed(chars))
 
 
-async def newest_deliveries(store: IStore, status: Optional[str], count: int, now: float) -> List[Delivery]:
+async def newest_deliveries(store: DeliveryPages, status: Optional[DeliveryStatus], count: int, now: float) -> List[Delivery]:
     """Up to ``count`` deliveries (of ``status`` when given), newest first."""
     if count <= 0:
         return []

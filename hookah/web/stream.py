@@ -27,9 +27,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import server
 
+from hookah.core import EventHistory
 from hookah.websub.subscriptions import decode_unreserved
 from hookah.streams.format import FORMATS, JSON_LINES, LENGTH_DELIMITED, SSE, StreamFormat
-from hookah.storage.interface import IStore
 from hookah.streams.registry import TopicRegistry
 from hookah.web.common import ApiError, JsonResource, error_body, int_arg
 from hookah.web.httpstream import HTTPStream
@@ -143,14 +143,14 @@ class StreamResource(JsonResource):
     def __init__(
         self,
         registry: TopicRegistry,
-        store: IStore,
+        history: EventHistory,
         clock: IReactorTime,
         buffer_limit: int,
         ends_at: Optional[Callable[[server.Request], Optional[float]]] = None,
     ) -> None:
         super().__init__()
         self.registry = registry
-        self.store = store
+        self.history = history
         self.clock = clock
         self.buffer_limit = buffer_limit
         self.ends_at = ends_at
@@ -172,7 +172,7 @@ class StreamResource(JsonResource):
         until = self.ends_at(request) if self.ends_at is not None else None
         if until is not None:
             self._end_at(request, stream, until)
-        d = ensureDeferred(stream.replay(self.store, wanted.last_event_id, wanted.count))
+        d = ensureDeferred(stream.replay(self.history, wanted.last_event_id, wanted.count))
         d.addErrback(lambda f: log.failure("opening a stream failed", f))
         return server.NOT_DONE_YET
 

@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import IResource, Resource
 
-from hookah.storage.interface import IStore
+from hookah.core import EventHistory
 from hookah.streams.registry import TopicRegistry
 from hookah.web.auth import ADMIN, Tokens, guard
 from hookah.web.common import ApiError, JsonResource, NotFound, error_body, int_arg, json_body, render_async
@@ -220,13 +220,13 @@ def _fields(request: server.Request) -> Tuple[List[str], Dict[str, str]]:
     return topics, fields
 
 
-def stream_mount(registry: TopicRegistry, store: IStore, clock: IReactorTime, buffer_limit: int, tokens: Tokens) -> Resource:
+def stream_mount(registry: TopicRegistry, history: EventHistory, clock: IReactorTime, buffer_limit: int, tokens: Tokens) -> Resource:
     """
     The ``/stream`` mount: streams for admin credentials (or for anyone when
     no admin token is configured) or for a stream token, and
     ``/stream/tokens`` to mint those, for admins.
     """
     stream_tokens = StreamTokens.from_admin_tokens(tokens.admin, clock)
-    stream = StreamResource(registry, store, clock, buffer_limit, ends_at=stream_tokens.expiry_of if stream_tokens else None)
+    stream = StreamResource(registry, history, clock, buffer_limit, ends_at=stream_tokens.expiry_of if stream_tokens else None)
     mint = guard(TokenResource(stream_tokens), tokens, ADMIN)
     return StreamAccess(guard(stream, tokens, ADMIN), stream, stream_tokens, mint)

@@ -19,7 +19,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from hookah.websub.subscriptions import decode_unreserved
-from hookah.storage.interface import IStore
+from hookah.core import HookahCore
 from hookah.streams.eventjson import event_to_json
 from hookah.web.backpressure import Backpressure
 from hookah.web.common import (
@@ -41,9 +41,9 @@ HOW_TO = "Use /topics/<percent-encoded topic>/events."
 class TopicsResource(JsonResource):
     """``GET /topics``: each topic with its number of stored events and active subscribers."""
 
-    def __init__(self, store: IStore) -> None:
+    def __init__(self, core: HookahCore) -> None:
         super().__init__()
-        self.store = store
+        self.core = core
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:
         if path == b"" and not request.postpath:
@@ -59,11 +59,11 @@ class TopicsResource(JsonResource):
             topic = decode_unreserved(b"/".join(segments[:-1]).decode("utf-8"))
         except UnicodeDecodeError:
             return NotFound("A topic name must be UTF-8 once percent-decoded.")
-        return TopicEventsResource(self.store, topic)
+        return TopicEventsResource(self.core, topic)
 
     def render_GET(self, request: server.Request) -> Any:
         async def handle() -> bytes:
-            topics = await self.store.list_topics()
+            topics = await self.core.list_topics()
             return json_body(
                 request,
                 200,
@@ -89,9 +89,9 @@ class TopicEventsResource(JsonResource):
 
     isLeaf = True
 
-    def __init__(self, store: IStore, topic: str) -> None:
+    def __init__(self, core: HookahCore, topic: str) -> None:
         super().__init__()
-        self.store = store
+        self.core = core
         self.topic = topic
 
     def render_GET(self, request: server.Request) -> Any:
@@ -108,7 +108,7 @@ class TopicEventsResource(JsonResource):
     async def _answer(self, request: server.Request, writer: Backpressure, limit: int, after: Optional[str]) -> None:
         asked = (min(READ_EVENTS, limit), min(READ_BYTES, MAX_ANSWER_BYTES))
         try:
-            page = await self.store.events_page([self.topic], after, *asked)
+            page = await self.core.events_page([self.topic], after, *asked)
         except Exception:
             log.failure("reading the history of {topic} failed", topic=self.topic)
             body = error_body(request, ApiError(500, "internal_error", "Hookah failed to handle this request; see its log."))
@@ -137,7 +137,7 @@ class TopicEventsResource(JsonResource):
                 if writer.gone:
                     return
                 asked = (min(READ_EVENTS, limit - sent), min(READ_BYTES, MAX_ANSWER_BYTES - size))
-                page = await self.store.events_page([self.topic], after, *asked)
+                page = await self.core.events_page([self.topic], after, *asked)
         except Exception:
             # The status is out: all that can be said is that the answer is
             # cut short, which a JSON reader cannot mistake for a whole one.

@@ -52,8 +52,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from hookah import defaults
+from hookah.listeners import IDeliveryOutcomeListener
 from hookah.delivery.lease import lease_seconds
 from hookah.outbound.agent import describe_failure
 from hookah.outbound.interface import IHTTPClient
@@ -268,6 +270,7 @@ class BackgroundTasks:
         return DeferredList(running, consumeErrors=True).addCallback(lambda _: None)
 
 
+@implementer(IDeliveryOutcomeListener)
 class WebSubHub(Service):
     """
     Verifies (un)subscription requests and keeps subscriptions in ``store``.
@@ -594,7 +597,8 @@ class WebSubHub(Service):
 
     def delivery_finished(self, delivery: Delivery) -> Optional[Deferred]:
         """
-        The dispatcher's hook for a delivery that reached a final state: a
+        ``IDeliveryOutcomeListener``, told by the dispatcher of a delivery
+        that reached a final state: a
         WebSub delivery whose callback answered ``410 Gone`` ends the
         subscription (7: the hub MAY; we do), unless the subscriber renewed
         it after that attempt. Errors are logged here, never raised into the
