@@ -18,6 +18,11 @@ DAY = 86400.0
 PORT = 8080
 STORAGE = "sqlite:hookah.db"
 
+# The ``hookah`` command: the server it talks to, and how long it waits
+# for one answer.
+SERVER_URL = f"http://localhost:{PORT}"
+CLIENT_TIMEOUT = 30.0
+
 # About a day of retries in all (85,685 s, 23.8 h), dense at first, when most
 # outages end, and hourly later.
 RETRY_SCHEDULE: Tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800)

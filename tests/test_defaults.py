@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from hookah.cli.client import HookahClient
+from hookah.cli.main import DEFAULT_SERVER, build_parser
 from hookah.config import SETTINGS, Config
 from hookah.core import HookahCore
 from hookah.delivery.dispatcher import Dispatcher
@@ -68,3 +70,8 @@ class DefaultsTests(SynchronousTestCase):
         self.assertIn("[default: {},{},{}]".format(*config.lease_bounds), lease.help)
         [port] = [s for s in SETTINGS if s.name == "port"]
         self.assertEqual(config.listen, "tcp:" + port.help.split("[default: ")[1].rstrip("]"))
+
+    def test_the_command_line_client_waits_as_long_as_its_option_says(self) -> None:
+        options = build_parser().parse_args(["show", "X"])
+        self.assertEqual(default(HookahClient, "timeout"), options.request_timeout)
+        self.assertEqual(DEFAULT_SERVER, "http://localhost:" + Config().listen.split(":")[1])

@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import urlencode, urlsplit
 
-from hookah import __version__
+from hookah import __version__, defaults
 from hookah.streams.parse import SSEMessage, parser_for
 
 USER_AGENT = f"hookah-cli/{__version__}"
@@ -82,7 +82,7 @@ def server_error(status: int, body: bytes) -> ServerError:
 
 
 class HookahClient:
-    def __init__(self, server: str, token: Optional[str] = None, timeout: float = 30.0) -> None:
+    def __init__(self, server: str, token: Optional[str] = None, timeout: float = defaults.CLIENT_TIMEOUT) -> None:
         parts = urlsplit(server)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ClientError(f"--server must be an http(s) URL such as http://localhost:8080, not {server!r}")

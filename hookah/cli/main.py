@@ -17,15 +17,15 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from hookah import __version__
+from hookah import __version__, defaults
 from hookah.cli.batch import dispatch_headers, ignored_notice, say, send_lines
 from hookah.cli.client import STREAM_FORMATS, ClientError, HookahClient, ServerError, UsageError, follow
 
-DEFAULT_SERVER = "http://localhost:8080"
+DEFAULT_SERVER = defaults.SERVER_URL
 
-EPILOG = """\
+EPILOG = f"""\
 environment:
-  HOOKAH_SERVER   the server URL (default http://localhost:8080)
+  HOOKAH_SERVER   the server URL (default {DEFAULT_SERVER})
   HOOKAH_TOKEN    the bearer token; safer than --token, which other users may see in `ps`
 
 exit status: 0 done, 1 the server refused the request, 2 bad usage, 3 the server is unreachable.
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the Hookah to talk to (default: $HOOKAH_SERVER or %(default)s)")
     common.add_argument("--token", default=os.environ.get("HOOKAH_TOKEN"),
                         help="bearer token, when the server asks for one (default: $HOOKAH_TOKEN)")
-    common.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+    common.add_argument("--request-timeout", type=float, default=defaults.CLIENT_TIMEOUT, metavar="SECONDS",
                         help="give up on a request after this long (default: %(default)s)")
 
     payload = argparse.ArgumentParser(add_help=False)
