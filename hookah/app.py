@@ -132,6 +132,8 @@ class HookahService(MultiService):
                 config.host_concurrency,
                 config.breaker_threshold,
                 config.breaker_cooldown,
+                window=config.breaker_window,
+                first_pause=config.breaker_pause,
                 # One host may hold a quarter of the dispatcher's slots
                 # waiting; the rest stay free for every other host.
                 max_waiting=max(config.host_concurrency, config.concurrency // 4),
@@ -188,7 +190,7 @@ class HookahService(MultiService):
         # Storage opens before anything can accept or claim work.
         Service.startService(self)
         self._opened = self.store.open()
-        self._opened.addCallback(lambda _: self.store.release_claims())
+        self._opened.addCallback(lambda _: self.store.release_claims(self.reactor.seconds()))
         self._opened.addCallback(lambda _: self._start_children())
         self._opened.addErrback(self._failed_to_start)
 

@@ -44,6 +44,8 @@ class Config:
     host_concurrency: int = defaults.HOST_CONCURRENCY
     breaker_threshold: int = defaults.BREAKER_THRESHOLD
     breaker_cooldown: float = defaults.BREAKER_COOLDOWN
+    breaker_window: float = defaults.BREAKER_WINDOW
+    breaker_pause: float = defaults.BREAKER_PAUSE
     history_count: int = defaults.HISTORY_COUNT
     history_age: float = defaults.HISTORY_AGE
     retention: float = defaults.RETENTION
@@ -261,8 +263,10 @@ SETTINGS: Sequence[Setting] = (
     Setting("max-body", "max_body", lambda n, v: _integer(n, v, 1), f"largest request body in bytes [default: {defaults.MAX_BODY}]"),
     Setting("concurrency", "concurrency", lambda n, v: _integer(n, v, 1, 100000), f"delivery attempts in flight at once [default: {defaults.CONCURRENCY}]"),
     Setting("host-concurrency", "host_concurrency", lambda n, v: _integer(n, v, 1, 100000), f"attempts in flight to one host [default: {defaults.HOST_CONCURRENCY}]"),
-    Setting("breaker-threshold", "breaker_threshold", lambda n, v: _integer(n, v, 1), f"consecutive failures that pause a host [default: {defaults.BREAKER_THRESHOLD}]"),
-    Setting("breaker-cooldown", "breaker_cooldown", _positive_number, f"seconds a paused host rests before a probe [default: {_number(defaults.BREAKER_COOLDOWN)}]"),
+    Setting("breaker-threshold", "breaker_threshold", lambda n, v: _integer(n, v, 1), f"failures in a row, over --breaker-window, that pause a host [default: {defaults.BREAKER_THRESHOLD}]"),
+    Setting("breaker-window", "breaker_window", _non_negative_number, f"seconds a host must keep failing before it is paused [default: {_number(defaults.BREAKER_WINDOW)}]"),
+    Setting("breaker-pause", "breaker_pause", _positive_number, f"seconds of a host's first pause, doubled after each failed probe [default: {_number(defaults.BREAKER_PAUSE)}]"),
+    Setting("breaker-cooldown", "breaker_cooldown", _positive_number, f"longest pause of a failing host, seconds [default: {_number(defaults.BREAKER_COOLDOWN)}]"),
     Setting("history-count", "history_count", lambda n, v: _integer(n, v, 0), f"events kept per topic [default: {defaults.HISTORY_COUNT}]"),
     Setting("history-age", "history_age", _positive_number, f"seconds events are kept [default: {_number(defaults.HISTORY_AGE)}]"),
     Setting("retention", "retention", _positive_number, f"seconds finished (delivered or failed) deliveries are kept [default: {_number(defaults.RETENTION)}]"),

@@ -44,7 +44,13 @@ STREAM_BUFFER = 1024 * 1024
 # Delivery attempts in flight at once; to one host; the circuit breaker.
 CONCURRENCY = 256
 HOST_CONCURRENCY = 16
+# The breaker opens when a host's attempts have failed, with no success
+# between them, at least BREAKER_THRESHOLD times over BREAKER_WINDOW
+# seconds; it pauses the host for BREAKER_PAUSE seconds, twice as long after
+# each failed probe, at most BREAKER_COOLDOWN (hookah.delivery.hosts).
 BREAKER_THRESHOLD = 5
+BREAKER_WINDOW = 10.0
+BREAKER_PAUSE = 2.0
 BREAKER_COOLDOWN = 60.0
 
 # Topic history: events kept per topic, and for how long.

@@ -74,6 +74,13 @@ def delivery_kind(value: str) -> DeliveryKind:
 
 Headers = Tuple[Tuple[str, str], ...]
 
+# Why a delivery was pushed back by its host's state rather than by its own
+# schedule (``Delivery.deferred``): the host's breaker is open, or the host
+# has no free slot. A restart, which starts with a clean view of hosts,
+# makes what only a pause held due at once.
+HOST_PAUSED = "host_paused"
+HOST_BUSY = "host_busy"
+
 # Why queued WebSub notifications were cancelled: the ``error`` of the
 # attempt-less ``Attempt`` that ``IStore.cancel_deliveries`` appends.
 CANCELLED_UNSUBSCRIBED = "cancelled: the subscriber unsubscribed"
@@ -108,6 +115,10 @@ class Delivery:
     began: a manual retry starts a fresh budget without forgetting history.
     ``claimed_until`` is the lease of whoever is delivering it; a lease that
     ran out (a killed process) makes the delivery claimable again.
+    ``deferred`` says why ``next_attempt_at`` is later than the delivery's
+    own schedule: ``None`` (it is not), ``"host_paused"`` (its host's
+    breaker is open) or ``"host_busy"`` (its host has no free slot); an
+    attempt clears it.
     """
 
     id: str
@@ -130,6 +141,7 @@ class Delivery:
     idempotency_key: Optional[str] = None
     retry_from: int = 0
     claimed_until: Optional[float] = None
+    deferred: Optional[str] = None
 
     @property
     def current_attempts(self) -> Tuple[Attempt, ...]:

@@ -308,7 +308,7 @@ class StoreContractMixin(_Base):
         yield self.store.add_deliveries([a, b, inserted_claimed, waiting, done])
         yield self.store.claim_due(T0 + 1, 10, T0 + 60)
 
-        released = yield self.store.release_claims()
+        released = yield self.store.release_claims(T0 + 1)
         self.assertEqual(released, 3)
         for d in (a, b, inserted_claimed):
             got = yield self.store.get_delivery(d.id)
@@ -318,8 +318,52 @@ class StoreContractMixin(_Base):
         self.assertEqual((yield self.store.next_due()), T0)
         claimed = yield self.store.claim_due(T0 + 2, 10, T0 + 60)
         self.assertEqual([d.id for d in claimed], [a.id, b.id, inserted_claimed.id])
-        self.assertEqual((yield self.store.release_claims()), 3)
-        self.assertEqual((yield self.store.release_claims()), 0)
+        self.assertEqual((yield self.store.release_claims(T0 + 2)), 3)
+        self.assertEqual((yield self.store.release_claims(T0 + 2)), 0)
+
+    @inlineCallbacks
+    def test_release_claims_makes_what_a_pause_held_due_at_once(self) -> _Gen:
+        """A restart starts with a clean view of hosts: pauses end with it."""
+        paused = self.delivery(next_attempt_at=T0)
+        busy = self.delivery(next_attempt_at=T0)
+        own = self.delivery(next_attempt_at=T0 + 300)
+        paused_past = self.delivery(next_attempt_at=T0)
+        yield self.store.add_deliveries([paused, busy, own, paused_past])
+        yield self.store.claim_due(T0, 10, T0 + 60)
+        yield self.store.reschedule(paused.id, T0 + 900, "host_paused")
+        yield self.store.reschedule(busy.id, T0 + 200, "host_busy")
+        yield self.store.reschedule(paused_past.id, T0 + 5, "host_paused")
+        got = yield self.store.get_delivery(paused.id)
+        self.assertEqual((got.status, got.next_attempt_at, got.deferred), (SCHEDULED, T0 + 900, "host_paused"))
+
+        self.assertEqual((yield self.store.release_claims(T0 + 10)), 1)
+        got = yield self.store.get_delivery(paused.id)
+        # Due at once, still marked: the dispatcher probes its host first.
+        self.assertEqual((got.status, got.next_attempt_at, got.deferred), (SCHEDULED, T0 + 10, "host_paused"))
+        self.assertEqual((yield self.store.get_delivery(busy.id)).next_attempt_at, T0 + 200)
+        self.assertEqual((yield self.store.get_delivery(own.id)).next_attempt_at, T0 + 300)
+        self.assertEqual((yield self.store.get_delivery(paused_past.id)).next_attempt_at, T0 + 5)
+        claimed = yield self.store.claim_due(T0 + 10, 10, T0 + 70)
+        self.assertEqual({c.id for c in claimed}, {paused.id, paused_past.id})
+
+    @inlineCallbacks
+    def test_an_attempt_clears_the_deferral_mark(self) -> _Gen:
+        d = self.delivery(next_attempt_at=T0)
+        yield self.store.add_deliveries([d])
+        yield self.store.claim_due(T0, 10, T0 + 60)
+        yield self.store.reschedule(d.id, T0 + 50, "host_paused")
+        yield self.store.claim_due(T0 + 50, 10, T0 + 110)
+        yield self.store.finish_attempt(d.id, Attempt(at=T0 + 50, status_code=500), SCHEDULED, T0 + 80)
+        got = yield self.store.get_delivery(d.id)
+        self.assertEqual((got.next_attempt_at, got.deferred), (T0 + 80, None))
+        self.assertEqual((yield self.store.release_claims(T0 + 60)), 0)
+        self.assertEqual((yield self.store.get_delivery(d.id)).next_attempt_at, T0 + 80)
+        # A deferral stored with a new delivery (its host had no room) too.
+        held = self.delivery(next_attempt_at=T0 + 400, deferred="host_paused")
+        yield self.store.add_deliveries([held])
+        self.assertEqual((yield self.store.get_delivery(held.id)), held)
+        self.assertEqual((yield self.store.release_claims(T0 + 60)), 1)
+        self.assertEqual((yield self.store.get_delivery(held.id)).next_attempt_at, T0 + 60)
 
     # -- finishing and rescheduling --------------------------------------------
 

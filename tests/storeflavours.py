@@ -90,14 +90,14 @@ class _Delegate:
     def finish_attempt(self, delivery_id: Any, attempt: Any, status: Any, next_attempt_at: Any, follow_ups: Any = ()) -> Deferred:
         return self._call("finish_attempt", delivery_id, attempt, status, next_attempt_at, follow_ups)
 
-    def release_claims(self) -> Deferred:
-        return self._call("release_claims")
+    def release_claims(self, now: Any) -> Deferred:
+        return self._call("release_claims", now)
 
     def renew_claim(self, delivery_id: Any, claimed_until: Any) -> Deferred:
         return self._call("renew_claim", delivery_id, claimed_until)
 
-    def reschedule(self, delivery_id: Any, next_attempt_at: Any) -> Deferred:
-        return self._call("reschedule", delivery_id, next_attempt_at)
+    def reschedule(self, delivery_id: Any, next_attempt_at: Any, deferred: Any = None) -> Deferred:
+        return self._call("reschedule", delivery_id, next_attempt_at, deferred)
 
     def requeue(self, delivery_id: Any, now: Any) -> Deferred:
         return self._call("requeue", delivery_id, now)

@@ -299,6 +299,8 @@ BAD_VALUES: List[tuple] = [
     ("host-concurrency", "0"),
     ("breaker-threshold", "0"),
     ("breaker-cooldown", "0"),
+    ("breaker-window", "-1"),
+    ("breaker-pause", "0"),
     ("history-count", "-1"),
     ("history-age", "0"),
     ("idempotency-window", "-5"),

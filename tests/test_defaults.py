@@ -19,6 +19,7 @@ from hookah.delivery.dispatcher import Dispatcher
 from hookah.delivery.retention import RetentionService
 from hookah.outbound.agent import HTTPClient
 from hookah.storage.memory import MemoryStore
+from hookah.delivery.hosts import HostGate
 from hookah.storage.sqlite.store import SQLiteStore
 from hookah.websub.publisher import Publisher
 from hookah.websub.subscriptions import WebSubHub
@@ -34,6 +35,11 @@ class DefaultsTests(SynchronousTestCase):
         for function, parameter, expected in [
             (Dispatcher, "timeout", config.timeout),
             (Dispatcher, "concurrency", config.concurrency),
+            (HostGate, "limit", config.host_concurrency),
+            (HostGate, "threshold", config.breaker_threshold),
+            (HostGate, "window", config.breaker_window),
+            (HostGate, "first_pause", config.breaker_pause),
+            (HostGate, "cooldown", config.breaker_cooldown),
             (HTTPClient.request, "timeout", config.timeout),
             (WebSubHub, "timeout", config.timeout),
             (WebSubHub, "lease_bounds", config.lease_bounds),
@@ -57,6 +63,7 @@ class DefaultsTests(SynchronousTestCase):
             "timeout": config.timeout, "keepalive": config.keepalive, "concurrency": config.concurrency,
             "host-concurrency": config.host_concurrency, "breaker-threshold": config.breaker_threshold,
             "breaker-cooldown": config.breaker_cooldown, "history-count": config.history_count,
+            "breaker-window": config.breaker_window, "breaker-pause": config.breaker_pause,
             "history-age": config.history_age, "retention": config.retention,
             "idempotency-window": config.idempotency_window, "max-body": config.max_body,
             "stream-buffer": config.stream_buffer, "storage": config.storage,

@@ -555,7 +555,7 @@ class LifecycleTests(DispatcherTestCase):
     def test_release_claims_then_start_sends_at_once(self) -> None:
         clock = self.clock()
         store = self.stored(clock, self.delivery("CLAIMED", status=DELIVERING, claimed_until=T0 + 500, next_attempt_at=T0 - 5))
-        self.assertEqual(self.successResultOf(store.release_claims()), 1)
+        self.assertEqual(self.successResultOf(store.release_claims(T0)), 1)
         released = self.successResultOf(store.get_delivery("CLAIMED"))
         self.assertEqual((released.status, released.claimed_until), (SCHEDULED, None))
         clock, client, dispatcher = self.fake(clock=clock, store=store, start=False)
@@ -715,7 +715,7 @@ class LimitTests(DispatcherTestCase):
             return None  # dead.example: answered by hand below
 
         clock, client, dispatcher = self.fake(
-            answer, clock=clock, schedule=(1000.0,), hosts=HostGate(clock, limit=16, threshold=3, cooldown=60.0)
+            answer, clock=clock, schedule=(1000.0,), hosts=HostGate(clock, limit=16, threshold=3, window=0.0, first_pause=60.0, cooldown=60.0)
         )
         self.submit(dispatcher, *[self.delivery(f"X{i}", url="http://dead.example/") for i in range(3)])
         for sent in client.outstanding("dead.example"):
@@ -749,7 +749,7 @@ class LimitTests(DispatcherTestCase):
     def test_failed_probe_pauses_again_for_longer(self) -> None:
         clock = self.clock()
         clock, client, dispatcher = self.fake(
-            always(500), clock=clock, schedule=(5.0,), hosts=HostGate(clock, limit=16, threshold=2, cooldown=60.0)
+            always(500), clock=clock, schedule=(5.0,), hosts=HostGate(clock, limit=16, threshold=2, window=0.0, first_pause=60.0, cooldown=960.0)
         )
         self.submit(dispatcher, self.delivery("A", retries=100), self.delivery("B", retries=100))
         self.assertEqual(len(client.sent), 2)

@@ -6,7 +6,7 @@ once, never claimed and returned in a loop).
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -29,6 +29,14 @@ def clock_at(t: float = T0) -> Clock:
     return clock
 
 
+def fail(gate: HostGate, host: str = "h", count: int = 1, lasting: float = 0.0) -> None:
+    """``count`` attempts to ``host`` that fail now, each started ``lasting`` seconds ago."""
+    now = gate.clock.seconds()
+    for _ in range(count):
+        gate.started(host)
+        gate.finished(host, healthy=False, started=now - lasting)
+
+
 class HostGateTests(TestCase):
     def test_limit_then_wait_then_defer(self) -> None:
         gate = HostGate(clock_at(), limit=2, max_waiting=1)
@@ -42,52 +50,142 @@ class HostGateTests(TestCase):
                 gate.hold("h", object())
         self.assertEqual(verdicts, [GO, GO, WAIT, DEFER])
 
-    def test_in_flight_failures_do_not_lengthen_a_pause(self) -> None:
+    def test_a_burst_of_fast_refusals_does_not_open_the_breaker(self) -> None:
+        # A receiver restarting refuses every connection for a moment.
         clock = clock_at()
-        gate = HostGate(clock, limit=16, threshold=5, cooldown=60.0)
-        for _ in range(16):
-            self.assertEqual(gate.admit("h"), GO)
-            gate.started("h")
-        for _ in range(16):
-            gate.finished("h", healthy=False, duration=30.0)
-        self.assertEqual(gate.paused_until("h"), T0 + 60.0)
+        gate = HostGate(clock, threshold=5, window=10.0, first_pause=2.0, cooldown=60.0)
+        for _ in range(5):
+            fail(gate)
+            clock.advance(0.001)
+        fail(gate, count=35)
+        self.assertIsNone(gate.paused_until("h"))
+        self.assertEqual(gate.admit("h"), GO)
 
-    def test_failed_probe_doubles_the_pause_and_success_closes_it(self) -> None:
+    def test_sustained_failures_open_the_breaker(self) -> None:
         clock = clock_at()
-        gate = HostGate(clock, limit=4, threshold=1, cooldown=10.0)
-        gate.started("h")
-        gate.finished("h", healthy=False)
-        self.assertEqual(gate.paused_until("h"), T0 + 10.0)
+        gate = HostGate(clock, threshold=5, window=10.0, first_pause=2.0, cooldown=60.0)
+        for _ in range(5):  # a failure every 2 s: 8 s of failing, not yet 10
+            fail(gate)
+            clock.advance(2.0)
+        self.assertIsNone(gate.paused_until("h"))
+        fail(gate)  # 10 s since the first failed attempt started
+        self.assertEqual(gate.paused_until("h"), T0 + 10.0 + 2.0)
         self.assertEqual(gate.admit("h"), DEFER)
-        clock.advance(10.0)
-        self.assertEqual(gate.admit("h"), GO)  # the probe
-        self.assertEqual(gate.admit("h"), DEFER)  # only one probe at a time
+
+    def test_failing_attempts_count_from_when_they_started(self) -> None:
+        # A hanging host: sixteen attempts time out together after 30 s.
+        clock = clock_at()
+        gate = HostGate(clock, threshold=5, window=10.0, first_pause=2.0)
+        clock.advance(30.0)
+        fail(gate, count=16, lasting=30.0)
+        self.assertEqual(gate.paused_until("h"), T0 + 30.0 + 2.0)
+
+    def test_too_few_failures_do_not_open_the_breaker(self) -> None:
+        clock = clock_at()
+        gate = HostGate(clock, threshold=5, window=10.0)
+        for _ in range(4):
+            fail(gate)
+            clock.advance(9.0)
+        self.assertIsNone(gate.paused_until("h"))
+
+    def test_a_success_or_a_quiet_gap_ends_a_failing_streak(self) -> None:
+        clock = clock_at()
+        gate = HostGate(clock, threshold=3, window=10.0)
+        fail(gate, count=2)
+        clock.advance(9.0)
         gate.started("h")
-        gate.finished("h", healthy=False)
-        self.assertEqual(gate.paused_until("h"), T0 + 10.0 + 20.0)
+        gate.finished("h", healthy=True, started=clock.seconds())
+        clock.advance(2.0)
+        fail(gate)  # 11 s after the first failure, but a success came between
+        self.assertIsNone(gate.paused_until("h"))
+        clock.advance(60.0)
+        fail(gate, count=5)  # a minute of silence since: a new streak
+        self.assertIsNone(gate.paused_until("h"))
+
+    def test_first_pause_is_short_and_doubles_up_to_the_cooldown(self) -> None:
+        clock = clock_at()
+        gate = HostGate(clock, threshold=1, window=0.0, first_pause=2.0, cooldown=20.0)
+        fail(gate)
+        pauses = []
+        for _ in range(6):
+            paused_until = gate.paused_until("h")
+            assert paused_until is not None
+            pauses.append(paused_until - clock.seconds())
+            clock.advance(paused_until - clock.seconds() - 0.001)
+            self.assertEqual(gate.admit("h"), DEFER)
+            clock.advance(0.001)
+            self.assertEqual(gate.admit("h"), GO)  # the probe
+            self.assertEqual(gate.admit("h"), DEFER)  # only one probe at a time
+            fail(gate)
+        self.assertEqual(pauses, [2.0, 4.0, 8.0, 16.0, 20.0, 20.0])
         clock.advance(20.0)
         self.assertEqual(gate.admit("h"), GO)
         gate.started("h")
-        gate.finished("h", healthy=True)
+        gate.finished("h", healthy=True, started=clock.seconds())
         self.assertIsNone(gate.paused_until("h"))
         self.assertEqual(gate.admit("h"), GO)
+        # Open again later: short again.
+        fail(gate)
+        self.assertEqual(gate.paused_until("h"), clock.seconds() + 2.0)
+
+    def test_in_flight_failures_do_not_lengthen_a_pause(self) -> None:
+        clock = clock_at()
+        gate = HostGate(clock, limit=16, threshold=5, window=10.0, first_pause=2.0, cooldown=60.0)
+        for _ in range(16):
+            self.assertEqual(gate.admit("h"), GO)
+            gate.started("h")
+        clock.advance(30.0)
+        for _ in range(16):
+            gate.finished("h", healthy=False, started=T0)
+        self.assertEqual(gate.paused_until("h"), T0 + 32.0)
+
+    def test_resume_probes_a_host_not_seen_yet(self) -> None:
+        clock = clock_at()
+        gate = HostGate(clock, first_pause=2.0)
+        gate.resume("h")
+        self.assertEqual(gate.admit("h"), GO)  # the probe
+        self.assertEqual(gate.admit("h"), DEFER)
+        gate.started("h")
+        gate.finished("h", healthy=False, started=clock.seconds())
+        self.assertEqual(gate.paused_until("h"), T0 + 2.0)
+        # A host already known is left as it is.
+        gate.started("k")
+        gate.finished("k", healthy=True, started=clock.seconds())
+        gate.resume("k")
+        self.assertIsNone(gate.paused_until("k"))
+        self.assertEqual(gate.admit("k"), GO)
 
     def test_busy_host_deferrals_are_spread_at_its_pace(self) -> None:
         clock = clock_at()
         gate = HostGate(clock, limit=2)
         gate.started("h")
-        gate.finished("h", healthy=True, duration=1.0)
+        gate.finished("h", healthy=True, started=T0 - 1.0)
         times = [gate.retry_at("h") for _ in range(4)]
         self.assertEqual(times, sorted(times))
         self.assertEqual(len(set(times)), 4)
         self.assertLessEqual(times[-1] - T0, 4 * 1.0 / 2 + 1e-9)
+
+    def test_an_old_spread_does_not_push_later_deferrals_out(self) -> None:
+        # A stalled host's backlog was spread far out; once the host has
+        # caught up (nothing in flight or waiting), the next deferral is
+        # spread from now, not after that old backlog.
+        clock = clock_at()
+        gate = HostGate(clock, limit=1)
+        gate.started("h")
+        clock.advance(100.0)
+        far = [gate.retry_at("h") for _ in range(10)]
+        self.assertGreater(far[-1], clock.seconds() + 200)
+        gate.finished("h", healthy=True, started=T0)
+        gate.started("h")
+        gate.finished("h", healthy=True, started=clock.seconds() - 0.01)
+        self.assertLess(gate.retry_at("h"), clock.seconds() + 100.0)
 
     def test_state_is_bounded_by_max_hosts(self) -> None:
         gate = HostGate(clock_at(), threshold=1000, max_hosts=100)
         for n in range(10_000):
             host = f"http://dead{n}.example:80"
             gate.started(host)
-            gate.finished(host, healthy=False)
+            gate.finished(host, healthy=False, started=T0)
         self.assertLessEqual(len(gate), 100)
 
     def test_an_idle_host_keeps_its_measured_pace(self) -> None:
@@ -95,7 +193,7 @@ class HostGateTests(TestCase):
         gate = HostGate(clock, limit=16)
         for _ in range(50):
             gate.started("h")
-            gate.finished("h", healthy=True, duration=0.001)
+            gate.finished("h", healthy=True, started=clock.seconds() - 0.001)
         clock.advance(60)
         # The next burst is spread at the pace measured before, not a guess.
         first, second = gate.retry_at("h"), gate.retry_at("h")
@@ -103,12 +201,12 @@ class HostGateTests(TestCase):
 
     def test_room_counts_slots_and_waiting_places(self) -> None:
         clock = clock_at()
-        gate = HostGate(clock, limit=2, max_waiting=3, threshold=1, cooldown=10.0)
+        gate = HostGate(clock, limit=2, max_waiting=3, threshold=1, window=0.0, first_pause=10.0)
         self.assertEqual(gate.room("h"), 5)
         gate.started("h")
         gate.hold("h", object())
         self.assertEqual(gate.room("h"), 3)
-        gate.finished("h", healthy=False)  # trips the breaker
+        gate.finished("h", healthy=False, started=T0)  # trips the breaker
         self.assertEqual(gate.room("h"), 0)
         clock.advance(10)
         self.assertEqual(gate.room("h"), 1)  # one probe
@@ -129,9 +227,9 @@ class CountingStore(MemoryStore):
         self.claimed += len(rows)
         return rows
 
-    def reschedule(self, delivery_id: str, next_attempt_at: float) -> Deferred:
+    def reschedule(self, delivery_id: str, next_attempt_at: float, deferred: Optional[str] = None) -> Deferred:
         self.rescheduled += 1
-        return super().reschedule(delivery_id, next_attempt_at)
+        return super().reschedule(delivery_id, next_attempt_at, deferred)
 
 
 class BusyHostTests(MemoryFlavour, TestCase):
@@ -241,9 +339,11 @@ class SlowRescheduleStore(MemoryStore):
         super().__init__(clock)
         self.clock = clock
 
-    def reschedule(self, delivery_id: str, next_attempt_at: float) -> Deferred:
+    def reschedule(self, delivery_id: str, next_attempt_at: float, deferred: Optional[str] = None) -> Deferred:
         d: Deferred = Deferred()
-        self.clock.callLater(0.01, lambda: super(SlowRescheduleStore, self).reschedule(delivery_id, next_attempt_at).chainDeferred(d))
+        self.clock.callLater(
+            0.01, lambda: super(SlowRescheduleStore, self).reschedule(delivery_id, next_attempt_at, deferred).chainDeferred(d)
+        )
         return d
 
 
@@ -260,7 +360,7 @@ class StarvationTests(MemoryFlavour, TestCase):
         client = FakeClient(clock, lambda sent: (500, (), b"no") if "paused" in sent.url else (200, (), b"ok"))
         dispatcher = Dispatcher(
             self.make_store(clock, store), client, clock, IdGenerator(clock.seconds), (1.0,), timeout=30.0, concurrency=4,
-            hosts=HostGate(clock, limit=4, threshold=1, cooldown=60.0), rand=lambda: 0.5,
+            hosts=HostGate(clock, limit=4, threshold=1, window=0.0, first_pause=60.0, cooldown=60.0), rand=lambda: 0.5,
         )
         dispatcher.startService()
         self.addCleanup(client.fail_outstanding)

@@ -262,6 +262,7 @@ class SQLiteStoreTests(TestCase):
             (sqlitemodule.CLAIM_UNTIMED, (SCHEDULED, 10)),
             (sqlitemodule.CLAIM_EXPIRED, (DELIVERING, T0, 10)),
             (sqlitemodule.RELEASE_CLAIMS, (SCHEDULED, DELIVERING)),
+            (sqlitemodule.RELEASE_PAUSED, (T0, T0)),
             (sqlitemodule.NEXT_SCHEDULED, (SCHEDULED,)),
             (sqlitemodule.NEXT_EXPIRY, (DELIVERING,)),
             (sqlitemodule.APPEND_ATTEMPT, ("id", "id", T0, 200, None, 1)),
@@ -319,11 +320,39 @@ class SQLiteMigrationTests(TestCase):
         self.assertIsNone((yield store.find_idempotency_key("order-1", None)))
         check = sqlite3.connect(path)
         self.addCleanup(check.close)
-        self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0], 3)
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0], sqlitemodule.SCHEMA_VERSION)
         indexes = {row[0] for row in check.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         self.assertIn("idempotency_keys_key", indexes)
         self.assertNotIn("deliveries_idempotency", indexes)
         self.assertNotIn("events_idempotency", indexes)
+
+    @inlineCallbacks
+    def test_upgrade_from_version_3_knows_no_pause(self) -> _Gen:
+        """Rows written before Hookah marked pauses are plain scheduled ones."""
+        path = temporaryDatabase(self)
+        connection = sqlite3.connect(path, isolation_level=None)
+        connection.executescript(
+            "BEGIN; " + "; ".join(sqlitemodule._MIGRATIONS[step] for step in range(3))
+            + "; PRAGMA user_version = 3; COMMIT;"
+        )
+        columns = "id, url, body, headers, status, created_at, next_attempt_at, kind"
+        connection.execute(
+            f"INSERT INTO deliveries ({columns}) VALUES ('D1', 'https://a/', x'00', '[]', 'scheduled', ?, ?, 'dispatch')",
+            (T0, T0 + 500),
+        )
+        connection.close()
+        store = SQLiteStore(path, reactor)
+        yield store.open()
+        self.addCleanup(store.close)
+        got = yield store.get_delivery("D1")
+        self.assertEqual((got.next_attempt_at, got.deferred), (T0 + 500, None))
+        self.assertEqual((yield store.release_claims(T0)), 0)
+        self.assertEqual((yield store.get_delivery("D1")).next_attempt_at, T0 + 500)
+        [claimed] = yield store.claim_due(T0 + 500, 10, T0 + 600)
+        yield store.reschedule("D1", T0 + 900, "host_paused")
+        self.assertEqual((yield store.release_claims(T0 + 501)), 1)
+        got = yield store.get_delivery("D1")
+        self.assertEqual((got.next_attempt_at, got.deferred), (T0 + 501, "host_paused"))
 
     @inlineCallbacks
     def test_upgrade_from_version_1(self) -> _Gen:

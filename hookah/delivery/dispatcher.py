@@ -41,7 +41,7 @@ from hookah.model import (
     Delivery,
     DeliveryKind,
 )
-from hookah.delivery.hosts import DEFER, GO, WAIT, HostGate
+from hookah.delivery.hosts import BUSY, DEFER, GO, PAUSED, WAIT, HostGate
 from hookah.delivery.lease import covers, lease_until
 from hookah.delivery.retry import Decision, decide
 from hookah.delivery.signing import Signer
@@ -158,7 +158,7 @@ class Dispatcher(Service):
         self._timer = None
         now = self.clock.seconds()
         for delivery, slot in self.hosts.drain_waiting():
-            self._defer(delivery, slot, now)
+            self._defer(delivery, slot, now, None)
         waits = list(self._in_flight.values())
         if self._poll_finished is not None:
             waits.append(self._poll_finished)
@@ -200,7 +200,8 @@ class Dispatcher(Service):
                 else:
                     # Its host is busy or paused: stored already pushed back,
                     # rather than claimed now only to be put back at once.
-                    delivery = attr.evolve(delivery, next_attempt_at=self._deferral(host))
+                    at, why = self._deferral(host)
+                    delivery = attr.evolve(delivery, next_attempt_at=at, deferred=why)
                     host_room[host] = 0
             stored.append(delivery)
         return Intake(stored, self, [(d, self._reserve(d.id)) for d in start_now])
@@ -314,35 +315,48 @@ class Dispatcher(Service):
     def _dispatch(self, delivery: Delivery, slot: Deferred) -> str:
         """Send now, hold for a free slot to its host, or push back in storage."""
         host = host_key(delivery.url)
+        if delivery.deferred == PAUSED:
+            # Held by a pause, perhaps one from before a restart: a host
+            # this process has not seen yet is probed before the rest go.
+            self.hosts.resume(host)
         verdict = self.hosts.admit(host)
         if verdict == GO:
             self._send(delivery, slot, host)
         elif verdict == WAIT:
             self.hosts.hold(host, (delivery, slot))
         else:
-            self._defer(delivery, slot, self._deferral(host))
+            self._defer(delivery, slot, *self._deferral(host))
         return verdict
 
-    def _defer(self, delivery: Delivery, slot: Deferred, at: float) -> None:
+    def _defer(self, delivery: Delivery, slot: Deferred, at: float, why: Optional[str]) -> None:
         """
         Put a claimed delivery back in storage until ``at``. The freed slot
         does not wake the claim loop: the rows due next are likely the same
         busy host's, and claiming them only to put them back would spin.
         """
-        d = self.store.reschedule(delivery.id, at)
+        d = self.store.reschedule(delivery.id, at, why)
         d.addErrback(lambda f: log.failure("deferring {id} failed", f, id=delivery.id))
         d.addBoth(lambda _: self._release(delivery.id, slot, wake=False))
 
-    def _deferral(self, host: str) -> float:
-        """When a delivery its host cannot take now should come back."""
+    def _deferral(self, host: str) -> Tuple[float, str]:
+        """
+        When a delivery its host cannot take now should come back, and why:
+        the end of its host's pause (``PAUSED``), or its turn in a busy
+        host's backlog (``BUSY``), which ``HostGate.retry_at`` spreads at
+        the host's pace.
+        """
         if self.hosts.paused_until(host) is not None:
-            return self._pause_end(host)
-        return self.hosts.retry_at(host)
+            return self._pause_end(host), PAUSED
+        return self.hosts.retry_at(host), BUSY
 
     def _pause_end(self, host: str) -> float:
-        # Spread over a second so a host that comes back is not met by its
-        # whole backlog at once.
-        return self.hosts.retry_at(host) + self.rand()
+        paused_until = self.hosts.paused_until(host)
+        if paused_until is not None and paused_until > self.clock.seconds():
+            # Spread over a second so a host that comes back is not met by
+            # its whole backlog at once.
+            return paused_until + self.rand()
+        # Its probe is out: back shortly after it should have answered.
+        return self.hosts.retry_at(host)
 
     def _send(self, delivery: Delivery, slot: Deferred, host: str) -> None:
         self.hosts.started(host)
@@ -373,10 +387,10 @@ class Dispatcher(Service):
             healthy = bool(outcome.check(TargetRefused))
         else:
             healthy = outcome.code < 500 and outcome.code != 429
-        self.hosts.finished(host, healthy, self.clock.seconds() - started)
+        self.hosts.finished(host, healthy, started)
         if self.hosts.paused_until(host) is not None:
             for delivery, slot in self.hosts.drain_waiting(host):
-                self._defer(delivery, slot, self._pause_end(host))
+                self._defer(delivery, slot, self._pause_end(host), PAUSED)
         else:
             held = self.hosts.next_waiting(host)
             if held is not None:
@@ -384,7 +398,7 @@ class Dispatcher(Service):
                 if self.running:
                     self._send(waiting_delivery, waiting_slot, host)
                 else:
-                    self._defer(waiting_delivery, waiting_slot, self.clock.seconds())
+                    self._defer(waiting_delivery, waiting_slot, self.clock.seconds(), None)
         return outcome
 
     def _attempted(self, outcome: Any, delivery: Delivery, started: float, timeout: float) -> Deferred:
@@ -424,7 +438,7 @@ class Dispatcher(Service):
                 ms=duration_ms,
                 status=decision.status,
             )
-        finished = attr.evolve(delivery, attempts=delivery.attempts + (attempt,), status=decision.status)
+        finished = attr.evolve(delivery, attempts=delivery.attempts + (attempt,), status=decision.status, deferred=None)
         follow_ups: List[Delivery] = []
         if decision.status == DELIVERED and delivery.callback and response is not None:
             follow_ups.append(self._callback_delivery(finished, response))

@@ -1,13 +1,30 @@
 """
 Per-host protection: a cap on attempts in flight to one destination host,
-and a circuit breaker that pauses a host after consecutive failures and
-probes it again after a cool-down.
+and a circuit breaker that pauses a host whose attempts keep failing and
+probes it again after a pause that grows while it stays down.
 
 Together they keep one dead or slow endpoint from taking the dispatcher's
 capacity away from every other host: its deliveries wait their turn (a
 bounded number in memory) or are pushed back in storage, spread over the
 time the host needs to work through them, so each one is pushed back about
 once instead of being claimed and returned over and over.
+
+The breaker opens on *sustained* failure only. A receiver restarting
+during a deploy refuses a burst of connections within milliseconds; that
+alone must not cost its deliveries a long pause, since their own retry
+schedule already spaces them out. So the rule (``HostGate.finished``):
+
+- a *failing streak* is a run of failed attempts (no response, a ``5xx``,
+  a ``429``) with no success between them, where each attempt started at
+  most ``window`` seconds after the previous failure ended (a host that
+  was left alone for longer starts a new streak);
+- the breaker opens when a streak holds at least ``threshold`` failures
+  and has lasted ``window`` seconds: from the start of its first attempt
+  to the end of its latest failure;
+- the first pause lasts ``first_pause`` seconds; then one probe is let
+  through; its failure doubles the pause (at most ``cooldown``), its
+  success closes the breaker. Failures of attempts already in flight when
+  the host was paused do not lengthen the pause.
 """
 
 from __future__ import annotations
@@ -17,10 +34,17 @@ from typing import Any, Deque, List, Optional
 
 from twisted.internet.interfaces import IReactorTime
 
+from hookah import defaults
+from hookah.model import HOST_BUSY, HOST_PAUSED
+
 # Verdicts of ``HostGate.admit``.
 GO = "go"  # send now
 WAIT = "wait"  # hold in memory; a slot frees soon
 DEFER = "defer"  # push back in storage until ``retry_at``
+
+# Why a delivery was pushed back, stored with it (``Delivery.deferred``).
+PAUSED = HOST_PAUSED
+BUSY = HOST_BUSY
 
 # Longest a delivery is pushed back because its host is busy (not paused).
 MAX_BUSY_DEFER = 300.0
@@ -36,16 +60,24 @@ INITIAL_DURATION = 0.002
 
 class HostState:
     __slots__ = (
-        "in_flight", "waiting", "failures", "paused_until", "probing", "trips", "avg_duration", "cursor", "progress_at",
+        "in_flight", "waiting", "failures", "failing_since", "last_failure", "paused_until", "probing",
+        "probe_started", "pause", "avg_duration", "cursor", "progress_at",
     )
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.waiting: Deque[Any] = deque()
+        # The failing streak: how many failures, since when (the start of its
+        # earliest attempt), and when its latest failure ended.
         self.failures = 0
+        self.failing_since = 0.0
+        self.last_failure = 0.0
+        # The breaker: open while ``paused_until`` is set; once that time has
+        # passed one probe goes (``probing``, sent at ``probe_started``).
         self.paused_until: Optional[float] = None
         self.probing = False
-        self.trips = 0
+        self.probe_started = 0.0
+        self.pause = 0.0
         self.avg_duration = INITIAL_DURATION
         # The latest time a busy-host deferral was given: the next one goes
         # after it, so a backlog is spread at the host's own pace.
@@ -62,14 +94,8 @@ class HostState:
 
 class HostGate:
     """
-    Decides, per destination host, whether an attempt may start now.
-
-    A host is paused when ``threshold`` consecutive attempts failed (no
-    response, a ``5xx`` or a ``429``); after ``cooldown`` seconds one probe
-    is let through, and its success closes the breaker while its failure
-    pauses the host again, for twice as long each time (at most 16x).
-    Failures of attempts that were already in flight when the host was
-    paused do not lengthen the pause.
+    Decides, per destination host, whether an attempt may start now, and
+    keeps the breaker described in the module docstring.
 
     State is kept for at most ``max_hosts`` hosts (least recently used idle
     ones are forgotten first), so memory follows the hosts in use, not every
@@ -79,16 +105,20 @@ class HostGate:
     def __init__(
         self,
         clock: IReactorTime,
-        limit: int = 16,
-        threshold: int = 5,
-        cooldown: float = 60.0,
+        limit: int = defaults.HOST_CONCURRENCY,
+        threshold: int = defaults.BREAKER_THRESHOLD,
+        cooldown: float = defaults.BREAKER_COOLDOWN,
         max_waiting: Optional[int] = None,
         max_hosts: int = 10000,
+        window: float = defaults.BREAKER_WINDOW,
+        first_pause: float = defaults.BREAKER_PAUSE,
     ) -> None:
         self.clock = clock
         self.limit = limit
         self.threshold = threshold
         self.cooldown = cooldown
+        self.window = window
+        self.first_pause = min(first_pause, cooldown)
         self.max_waiting = limit if max_waiting is None else max_waiting
         self.max_hosts = max_hosts
         self._hosts: OrderedDict[str, HostState] = OrderedDict()
@@ -116,17 +146,40 @@ class HostGate:
                 del self._hosts[host]
 
     def paused_until(self, host: str) -> Optional[float]:
+        """
+        When the host's pause ends, while its breaker is open (also once
+        that time has passed, until a probe closes it); ``None`` when closed.
+        """
         state = self._hosts.get(host)
         return state.paused_until if state is not None else None
+
+    def probing(self, host: str) -> bool:
+        """Whether the probe of a paused host is in flight."""
+        state = self._hosts.get(host)
+        return state is not None and state.probing
+
+    def resume(self, host: str) -> None:
+        """
+        A delivery that a pause held before a restart came due: a host this
+        gate has not seen yet starts half-open, so its first attempt is a
+        probe and the others wait for its outcome (a failed probe pauses the
+        host for ``first_pause``), rather than all meeting a host that may
+        still be down.
+        """
+        if host not in self._hosts:
+            state = self.state(host)
+            state.paused_until = self.clock.seconds()
 
     def admit(self, host: str) -> str:
         """``GO`` (the caller must then call ``started``), ``WAIT`` or ``DEFER``."""
         state = self.state(host)
         if state.paused_until is not None:
-            if self.clock.seconds() < state.paused_until or state.probing:
+            now = self.clock.seconds()
+            if now < state.paused_until or state.probing:
                 return DEFER
             # Half-open: this one attempt probes whether the host is back.
             state.probing = True
+            state.probe_started = now
             return GO
         if state.in_flight < self.limit:
             return GO
@@ -147,15 +200,16 @@ class HostGate:
     def retry_at(self, host: str) -> float:
         """
         When a deferred delivery to ``host`` should come back: when the
-        pause ends, or (a busy host) after the deliveries deferred before it,
-        at the rate the host has been answering.
+        pause ends, or (a busy host, or a paused one whose probe is out)
+        after the deliveries deferred before it, at the rate the host has
+        been answering, and never more than ``MAX_BUSY_DEFER`` from now.
         """
         state = self.state(host)
         now = self.clock.seconds()
         if state.paused_until is not None and state.paused_until > now:
             return state.paused_until
-        # A busy host, or a paused one whose probe is out: spread the
-        # backlog at the pace the host has shown (a stalled probe counts).
+        # Spread the backlog at the pace the host has shown (attempts that
+        # have stalled since count as that slow).
         stalled = now - state.progress_at if state.in_flight else 0.0
         spacing = max(state.avg_duration, stalled, 0.001) / self.limit
         state.cursor = max(state.cursor, now) + spacing
@@ -167,25 +221,44 @@ class HostGate:
             state.progress_at = self.clock.seconds()
         state.in_flight += 1
 
-    def finished(self, host: str, healthy: bool, duration: float = 0.0) -> None:
-        """Record an attempt's end; ``healthy`` when the host answered sanely."""
+    def finished(self, host: str, healthy: bool, started: float) -> None:
+        """
+        Record the end of an attempt that started at ``started``; ``healthy``
+        when the host answered sanely.
+        """
         state = self.state(host)
+        now = self.clock.seconds()
         state.in_flight -= 1
-        state.progress_at = self.clock.seconds()
-        state.avg_duration += 0.2 * (duration - state.avg_duration)
+        state.progress_at = now
+        state.avg_duration += 0.2 * ((now - started) - state.avg_duration)
         if healthy:
             state.failures = 0
-            state.paused_until = None
-            state.probing = False
-            state.trips = 0
-        else:
-            state.failures += 1
-            now = self.clock.seconds()
-            paused = state.paused_until is not None and state.paused_until > now
-            if state.probing or (not paused and state.failures >= self.threshold):
-                state.paused_until = now + self.cooldown * min(2**state.trips, 16)
-                state.trips += 1
+            if state.paused_until is not None:
+                state.paused_until = None
                 state.probing = False
+                state.pause = 0.0
+        elif state.paused_until is not None:
+            if state.probing and started >= state.probe_started:
+                # The probe failed: the host stays down, pause it for longer.
+                state.pause = min(max(2 * state.pause, self.first_pause), self.cooldown)
+                state.paused_until = now + state.pause
+                state.probing = False
+            # Otherwise an attempt sent before the pause: already counted.
+        else:
+            if state.failures == 0 or started - state.last_failure > self.window:
+                state.failures = 0
+                state.failing_since = started
+            state.failures += 1
+            state.failing_since = min(state.failing_since, started)
+            state.last_failure = max(state.last_failure, now)
+            if state.failures >= self.threshold and now - state.failing_since >= self.window:
+                state.pause = self.first_pause
+                state.paused_until = now + state.pause
+                state.probing = False
+        if state.idle(now):
+            # Nothing left in flight or waiting here: a spread computed from
+            # an earlier burst or stall must not push the next deferral out.
+            state.cursor = min(state.cursor, now)
 
     def hold(self, host: str, item: Any) -> None:
         """Keep ``item`` until ``next_waiting`` hands it back (after ``WAIT``)."""

@@ -55,20 +55,25 @@ class IStore(Interface):
         """
         Append ``attempt`` and move the delivery to ``status`` (``scheduled``
         with ``next_attempt_at`` for a retry, or ``delivered``/``failed``),
-        releasing its claim; store the new ``follow_ups`` deliveries (the
+        releasing its claim and clearing ``deferred``; store the new ``follow_ups`` deliveries (the
         errback or callback report this outcome promises) in the same
         transaction, so no kill can record the outcome and lose its report.
         Deferred[None]; an unknown ``delivery_id`` fails with ``KeyError``
         and stores nothing.
         """
 
-    def release_claims():  # type: ignore[misc]
+    def release_claims(now):  # type: ignore[misc]
         """
         Make every ``delivering`` delivery ``scheduled`` (keeping its
-        ``next_attempt_at``), so it is due at once. Called at start-up by the
-        one process that uses a single-node store: whoever held those claims
-        is gone, and waiting for the leases to expire would only delay
-        delivery. Deferred[int]: how many were released.
+        ``next_attempt_at``), so it is due at once; and make every
+        ``scheduled`` delivery that a host pause pushed back (``deferred ==
+        "host_paused"``) due at ``now`` if it was due later, keeping its
+        ``deferred`` mark (the dispatcher then probes the host first).
+        Called at start-up by the one process that uses a single-node
+        store: whoever held those claims is gone, and the pauses were that
+        process's view of its hosts, which a restart starts afresh; waiting
+        for either would only delay delivery. Deferred[int]: how many
+        deliveries were released (claims and pauses).
         """
 
     def renew_claim(delivery_id, claimed_until):  # type: ignore[misc]
@@ -79,10 +84,11 @@ class IStore(Interface):
         ``delivering`` is left alone. Deferred[None].
         """
 
-    def reschedule(delivery_id, next_attempt_at):  # type: ignore[misc]
+    def reschedule(delivery_id, next_attempt_at, deferred=None):  # type: ignore[misc]
         """
         Put a claimed delivery back to ``scheduled`` without an attempt
-        (host paused, service stopping). Deferred[None].
+        (host paused or busy, service stopping), recording ``deferred``: why
+        (``"host_paused"``, ``"host_busy"``, or ``None``). Deferred[None].
         """
 
     def requeue(delivery_id, now):  # type: ignore[misc]

@@ -29,6 +29,7 @@ from hookah.model import (
     DELIVERED,
     DELIVERING,
     FAILED,
+    HOST_PAUSED,
     KIND_WEBSUB,
     SCHEDULED,
     STATUSES,
@@ -170,15 +171,22 @@ class MemoryStore:
                 status=status,
                 next_attempt_at=next_attempt_at,
                 claimed_until=None,
+                deferred=None,
             )
         )
         return succeed(None)
 
-    def release_claims(self) -> Deferred:
+    def release_claims(self, now: float) -> Deferred:
         claimed = [d for d in self._deliveries.values() if d.status == DELIVERING]
         for delivery in claimed:
             self._put(attr.evolve(delivery, status=SCHEDULED, claimed_until=None))
-        return succeed(len(claimed))
+        paused = [
+            d for d in self._deliveries.values()
+            if d.status == SCHEDULED and d.deferred == HOST_PAUSED and d.next_attempt_at is not None and d.next_attempt_at > now
+        ]
+        for delivery in paused:
+            self._put(attr.evolve(delivery, next_attempt_at=now))
+        return succeed(len(claimed) + len(paused))
 
     def renew_claim(self, delivery_id: str, claimed_until: float) -> Deferred:
         delivery = self._deliveries.get(delivery_id)
@@ -186,12 +194,13 @@ class MemoryStore:
             self._put(attr.evolve(delivery, claimed_until=claimed_until))
         return succeed(None)
 
-    def reschedule(self, delivery_id: str, next_attempt_at: float) -> Deferred:
+    def reschedule(self, delivery_id: str, next_attempt_at: float, deferred: Optional[str] = None) -> Deferred:
         delivery = self._deliveries.get(delivery_id)
         if delivery is not None and delivery.status == DELIVERING:
             self._put(
                 attr.evolve(
-                    delivery, status=SCHEDULED, next_attempt_at=next_attempt_at, claimed_until=None
+                    delivery, status=SCHEDULED, next_attempt_at=next_attempt_at, claimed_until=None,
+                    deferred=deferred,
                 )
             )
         return succeed(None)
@@ -206,6 +215,7 @@ class MemoryStore:
             next_attempt_at=now,
             retry_from=len(delivery.attempts),
             claimed_until=None,
+            deferred=None,
         )
         self._put(delivery)
         return succeed(delivery)

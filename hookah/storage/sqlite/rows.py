@@ -92,13 +92,13 @@ def remember_idempotency_keys(
 def insert_deliveries(c: sqlite3.Connection, deliveries: List[Delivery]) -> None:
     c.executemany(
         f"INSERT INTO deliveries ({DELIVERY_COLUMNS}, finished_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 d.id, d.url, d.body, d.content_type, dump_headers(d.headers),
                 d.status, d.created_at, d.next_attempt_at, d.retries, d.timeout,
                 d.errback, d.callback, d.kind, d.topic, d.event_id, d.parent_id,
-                d.idempotency_key, d.retry_from, d.claimed_until, _finished_at(d),
+                d.idempotency_key, d.retry_from, d.claimed_until, d.deferred, _finished_at(d),
             )
             for d in deliveries
         ],
@@ -144,6 +144,7 @@ def load_deliveries(c: sqlite3.Connection, rows: List[Any]) -> List[Delivery]:
             retries=row[8], timeout=row[9], errback=row[10], callback=row[11],
             kind=row[12], topic=row[13], event_id=row[14], parent_id=row[15],
             idempotency_key=row[16], retry_from=row[17], claimed_until=row[18],
+            deferred=row[19],
         )
         for row in rows
     ]

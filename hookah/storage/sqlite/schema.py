@@ -14,9 +14,9 @@ from __future__ import annotations
 import sqlite3
 from typing import Dict
 
-from hookah.model import DELIVERED, FAILED, KIND_WEBSUB, SCHEDULED
+from hookah.model import DELIVERED, FAILED, HOST_PAUSED, KIND_WEBSUB, SCHEDULED
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Schema migrations by the version they upgrade from. A fresh file runs them
 # all; a file written by a newer Hookah is refused rather than misread.
@@ -129,6 +129,15 @@ INSERT OR IGNORE INTO idempotency_keys (key, id, created_at)
 DROP INDEX IF EXISTS deliveries_idempotency;
 DROP INDEX IF EXISTS events_idempotency;
 """,
+    # Why a delivery was pushed back by its host rather than its schedule:
+    # start-up makes what a host pause held due at once, found through a
+    # partial index (only rows a pause holds are in it).
+    3: f"""
+ALTER TABLE deliveries ADD COLUMN deferred TEXT;
+CREATE INDEX IF NOT EXISTS deliveries_paused
+    ON deliveries (next_attempt_at)
+    WHERE deferred = '{HOST_PAUSED}' AND status = '{SCHEDULED}';
+""",
 }
 
 
@@ -150,7 +159,7 @@ def upgrade(connection: sqlite3.Connection, path: str) -> None:
 DELIVERY_COLUMNS = (
     "id, url, body, content_type, headers, status, created_at, next_attempt_at,"
     " retries, timeout, errback, callback, kind, topic, event_id, parent_id,"
-    " idempotency_key, retry_from, claimed_until"
+    " idempotency_key, retry_from, claimed_until, deferred"
 )
 EVENT_COLUMNS = "id, topic, body, content_type, headers, created_at, idempotency_key"
 SUBSCRIPTION_COLUMNS = "topic, callback, secret, lease_seconds, created_at, expires_at, hub_url"
@@ -205,6 +214,12 @@ REMEMBER_IDEMPOTENCY_KEY = (
 )
 RELEASE_CLAIMS = (
     "UPDATE deliveries SET status = ?, claimed_until = NULL WHERE status = ?"
+)
+# Start-up: what only a host pause held is due at once. The row keeps its
+# mark, so the dispatcher probes the host before sending the rest.
+RELEASE_PAUSED = (
+    "UPDATE deliveries INDEXED BY deliveries_paused SET next_attempt_at = ?"
+    f" WHERE deferred = '{HOST_PAUSED}' AND status = '{SCHEDULED}' AND next_attempt_at > ?"
 )
 TRIM_BY_COUNT = (
     "DELETE FROM events WHERE topic = ? AND id <= (SELECT id FROM events"

@@ -91,6 +91,7 @@ from hookah.storage.sqlite.schema import (
     NEXT_SCHEDULED,
     PURGE_IDEMPOTENCY_KEYS,
     RELEASE_CLAIMS,
+    RELEASE_PAUSED,
     SUBSCRIPTION_COLUMNS,
     TRIM_BY_AGE,
     TRIM_BY_COUNT,
@@ -259,7 +260,7 @@ class SQLiteStore:
         def work(c: sqlite3.Connection) -> None:
             updated = c.execute(
                 "UPDATE deliveries SET status = ?, next_attempt_at = ?,"
-                " claimed_until = NULL, finished_at = ? WHERE id = ?",
+                " claimed_until = NULL, finished_at = ?, deferred = NULL WHERE id = ?",
                 (status, next_attempt_at, finished_at, delivery_id),
             ).rowcount
             if not updated:
@@ -272,10 +273,13 @@ class SQLiteStore:
         # KeyError comes first), so it needs no savepoint of its own.
         return self._worker.submit(work, write=True, isolated=bool(follow_ups))
 
-    def release_claims(self) -> Deferred[int]:
-        return self._write(
-            lambda c: c.execute(RELEASE_CLAIMS, (SCHEDULED, DELIVERING)).rowcount
-        )
+    def release_claims(self, now: float) -> Deferred[int]:
+        def work(c: sqlite3.Connection) -> int:
+            claims: int = c.execute(RELEASE_CLAIMS, (SCHEDULED, DELIVERING)).rowcount
+            paused: int = c.execute(RELEASE_PAUSED, (now, now)).rowcount
+            return claims + paused
+
+        return self._write(work)
 
     def renew_claim(self, delivery_id: str, claimed_until: float) -> Deferred[None]:
         def work(c: sqlite3.Connection) -> None:
@@ -286,12 +290,12 @@ class SQLiteStore:
 
         return self._worker.submit(work, write=True, isolated=False)
 
-    def reschedule(self, delivery_id: str, next_attempt_at: float) -> Deferred[None]:
+    def reschedule(self, delivery_id: str, next_attempt_at: float, deferred: Optional[str] = None) -> Deferred[None]:
         def work(c: sqlite3.Connection) -> None:
             c.execute(
                 "UPDATE deliveries SET status = ?, next_attempt_at = ?,"
-                " claimed_until = NULL WHERE id = ? AND status = ?",
-                (SCHEDULED, next_attempt_at, delivery_id, DELIVERING),
+                " claimed_until = NULL, deferred = ? WHERE id = ? AND status = ?",
+                (SCHEDULED, next_attempt_at, deferred, delivery_id, DELIVERING),
             )
 
         return self._worker.submit(work, write=True, isolated=False)
@@ -308,7 +312,7 @@ class SQLiteStore:
             ).fetchone()
             c.execute(
                 "UPDATE deliveries SET status = ?, next_attempt_at = ?,"
-                " retry_from = ?, claimed_until = NULL, finished_at = NULL"
+                " retry_from = ?, claimed_until = NULL, finished_at = NULL, deferred = NULL"
                 " WHERE id = ?",
                 (SCHEDULED, now, attempts, delivery_id),
             )
