@@ -278,8 +278,9 @@ class WebSubHub(Service):
     ``submit`` handles a WebSub (or PuSH 0.3 ``async``) request after its
     ``202``, retrying a verification that got no usable answer;
     ``verify_now`` is the PuSH 0.3 ``sync`` path, one attempt, whose result
-    is the response. ``delivery_finished`` is the dispatcher's hook that ends
-    a subscription whose callback answered ``410 Gone``. While running, a
+    is the response. ``delivery_finished`` (``IDeliveryOutcomeListener``:
+    the dispatcher tells it of finished deliveries) ends a subscription
+    whose callback answered ``410 Gone``. While running, a
     loop purges expired subscriptions (they already receive nothing) and
     cancels their queued notifications; see the module docstring.
     """
