@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import quote
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchlib, beside this file
@@ -190,6 +190,78 @@ def load_worker(port: int, path: str, connections: int, seconds: float) -> None:
     latencies.sort()
     sample = latencies[:: max(1, len(latencies) // 2000)]
     print(json.dumps({"done": state["done"], "seconds": elapsed, "statuses": statuses, "latencies": sample}), flush=True)
+
+
+def count_worker(port: int, path: str, connections: int, count: int) -> None:
+    """
+    ``count`` requests over ``connections`` keep-alive connections, one at a
+    time each (a fixed number, not a fixed time: the webhooks mode); prints
+    JSON figures with the monotonic times of the first send and last answer.
+    """
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(BODY)}\r\n\r\n"
+    ).encode() + BODY
+    statuses: Dict[int, int] = {}
+    left = [count]
+
+    async def one_connection() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while left[0] > 0:
+                left[0] -= 1
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head.split(b" ", 2)[1])
+                length, chunked = 0, False
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                    elif name.strip().lower() == b"transfer-encoding" and b"chunked" in value.lower():
+                        chunked = True
+                if chunked:
+                    while True:
+                        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                        await reader.readexactly(size + 2)
+                        if size == 0:
+                            break
+                else:
+                    await reader.readexactly(length)
+                statuses[status] = statuses.get(status, 0) + 1
+        finally:
+            writer.close()
+
+    async def main() -> Tuple[float, float]:
+        started = time.monotonic()
+        await asyncio.gather(*(one_connection() for _ in range(connections)))
+        return started, time.monotonic()
+
+    started, finished = asyncio.run(main())
+    print(json.dumps({"done": sum(statuses.values()), "started": started, "finished": finished, "statuses": statuses}), flush=True)
+
+
+def run_count_load(port: int, path: str, connections: int, count: int, processes: int) -> Dict[str, Any]:
+    """``count_worker`` in ``processes`` processes sharing ``connections`` and ``count``."""
+    conns = [c for c in shares(connections, processes) if c]
+    counts = shares(count, len(conns))
+    children = [
+        subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--count-worker", str(port), path, str(c), str(n)],
+            stdout=subprocess.PIPE,
+        )
+        for c, n in zip(conns, counts)
+    ]
+    started, finished = float("inf"), 0.0
+    statuses: Dict[str, int] = {}
+    for child in children:
+        out, _ = child.communicate(timeout=3600)
+        figures = json.loads(out)
+        started = min(started, figures["started"])
+        finished = max(finished, figures["finished"])
+        for code, n in figures["statuses"].items():
+            statuses[code] = statuses.get(code, 0) + n
+    return {"requests": sum(statuses.values()), "started": started, "finished": finished, "statuses": statuses}
 
 
 def run_fallback_load(port: int, path: str, connections: int, seconds: float, processes: int) -> Dict[str, Any]:
@@ -407,6 +479,47 @@ class Bench:
                 profiler.stop()
             server.stop()
 
+    def webhooks(self, work: str, sink: Child, twistd: str, count: int) -> Dict[str, Any]:
+        """
+        A fresh Hookah (empty database) gets ``count`` dispatches from
+        ``--connections`` connections, as fast as it answers: delivered/s is
+        ``count`` over the time from the first dispatch sent to the
+        ``count``-th delivery at the sink; accepted/s over the last ``202``.
+        """
+        port = free_port()
+        database = os.path.join(work, f"webhooks-{count}-{os.getpid()}-{time.monotonic_ns()}.db")
+        argv = [twistd, "-n", "--pidfile=", "hookah", "--listen", f"tcp:{port}:interface=127.0.0.1:backlog=4096",
+                "--storage", f"sqlite:{database}", "--allow-private-targets", *self.args.hookah_option]
+        server = Child("hookah-webhooks", argv, work, port=port)
+        try:
+            path = "/dispatch?_url=" + quote(f"http://127.0.0.1:{sink.port}/hook", safe="")
+            # A short warm-up opens the connections to the sink.
+            before = sink_count(sink)
+            warm = run_count_load(port, path, self.args.connections, 200, 1)
+            self.wait_for_sink(sink, before + warm["requests"], "the warm-up")
+            self.wait_for_quiet(sink)
+            baseline = sink_count(sink)
+            cpu_before = server.cpu_seconds()
+            figures = run_count_load(port, path, self.args.connections, count, self.args.processes)
+            self.wait_for_sink(sink, baseline + figures["requests"], f"{count:,} deliveries")
+            last = sink_time_of(sink, baseline + figures["requests"])
+            assert last is not None
+            seconds = last - figures["started"]
+            figures.update(
+                count=count,
+                warmup_statuses=warm["statuses"],
+                accepted_rate=figures["requests"] / (figures["finished"] - figures["started"]),
+                delivered_seconds=seconds,
+                delivered_rate=figures["requests"] / seconds,
+                cpu=(server.cpu_seconds() - cpu_before) / seconds,
+                # CPU time per webhook moves less than rates on a busy machine.
+                cpu_ms=(server.cpu_seconds() - cpu_before) * 1000 / figures["requests"],
+                rss=server.rss(),
+            )
+            return figures
+        finally:
+            server.stop()
+
     def wait_for_sink(self, sink: Child, count: int, what: str) -> None:
         while sink_count(sink) < count:
             self.remaining(what)
@@ -522,6 +635,40 @@ def fmt_ms(value: Optional[float]) -> str:
     return f"{value:.1f} ms" if value is not None else "n/a"
 
 
+def webhooks_mode(args: argparse.Namespace) -> None:
+    """``--webhooks 5000,50000``: delivered/s per count and per ``--twistd``, back to back in one run."""
+    counts = [int(c.replace("_", "")) for c in args.webhooks.split(",") if c.strip()]
+    twistds = args.twistd or [TWISTD]
+    info = machine()
+    bench = Bench(args)
+    work = tempfile.mkdtemp(prefix="hookah-bench-webhooks-")
+    print(f"{info['date']}: {info['nproc']} CPUs ({info['cpu']}), {info['memory']}, {info['python']}, "
+          f"load average {info['load']}; {args.connections} client connections in {args.processes} processes; logs in {work}",
+          flush=True)
+    sink_port = free_port()
+    sink = Child("sink", [sys.executable, os.path.abspath(__file__), "--serve-sink", str(sink_port)], work, port=sink_port)
+    rows = []
+    try:
+        for count in counts:
+            for twistd in twistds:
+                f = bench.webhooks(work, sink, twistd, count)
+                if set(f["statuses"]) != {"202"}:
+                    print(f"WARNING: statuses {f['statuses']}")
+                rows.append((count, twistd, f))
+                print(f"{count:,} webhooks, {twistd}: delivered {f['delivered_rate']:,.0f}/s "
+                      f"({f['requests']:,} in {f['delivered_seconds']:.2f} s from the first dispatch), accepted "
+                      f"{f['accepted_rate']:,.0f}/s, server CPU {f['cpu']:.0%} ({f['cpu_ms']:.2f} ms per webhook), RSS {f['rss'] / 2**20:.0f} MiB; "
+                      f"load average now {os.getloadavg()[0]:.1f}", flush=True)
+    finally:
+        sink.stop()
+    print()
+    print("| webhooks | twistd | delivered/s | accepted/s | server CPU | server CPU per webhook |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for count, twistd, f in rows:
+        print(f"| {count:,} | `{twistd}` | {f['delivered_rate']:,.0f} | {f['accepted_rate']:,.0f} | {f['cpu']:.0%} | {f['cpu_ms']:.2f} ms |")
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--serve-sink"]:
@@ -530,6 +677,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return serve_bare(int(argv[1]))
     if argv[:1] == ["--load-worker"]:
         return load_worker(int(argv[1]), argv[2], int(argv[3]), float(argv[4]))
+    if argv[:1] == ["--count-worker"]:
+        return count_worker(int(argv[1]), argv[2], int(argv[3]), int(argv[4]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each measured load run [10]")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring [2]")
@@ -539,10 +688,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--no-wrk", action="store_true", help="use the asyncio generator even if wrk is installed")
     parser.add_argument("--budget", type=float, default=300.0, help="seconds before giving up altogether [300]")
     parser.add_argument("--hookah-option", action="append", default=[], help="extra hookah option (repeatable), e.g. --hookah-option=--concurrency=512")
-    parser.add_argument("--twistd", help="the twistd to run Hookah with, e.g. one in a PyPy virtualenv [next to this Python]")
+    parser.add_argument("--twistd", action="append", default=[],
+                        help="the twistd to run Hookah with, e.g. one in a PyPy virtualenv or in a virtualenv of older code "
+                             "(repeatable in the --webhooks mode: each in turn, back to back) [next to this Python]")
+    parser.add_argument("--webhooks", help="instead of the timed runs: deliver this many webhooks (comma-separated counts, "
+                                           "e.g. 5000,50000) with each --twistd, a fresh server each, and report delivered/s")
     parser.add_argument("--profile", help="record the server with py-spy during the measured run into this file (collapsed stacks)")
     parser.add_argument("--readme", help="write the figures into this Markdown file's Dispatch section")
     args = parser.parse_args(argv)
+    if args.webhooks:
+        return webhooks_mode(args)
+    if len(args.twistd) > 1:
+        parser.error("several --twistd only with --webhooks")
+    args.twistd = args.twistd[0] if args.twistd else None
 
     info = machine()
     bench = Bench(args)
