@@ -652,6 +652,18 @@ class StopDuringClaimTests(DispatcherTestCase):
         self.assertEqual(client.sent, [])
 
 
+class ClaimCountingStore(MemoryStore):
+    """Counts claim queries."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.claims = 0
+
+    def claim_due(self, now: float, limit: int, lease_until: float) -> Deferred:
+        self.claims += 1
+        return super().claim_due(now, limit, lease_until)
+
+
 class LimitTests(DispatcherTestCase):
     def test_concurrency_cap(self) -> None:
         clock, client, dispatcher = self.fake(lambda sent: None, concurrency=3)
@@ -679,6 +691,41 @@ class LimitTests(DispatcherTestCase):
             clock.advance(1)
         self.assertEqual(client.max_outstanding, 4)
         self.assertEqual(len(client.sent), 10)
+
+    def test_a_steady_stream_does_not_poll_storage_per_delivery(self) -> None:
+        # Webhooks submitted one after another, each answered at once: with
+        # nothing waiting in storage, a finished attempt must not cost a
+        # claim query (the first version polled after every attempt, so a
+        # webhook took four store round trips instead of two).
+        clock = self.clock()
+        inner = ClaimCountingStore(clock)
+        clock, client, dispatcher = self.fake(always(200), clock=clock, store=self.make_store(clock, inner))
+        clock.advance(0)
+        self.settle()
+        polls_before = inner.claims
+        for i in range(100):
+            self.submit(dispatcher, self.delivery(f"S{i:03}", url=f"http://h{i % 7}.example/"))
+            clock.advance(0.01)
+            self.settle()
+        self.assertEqual(len(client.sent), 100)
+        self.assertEqual({d.status for d in self.all_deliveries(dispatcher)}, {DELIVERED})
+        # The poll-interval safety net (5 s) still runs: one second, no poll.
+        self.assertLessEqual(inner.claims - polls_before, 1)
+
+    def test_a_retry_is_claimed_when_due_without_a_wake_up(self) -> None:
+        # The dispatcher knows when the rows it stored come due: a retry
+        # scheduled after a 500 is sent on time, though no poll ran since.
+        answers = iter([500, 200])
+        clock, client, dispatcher = self.fake(lambda sent: (next(answers), (), b""), poll_interval=3600.0)
+        self.submit(dispatcher, self.delivery("R1"))
+        clock.advance(0)
+        self.settle()
+        clock.advance(SCHEDULE[0])
+        self.settle()
+        clock.advance(0)
+        self.settle()
+        self.assertEqual([s.at for s in client.sent], [T0, T0 + SCHEDULE[0]])
+        self.assertEqual(self.get(dispatcher, "R1").status, DELIVERED)
 
     def test_per_host_cap(self) -> None:
         clock = self.clock()

@@ -50,6 +50,8 @@ from hookah.storage.interface import IStore
 
 log = Logger()
 
+_NEVER = float("inf")
+
 
 def _tell(_: object, listener: IDeliveryOutcomeListener, delivery: Delivery) -> Any:
     return listener.delivery_finished(delivery)
@@ -81,7 +83,7 @@ class Intake:
         return write.addCallbacks(self._stored, self._not_stored)
 
     def _stored(self, _: object) -> List[Delivery]:
-        self._dispatcher._stored(self._claimed, len(self.deliveries))
+        self._dispatcher._stored(self._claimed, self.deliveries)
         return self.deliveries
 
     def _not_stored(self, failure: Failure) -> Failure:
@@ -140,6 +142,17 @@ class Dispatcher(Service):
         self._polling = False
         self._poll_again = False
         self._starved = False
+        # The earliest time a row may be due, as far as this dispatcher
+        # knows: learnt from storage after a poll that left room, lowered by
+        # every row it stores for later (deferrals, retries, rows it had no
+        # room for). None: unknown, so a freed slot polls at once. With it, a
+        # finished attempt does not cost a claim and a next-due query when
+        # nothing is waiting in storage (two of the four store round trips
+        # per webhook under a steady load).
+        self._due_at: Optional[float] = None
+        # The same, for rows stored while a poll is out (its answer may
+        # predate them).
+        self._due_during_poll = _NEVER
         # Fires when the poll in progress ends: stopping waits for it, so
         # storage is not closed under a claim.
         self._poll_finished: Optional[Deferred] = None
@@ -206,11 +219,15 @@ class Dispatcher(Service):
             stored.append(delivery)
         return Intake(stored, self, [(d, self._reserve(d.id)) for d in start_now])
 
-    def _stored(self, claimed: List[Tuple[Delivery, Deferred]], count: int) -> None:
+    def _stored(self, claimed: List[Tuple[Delivery, Deferred]], deliveries: List[Delivery]) -> None:
         for delivery, slot in claimed:
             self._dispatch(delivery, slot)
-        if len(claimed) < count:
-            self._wake()
+        if len(claimed) < len(deliveries):
+            started = {d.id for d, _ in claimed}
+            now = self.clock.seconds()
+            self._note_due(min(
+                now if d.next_attempt_at is None else d.next_attempt_at for d in deliveries if d.id not in started
+            ))
 
     def _not_stored(self, claimed: List[Tuple[Delivery, Deferred]]) -> None:
         for delivery, slot in claimed:
@@ -229,17 +246,42 @@ class Dispatcher(Service):
         if self._in_flight.get(delivery_id) is slot:
             del self._in_flight[delivery_id]
         slot.callback(None)
-        if wake or self._starved:
+        if self._starved:
             # A poll that found no room armed no timer: the first slot
             # freed afterwards, of whatever kind, must restart the loop.
             self._starved = False
             self._wake()
+        elif wake:
+            self._resume()
 
     # -- the claim loop --------------------------------------------------------
 
     def _wake(self) -> None:
-        """Look for due work soon; many wake-ups in one turn make one poll."""
+        """
+        Look for due work soon; many wake-ups in one turn make one poll.
+        What was known about due rows is forgotten: a wake-up from outside
+        (a retry asked for, another node's rows) may mean anything.
+        """
+        self._due_at = None
         self._set_timer(self.clock.seconds())
+
+    def _resume(self) -> None:
+        """A slot is free: poll at once only if a row may be due by now."""
+        if self._due_at is None:
+            self._wake()
+        else:
+            self._set_timer(min(self._due_at, self.clock.seconds() + self.poll_interval))
+
+    def _stored_for(self, result: Any, at: float) -> Any:
+        self._note_due(at)
+        return result
+
+    def _note_due(self, at: float) -> None:
+        """A row this dispatcher stored becomes due at ``at``."""
+        self._due_during_poll = min(self._due_during_poll, at)
+        if self._due_at is not None:
+            self._due_at = min(self._due_at, at)
+        self._set_timer(at)
 
     def _set_timer(self, at: float) -> None:
         if not self.running:
@@ -263,6 +305,7 @@ class Dispatcher(Service):
             return
         self._polling = True
         self._poll_finished = Deferred()
+        self._due_during_poll = _NEVER
         now = self.clock.seconds()
         # Claimed for an attempt at the default timeout; one with a longer
         # timeout of its own has its claim renewed before it is sent.
@@ -290,14 +333,14 @@ class Dispatcher(Service):
                 # behind its backlog (each deferred row is out of the way).
                 self._poll_again = True
         if len(deliveries) >= room:
+            # More may be due: the next free slot polls again.
+            self._due_at = None
             return succeed(None)
         return self.store.next_due().addCallback(self._sleep_until)
 
     def _sleep_until(self, due: Optional[float]) -> None:
-        at = self.clock.seconds() + self.poll_interval
-        if due is not None:
-            at = min(at, due)
-        self._set_timer(at)
+        self._due_at = min(_NEVER if due is None else due, self._due_during_poll)
+        self._set_timer(min(self._due_at, self.clock.seconds() + self.poll_interval))
 
     def _polled(self, _: object) -> None:
         self._polling = False
@@ -335,6 +378,7 @@ class Dispatcher(Service):
         busy host's, and claiming them only to put them back would spin.
         """
         d = self.store.reschedule(delivery.id, at, why)
+        d.addCallback(lambda _: self._note_due(at))
         d.addErrback(lambda f: log.failure("deferring {id} failed", f, id=delivery.id))
         d.addBoth(lambda _: self._release(delivery.id, slot, wake=False))
 
@@ -456,6 +500,8 @@ class Dispatcher(Service):
             )
         else:
             d = self.store.finish_attempt(delivery.id, attempt, decision.status, decision.next_attempt_at)
+        if decision.next_attempt_at is not None:
+            d.addCallback(self._stored_for, decision.next_attempt_at)
         for listener in self.outcome_listeners if decision.final else ():
             d.addCallback(_tell, listener, finished)
         return d
