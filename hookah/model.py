@@ -74,12 +74,29 @@ def delivery_kind(value: str) -> DeliveryKind:
 
 Headers = Tuple[Tuple[str, str], ...]
 
-# Why a delivery was pushed back by its host's state rather than by its own
-# schedule (``Delivery.deferred``): the host's breaker is open, or the host
-# has no free slot. A restart, which starts with a clean view of hosts,
-# makes what only a pause held due at once.
-HOST_PAUSED = "host_paused"
-HOST_BUSY = "host_busy"
+
+
+class Deferral(TextEnum):
+    """
+    Why a delivery was pushed back by its host's state rather than by its
+    own schedule (``Delivery.deferred``): the host's breaker is open, or the
+    host has no free slot. A restart, which starts with a clean view of
+    hosts, makes what only a pause held due at once.
+    """
+
+    HOST_PAUSED = "host_paused"
+    HOST_BUSY = "host_busy"
+
+
+HOST_PAUSED = Deferral.HOST_PAUSED
+HOST_BUSY = Deferral.HOST_BUSY
+
+
+def deferral(value: Optional[str]) -> Optional[Deferral]:
+    """A deferral read back as text (storage) as the member it names; ``None`` stays ``None``."""
+    if value is None or isinstance(value, Deferral):
+        return value
+    return Deferral(value)
 
 # Why queued WebSub notifications were cancelled: the ``error`` of the
 # attempt-less ``Attempt`` that ``IStore.cancel_deliveries`` appends.
@@ -141,7 +158,7 @@ class Delivery:
     idempotency_key: Optional[str] = None
     retry_from: int = 0
     claimed_until: Optional[float] = None
-    deferred: Optional[str] = None
+    deferred: Optional[Deferral] = attr.ib(default=None, converter=deferral)
 
     @property
     def current_attempts(self) -> Tuple[Attempt, ...]:

@@ -14,12 +14,15 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from hookah.delivery.hosts import Verdict
 from hookah.metrics import Metrics
 from hookah.model import (
     FAILED,
+    HOST_BUSY,
     KIND_WEBSUB,
     SCHEDULED,
     STATUSES,
+    Deferral,
     Delivery,
     DeliveryKind,
     DeliveryStatus,
@@ -33,7 +36,7 @@ from tests.support import http_client, start_hookah, temp_dir
 class TextEnumTests(SynchronousTestCase):
     def test_members_are_their_text(self) -> None:
         self.assertEqual([str(s) for s in STATUSES], ["scheduled", "delivering", "delivered", "failed"])
-        for member in (FAILED, KIND_WEBSUB, Mode.UNSUBSCRIBE, Outcome.UNREACHABLE):
+        for member in (FAILED, KIND_WEBSUB, Mode.UNSUBSCRIBE, Outcome.UNREACHABLE, Verdict.DEFER, HOST_BUSY):
             self.assertEqual(str(member), member.value)
             self.assertEqual(f"{member}", member.value)
             self.assertEqual(f"[{member:>12}]", f"[{member.value:>12}]")
@@ -43,8 +46,10 @@ class TextEnumTests(SynchronousTestCase):
             self.assertEqual(hash(member), hash(member.value))
 
     def test_records_hold_members_whatever_they_are_given(self) -> None:
-        delivery = Delivery("D", "http://h.example/", b"", status="failed", kind="websub")  # type: ignore[arg-type]
+        delivery = Delivery("D", "http://h.example/", b"", status="failed", kind="websub", deferred="host_paused")  # type: ignore[arg-type]
         self.assertIs(delivery.status, DeliveryStatus.FAILED)
+        self.assertIs(delivery.deferred, Deferral.HOST_PAUSED)
+        self.assertIsNone(Delivery("D", "http://h.example/", b"").deferred)
         self.assertIs(delivery.kind, DeliveryKind.WEBSUB)
         self.assertEqual(json.dumps(delivery.to_json())[:60], '{"id": "D", "url": "http://h.example/", "status": "failed", ')
         request = SubscriptionRequest("subscribe", "http://t.example/", "http://c.example/")  # type: ignore[arg-type]
@@ -75,8 +80,9 @@ class SQLiteRepresentationTests(TestCase):
             store = SQLiteStore(path, reactor)
             await store.open()
             try:
-                await store.add_deliveries([Delivery("D", "http://h.example/", b"", kind=KIND_WEBSUB, topic="t")])
+                await store.add_deliveries([Delivery("D", "http://h.example/", b"", kind=KIND_WEBSUB, topic="t", deferred=HOST_BUSY)])
                 delivery = await store.get_delivery("D")
+                self.assertIs(delivery.deferred, Deferral.HOST_BUSY)
                 self.assertIs(delivery.status, DeliveryStatus.SCHEDULED)
                 self.assertIs(delivery.kind, DeliveryKind.WEBSUB)
                 [page] = await store.list_deliveries(SCHEDULED, 10, None)
@@ -86,10 +92,10 @@ class SQLiteRepresentationTests(TestCase):
                 await store.close()
             db = sqlite3.connect(path)
             try:
-                row = db.execute("SELECT status, typeof(status), kind, typeof(kind) FROM deliveries").fetchone()
+                row = db.execute("SELECT status, typeof(status), kind, typeof(kind), deferred, typeof(deferred) FROM deliveries").fetchone()
             finally:
                 db.close()
-            self.assertEqual(row, ("scheduled", "text", "websub", "text"))
+            self.assertEqual(row, ("scheduled", "text", "websub", "text", "host_busy", "text"))
 
         return ensureDeferred(go())
 

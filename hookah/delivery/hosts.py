@@ -35,12 +35,20 @@ from typing import Any, Deque, List, Optional
 from twisted.internet.interfaces import IReactorTime
 
 from hookah import defaults
-from hookah.model import HOST_BUSY, HOST_PAUSED
+from hookah.model import HOST_BUSY, HOST_PAUSED, TextEnum
 
-# Verdicts of ``HostGate.admit``.
-GO = "go"  # send now
-WAIT = "wait"  # hold in memory; a slot frees soon
-DEFER = "defer"  # push back in storage until ``retry_at``
+
+class Verdict(TextEnum):
+    """What ``HostGate.admit`` says of an attempt to a host."""
+
+    GO = "go"  # send now
+    WAIT = "wait"  # hold in memory; a slot frees soon
+    DEFER = "defer"  # push back in storage until ``retry_at``
+
+
+GO = Verdict.GO
+WAIT = Verdict.WAIT
+DEFER = Verdict.DEFER
 
 # Why a delivery was pushed back, stored with it (``Delivery.deferred``).
 PAUSED = HOST_PAUSED
@@ -170,7 +178,7 @@ class HostGate:
             state = self.state(host)
             state.paused_until = self.clock.seconds()
 
-    def admit(self, host: str) -> str:
+    def admit(self, host: str) -> Verdict:
         """``GO`` (the caller must then call ``started``), ``WAIT`` or ``DEFER``."""
         state = self.state(host)
         if state.paused_until is not None:
