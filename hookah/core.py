@@ -10,7 +10,7 @@ and its start-up order is ``hookah.app``'s work (``HookahService``).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
 
 from urllib.parse import quote
 
@@ -251,6 +251,16 @@ class HookahCore:
     def in_flight(self) -> int:
         """Delivery attempts in flight on this node."""
         return self.dispatcher.in_flight
+
+    def waiting(self, delivery: Delivery) -> Optional[Dict[str, Any]]:
+        """Why a scheduled delivery is not attempted yet (``hookah.delivery.waiting``)."""
+        return self.dispatcher.waiting(delivery)
+
+    def delivery_json(self, delivery: Delivery) -> Dict[str, Any]:
+        """A delivery as the API shows it: its record, and why it waits."""
+        shown = delivery.to_json()
+        shown["waiting"] = self.waiting(delivery)
+        return shown
 
     @property
     def running(self) -> bool:

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from typing import Any, List, Optional
 from urllib.parse import quote
 
@@ -231,10 +232,10 @@ class DurabilityTests(TestCase):
         database = os.path.join(directory, "hookah.db")
         # --retry-schedule 1 retries every second (+-20%); _retries keeps each
         # delivery retrying well past the kill instead of failing after the
-        # schedule's single retry while the target is down. The target's
-        # circuit breaker trips while it is down and parks deliveries until
-        # its cooldown ends (stored as their next attempt time, so it
-        # outlives the kill): a short cooldown keeps the test quick.
+        # schedule's single retry while the target is down. Should the
+        # target's circuit breaker trip while it is down, a short cooldown
+        # keeps its pauses short (PausedRestartTests shows that a restart
+        # releases what a pause held).
         args = [
             "--storage", f"sqlite:{database}", "--allow-private-targets",
             "--retry-schedule", "1", "--breaker-cooldown", "0.25",
@@ -311,6 +312,78 @@ class DurabilityTests(TestCase):
         log = second.log()
         self.assertIn("Server Shut Down.", log)
         self.assertNotIn("Traceback", log)
+
+
+class PausedRestartTests(TestCase):
+    """
+    The kill -9 variant of a short outage: deliveries that a host pause
+    pushed far out (a long first pause here) are due at once after a
+    restart with the receiver up, not at their stored time.
+    """
+
+    COUNT = 50
+    PAUSE = 60.0  # the stored deferrals are about this far out
+    AFTER_RESTART = 30.0  # generous; the stored times would be twice that
+
+    def test_a_restart_releases_what_a_pause_held(self) -> Deferred:
+        return ensureDeferred(self._restart())
+
+    test_a_restart_releases_what_a_pause_held.timeout = 6 * WAIT  # type: ignore[attr-defined]
+
+    async def _restart(self) -> None:
+        directory = temp_dir(self)
+        args = [
+            "--storage", f"sqlite:{os.path.join(directory, 'hookah.db')}", "--allow-private-targets",
+            "--retry-schedule", "0.2,0.4,0.8", "--breaker-window", "0.5",
+            "--breaker-pause", f"{self.PAUSE:g}", "--breaker-cooldown", f"{2 * self.PAUSE:g}",
+        ]
+        reserved = reserve_port(self)
+        sink_port = reserved.getsockname()[1]
+        target = f"http://127.0.0.1:{sink_port}/hook"
+        client = http_client(self)
+        first = HookahProcess(self, directory, args)
+        base = await first.started()
+
+        async def dispatch(n: int) -> str:
+            response = await client.post(
+                f"{base}/dispatch?_url={quote(target, safe='')}&_retries=40",
+                data=json.dumps({"n": n}).encode(),
+                headers={b"Content-Type": [b"application/json"]},
+            )
+            body = await response.content()
+            self.assertEqual(response.code, 202, body)
+            return str(json.loads(body)["id"])
+
+        ids: List[str] = await gatherResults([ensureDeferred(dispatch(n)) for n in range(self.COUNT)])
+
+        # Refused for longer than --breaker-window: the host is paused, and
+        # every delivery says so, with the time of the host's next probe.
+        async def all_paused() -> bool:
+            page = (await treq_json(client, f"{base}/dispatch?limit=1000"))["deliveries"]
+            self.assertEqual({d["id"] for d in page}, set(ids))
+            waiting = [d["waiting"] for d in page if d["status"] == "scheduled"]
+            return len(waiting) == self.COUNT and all(w["reason"] == "host_paused" for w in waiting)
+
+        await poll("every delivery to wait for its paused host", all_paused, WAIT, interval=0.2)
+        page = (await treq_json(client, f"{base}/dispatch?limit=1000"))["deliveries"]
+        for d in page:
+            latest = max(a["at"] for a in d["attempts"]) if d["attempts"] else d["created_at"]
+            self.assertGreater(d["waiting"]["until"], latest + self.PAUSE / 2, d)
+            self.assertIsNotNone(d["waiting"]["probe_at"], d)
+            self.assertEqual(d["waiting"]["host"], f"http://127.0.0.1:{sink_port}", d)
+        first.kill()
+        self.assertEqual(first.process.returncode, -signal.SIGKILL)
+
+        reserved.close()
+        sink, _ = listen_sink(self, port=sink_port)
+        second = HookahProcess(self, directory, args)
+        base = await second.started()
+        restarted = time.monotonic()
+        expected = {json.dumps({"n": n}).encode() for n in range(self.COUNT)}
+        await poll(f"all {self.COUNT} webhooks at the sink", lambda: {r.body for r in sink.received} >= expected, 2 * WAIT)
+        took = time.monotonic() - restarted
+        self.assertLessEqual(took, self.AFTER_RESTART, f"the last webhook arrived {took:.1f}s after the restart")
+        self.assertEqual({r.body for r in sink.received}, expected)
 
 
 async def treq_json(client: Any, url: str) -> Any:

@@ -27,6 +27,7 @@ from hookah.web.recent import id_at, newest_deliveries
 from hookah.storage.memory import MemoryStore
 from hookah.web.ops import HealthResource
 from tests.support import http_client, listen_sink, poll, start_hookah
+from tests.test_e2e_durability import reserve_port
 
 
 async def get(client: Any, url: str) -> Any:
@@ -183,6 +184,47 @@ class StatusPageContent(TestCase):
             self.assertIn(f'action="/dispatch/{failed_id}/retry"', html)
             self.assertIn('<div class="value">1</div><div class="label">failed</div>', html)
             self.assertEqual(html.count("<script"), 1)  # only ours, with its nonce
+
+        return ensureDeferred(go())
+
+
+    def test_page_and_api_say_why_a_delivery_waits(self) -> Any:
+        async def go() -> None:
+            # A host that refuses connections is paused at its first failure
+            # here, for ten minutes.
+            service, base = await start_hookah(
+                self, breaker_threshold=1, breaker_window=0.0, breaker_pause=600.0, breaker_cooldown=600.0
+            )
+            reserved = reserve_port(self)
+            dead = f"http://127.0.0.1:{reserved.getsockname()[1]}/hook"
+            client = http_client(self)
+
+            async def dispatch(query: str) -> str:
+                response = await client.post(base + "/dispatch?" + query, data=b"x")
+                self.assertEqual(response.code, 202)
+                return str((await response.json())["id"])
+
+            first = await dispatch("_retries=5&_url=" + quote(dead, safe=""))
+            await poll("the first refusal", lambda: service.store.get_delivery(first).addCallback(lambda d: len(d.attempts) == 1), 15.0)
+            held = await dispatch("_url=" + quote(dead, safe=""))
+            delayed = await dispatch("_delay=600&_url=" + quote(dead.replace("/hook", "/later"), safe=""))
+
+            async def waiting(delivery_id: str) -> Any:
+                response = await client.get(f"{base}/dispatch/{delivery_id}")
+                return (await response.json())["waiting"]
+
+            paused = await waiting(held)
+            self.assertEqual(paused["reason"], "host_paused")
+            self.assertEqual(paused["host"], dead.rsplit("/", 1)[0])
+            self.assertGreater(paused["probe_at"], reactor.seconds() + 500)
+            self.assertGreaterEqual(paused["until"], paused["probe_at"])
+            self.assertEqual((await waiting(delayed))["reason"], "delay")
+
+            code, _, body = await get(client, base + "/")
+            self.assertEqual(code, 200)
+            html = body.decode()
+            self.assertIn('data-waiting="host_paused">(host paused, probe in 9m', html)
+            self.assertIn('data-waiting="delay">(delayed)', html)
 
         return ensureDeferred(go())
 

@@ -43,6 +43,7 @@ from hookah.model import (
 )
 from hookah.delivery.hosts import BUSY, DEFER, GO, PAUSED, WAIT, HostGate
 from hookah.delivery.lease import covers, lease_until
+from hookah.delivery.waiting import why_waiting
 from hookah.delivery.retry import Decision, decide
 from hookah.delivery.signing import Signer
 from hookah.urls import TargetRefused, host_key
@@ -182,6 +183,10 @@ class Dispatcher(Service):
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    def waiting(self, delivery: Delivery) -> Optional[Dict[str, Any]]:
+        """Why a scheduled delivery is not attempted yet (``hookah.delivery.waiting``)."""
+        return why_waiting(delivery, self.clock.seconds(), self.hosts)
 
     def _lease(self, delivery: Delivery) -> float:
         return lease_until(self.clock.seconds(), delivery.timeout or self.timeout)

@@ -261,7 +261,7 @@ class DispatchResource(JsonResource):
                 request,
                 200,
                 {
-                    "deliveries": [d.to_json() for d in page],
+                    "deliveries": [self.core.delivery_json(d) for d in page],
                     "next": page[-1].id if len(page) == limit else None,
                 },
             )
@@ -289,7 +289,7 @@ class DeliveryResource(JsonResource):
             delivery = await self.core.get_delivery(self.delivery_id)
             if delivery is None:
                 raise ApiError(404, "not_found", f"There is no delivery {self.delivery_id}.")
-            return json_body(request, 200, delivery.to_json())
+            return json_body(request, 200, self.core.delivery_json(delivery))
 
         return render_async(request, handle)
 

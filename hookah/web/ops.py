@@ -99,6 +99,7 @@ class StatusPage(JsonResource):
             subscriptions=subscriptions[:SUBSCRIPTIONS_SHOWN],
             subscription_total=len(subscriptions),
             in_flight=self.core.in_flight,
+            waiting={d.id: w for d in (*failed, *recent) if (w := self.core.waiting(d)) is not None},
         )
 
     def render_GET(self, request: server.Request) -> object:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import datetime
 import html
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 from urllib.parse import quote
 
 import attr
 
 from hookah import __version__
+from hookah.delivery.waiting import describe
 from hookah.model import DELIVERED, DELIVERING, FAILED, SCHEDULED, Delivery, Subscription
 
 
@@ -41,6 +42,8 @@ class Snapshot:
     subscriptions: Sequence[Subscription]
     subscription_total: int
     in_flight: int = 0
+    # Why each scheduled delivery shown waits (``hookah.delivery.waiting``).
+    waiting: Dict[str, Dict[str, Any]] = attr.Factory(dict)
 
     @property
     def queue_depth(self) -> int:
@@ -101,13 +104,18 @@ def _last_result(delivery: Delivery) -> str:
     return _short(last.error or "no response", 56)
 
 
-def _next(delivery: Delivery, now: float) -> str:
+def _next(delivery: Delivery, now: float, waiting: Optional[Dict[str, Any]] = None) -> str:
     if delivery.status != SCHEDULED or delivery.next_attempt_at is None:
         return ""
-    return f'<div class="sub">next {e(relative(delivery.next_attempt_at, now)) if delivery.next_attempt_at > now else "now"}</div>'
+    when = relative(delivery.next_attempt_at, now) if delivery.next_attempt_at > now else "now"
+    why = describe(waiting)
+    if waiting is not None and waiting.get("probe_at") is not None:
+        why += f", probe {relative(waiting['probe_at'], now) if waiting['probe_at'] > now else 'now'}"
+    reason = f' <span data-waiting="{e(waiting["reason"])}">({e(why)})</span>' if waiting is not None and why else ""
+    return f'<div class="sub">next {e(when)}{reason}</div>'
 
 
-def _delivery_rows(deliveries: Sequence[Delivery], now: float) -> str:
+def _delivery_rows(deliveries: Sequence[Delivery], now: float, waiting: Dict[str, Dict[str, Any]]) -> str:
     rows = []
     for d in deliveries:
         target = _short(d.url)
@@ -127,21 +135,24 @@ def _delivery_rows(deliveries: Sequence[Delivery], now: float) -> str:
             f"<td>{target}</td>"
             f'<td class="num" data-attempts>{len(d.attempts)}</td>'
             f"<td data-last>{_last_result(d)}</td>"
-            f"<td data-when>{_time(d.attempts[-1].at if d.attempts else d.created_at, now)}{_next(d, now)}</td>"
+            f"<td data-when>{_time(d.attempts[-1].at if d.attempts else d.created_at, now)}{_next(d, now, waiting.get(d.id))}</td>"
             f'<td class="action">{resend}</td>'
             "</tr>"
         )
     return "".join(rows)
 
 
-def _deliveries_table(title: str, anchor: str, deliveries: Sequence[Delivery], now: float, empty: str, more: str) -> str:
+def _deliveries_table(
+    title: str, anchor: str, deliveries: Sequence[Delivery], now: float, empty: str, more: str,
+    waiting: Dict[str, Dict[str, Any]],
+) -> str:
     if not deliveries:
         body = f'<p class="empty">{e(empty)}</p>'
     else:
         body = (
             '<div class="scroll"><table><thead><tr><th>Delivery</th><th>Status</th><th>Target</th>'
             '<th class="num">Attempts</th><th>Last result</th><th>Last activity</th><th></th></tr></thead>'
-            f"<tbody>{_delivery_rows(deliveries, now)}</tbody></table></div>"
+            f"<tbody>{_delivery_rows(deliveries, now, waiting)}</tbody></table></div>"
         )
     return f'<section id="{anchor}"><h2>{e(title)} <a class="more" href="{e(more)}">JSON</a></h2>{body}</section>'
 
@@ -210,8 +221,8 @@ def status_page(snapshot: Snapshot, nonce: str, signed_in: bool) -> str:
         f'<main class="wrap"><p class="muted">As of {e(utc(s.now))}</p>'
         f'<div id="notice" role="status" aria-live="polite" hidden></div>'
         f'<div class="cards">{cards}</div>'
-        + _deliveries_table("Failed deliveries", "failed", s.failed, s.now, "No failed deliveries.", "/dispatch?status=failed")
-        + _deliveries_table("Recent deliveries", "recent", s.recent, s.now, "Nothing dispatched yet.", "/dispatch")
+        + _deliveries_table("Failed deliveries", "failed", s.failed, s.now, "No failed deliveries.", "/dispatch?status=failed", s.waiting)
+        + _deliveries_table("Recent deliveries", "recent", s.recent, s.now, "Nothing dispatched yet.", "/dispatch", s.waiting)
         + f'<section id="topics"><h2>Topics</h2>{_topics_table(s.topics)}</section>'
         + f'<section id="subscriptions"><h2>Subscriptions</h2>{_subscriptions_table(s.subscriptions, s.subscription_total, s.now)}</section>'
         + "</main>"
