@@ -165,15 +165,15 @@ class HookahService(MultiService):
             self.store, reactor, config.retention, config.history_age, config.idempotency_window
         )
         self.metrics.gauge("hookah_open_streams", "Open /stream responses", lambda: [((), float(len(self.streams)))])
-        self.site = make_site(
-            build_root(self.core, config, self.websub, self.publisher, streams=self.streams), config.max_body, reactor,
-            config.access_log, SocketLimits(config.head_timeout, config.min_body_rate, config.max_connections, config.max_streams),
-        )
         refusals = Counter(
             "hookah_http_refusals", "Connections and requests refused at the socket, by reason", ["reason"],
             registry=self.metrics.registry,
         )
-        self.site.on_refusal = lambda reason: refusals.labels(reason).inc()
+        self.site = make_site(
+            build_root(self.core, config, self.websub, self.publisher, streams=self.streams), config.max_body, reactor,
+            config.access_log, SocketLimits(config.head_timeout, config.min_body_rate, config.max_connections, config.max_streams),
+            on_refusal=lambda reason: refusals.labels(reason).inc(),
+        )
         self.metrics.gauge(
             "hookah_open_connections", "Open HTTP connections, requests and streams apart",
             lambda: [(("request",), float(self.site.request_connections)), (("stream",), float(self.site.streams))],

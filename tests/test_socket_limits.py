@@ -73,8 +73,9 @@ class DeadlineTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.refused: List[str] = []
-        self.site = make_site(Echo(), 1000, reactor=self.clock, limits=SocketLimits(head_timeout=10, min_body_rate=1000))
-        self.site.on_refusal = self.refused.append
+        self.site = make_site(
+            Echo(), 1000, reactor=self.clock, limits=SocketLimits(head_timeout=10, min_body_rate=1000), on_refusal=self.refused.append,
+        )
 
     def connect(self) -> ClockedConnection:
         return ClockedConnection(self.site)

@@ -352,7 +352,9 @@ class HookahSite(server.Site):
 
 def make_site(
     root: Any, max_body: int, reactor: Any = None, access_log: bool = False, limits: Optional[SocketLimits] = None,
+    on_refusal: Optional[Callable[[str], None]] = None,
 ) -> HookahSite:
+    """The site serving ``root``; ``on_refusal`` is told the reason of each refusal at the socket (a metric)."""
     # Twisted would otherwise parse every form body into request.args and
     # build an email message per request to read the Content-Type: that
     # halves throughput, and hookah.web.payload parses bodies itself.
@@ -360,6 +362,8 @@ def make_site(
     site.max_body = max_body  # type: ignore[attr-defined]
     if limits is not None:
         site.limits = limits
+    if on_refusal is not None:
+        site.on_refusal = on_refusal
     site.access_log = access_log
     site.displayTracebacks = False
     site.noisy = False
