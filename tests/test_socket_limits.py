@@ -274,9 +274,10 @@ class SocketTests(TestCase):
         async def go() -> None:
             # No head deadline: only the bare-LF rule can answer.
             port = await self.start(head_timeout=0)
-            status, headers, _ = await self.ask(port, b"GET /healthz HTTP/1.1\nHost: x\n\n", timeout=15)
-            self.assertEqual(status, 400)
-            self.assertEqual(headers["connection"], "close")
+            for head in (b"GET /healthz HTTP/1.1\nHost: x\n\n", b"GET /healthz HTTP/1.1\rHost: x\r\r"):
+                status, headers, _ = await self.ask(port, head, timeout=15)
+                self.assertEqual(status, 400, head)
+                self.assertEqual(headers["connection"], "close")
 
         return ensureDeferred(go())
 

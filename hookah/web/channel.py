@@ -14,7 +14,7 @@ adds, through the channel's public methods:
   seconds: ``408``;
 - ``414`` for a request line and ``431`` for a header block over
   ``MAX_HEAD`` bytes, ``400`` at once for a head whose lines end in a bare
-  LF;
+  LF or a bare CR;
 - ``413`` as soon as ``Content-Length`` says the body is over the site's
   ``max_body`` (never a ``100 Continue`` first), or as soon as a chunked body
   passes it.
@@ -163,8 +163,8 @@ class HookahChannel(HTTPChannel):
         if self._awaiting_head:
             if self._head_call is None:
                 self._start_head_deadline()
-            if b"\n" in data and self._bare_lf(data):
-                self._refuse(400, "bad_request", "Lines of a request head end with CRLF, not a bare LF.", "bad_request")
+            if (b"\n" in data or b"\r" in data) and self._bare_lf(data):
+                self._refuse(400, "bad_request", "Lines of a request head end with CRLF, not a bare LF or CR.", "bad_request")
                 return
             self._tail = (self._tail + data)[-3:]
         elif self._body_call is not None:
@@ -172,15 +172,17 @@ class HookahChannel(HTTPChannel):
         super().dataReceived(data)
 
     def _bare_lf(self, data: bytes) -> bool:
-        """Whether the head part of ``data`` has an LF without its CR."""
+        """Whether the head part of ``data`` has an LF without its CR, or a CR without its LF."""
         seen = self._tail + data
         end = seen.find(b"\r\n\r\n")
         if end >= 0:
             seen = seen[: end + 4]
-        bare = seen.count(b"\n") - seen.count(b"\r\n")
+        pairs = seen.count(b"\r\n")
+        bare = seen.count(b"\n") - pairs
         if self._tail and seen.startswith(b"\n"):
             bare -= 1  # already judged with the byte before it
-        return bare > 0
+        lone_cr = seen.count(b"\r") - pairs - (1 if seen.endswith(b"\r") else 0)
+        return bare > 0 or lone_cr > 0
 
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
