@@ -138,6 +138,10 @@ def self_signed_tls() -> Any:
 class WireTestCase(TestCase):
     timeout = 60
 
+    def setUp(self) -> None:
+        # One listening port per harness, whatever the number of readers.
+        self.ports: Dict[StreamHarness, Any] = {}
+
     def open(
         self,
         h: StreamHarness,
@@ -148,11 +152,14 @@ class WireTestCase(TestCase):
         tls: Any = None,
     ) -> WireClient:
         """A reader of ``/stream?topic=t`` in ``format_name`` on ``h``'s site, over loopback."""
-        if tls is None:
-            port = reactor.listenTCP(0, h.site, interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
-        else:
-            port = reactor.listenSSL(0, h.site, tls, interface="127.0.0.1")  # type: ignore[attr-defined]
-        self.addCleanup(port.stopListening)
+        port = self.ports.get(h)
+        if port is None:
+            if tls is None:
+                port = reactor.listenTCP(0, h.site, interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
+            else:
+                port = reactor.listenSSL(0, h.site, tls, interface="127.0.0.1")  # type: ignore[attr-defined]
+            self.ports[h] = port
+            self.addCleanup(port.stopListening)
         path = b"/stream?topic=t&" + QUERIES[format_name] + (b"&" + query if query else b"")
         client = WireClient(b"GET " + path + b" " + version + b"\r\nHost: test\r\n\r\n", format_name, receive_buffer)
         if tls is None:
