@@ -23,10 +23,11 @@ What it relies on, all of ``twisted.internet.abstract.FileDescriptor`` /
 - and that ``write`` is ``FileDescriptor.write`` (behind ``_newtls``'s
   switch to TLS), whose buffers those are.
 
-A Twisted release may change any of that, so the first transport a stream
-offers is checked for each of them (``FastPath.writer``); if one is missing
-or of another kind, the fast path turns itself off for the life of the
-process with one log line, and every stream writes with ``transport.write``.
+A Twisted release may change any of that, so the first transport of each
+class a stream offers is checked for each of them (``FastPath.writer``); if
+one is missing or of another kind, the fast path turns itself off for the
+life of the process with one log line, and every stream writes with
+``transport.write``.
 A transport of another kind than plain TCP (TLS, HTTP/2, a test's
 ``StringTransport``) is written to with its own ``write``; one log line per
 kind says so.
@@ -68,7 +69,7 @@ class FastPath:
         self.enabled = True
         # Frames (or parts of frames) the kernel took straight away.
         self.sends = 0
-        self._checked = False
+        self._checked: Set[type] = set()
         self._reported: Set[str] = set()
 
     def writer(self, transport: Any) -> Write:
@@ -80,8 +81,8 @@ class FastPath:
         if not isinstance(transport, tcp.Connection):
             self._once(kind, "stream fast path not used on {kind} transports: frames go through transport.write", kind=kind)
             return plain
-        if not self._checked:
-            self._checked = True
+        if type(transport) not in self._checked:
+            self._checked.add(type(transport))
             problem = self._self_check(transport)
             if problem is not None:
                 self.disable(problem)
