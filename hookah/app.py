@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
@@ -46,6 +47,7 @@ from hookah.web.listener import WebPort
 from hookah.web.topics import TopicsResource
 from hookah.websub.access import SubscribeAccess
 from hookah.websub.subscriptions import TopicPolicy, WebSubHub
+from hookah.workers import AdoptedEndpoint, watch_master, worker_fd, worker_index
 
 log = Logger()
 
@@ -73,12 +75,12 @@ def build_root(
     root.putChild(b"dispatch", cors(guard(DispatchResource(core), tokens, dispatch_policy), policy, [b"GET", b"POST"]))
     root.putChild(b"login", LoginResource(tokens))
     root.putChild(b"logout", LogoutResource())
-    root.putChild(b"healthz", HealthResource(core.ping, core.clock, lambda: core.running))
+    root.putChild(b"healthz", HealthResource(core.ping, core.clock, lambda: core.running, worker=worker_index()))
     root.putChild(b"topics", cors(guard(TopicsResource(core), tokens, ADMIN), policy, [b"GET"]))
     # Streams replay topic history (count, Last-Event-ID): as admin-only as
     # /topics, or readable with a short-lived token for some topics.
     root.putChild(b"stream", cors(stream_mount(streams, core, core.clock, config.stream_buffer, tokens), policy, [b"GET"]))
-    root.putChild(b"", guard(StatusPage(core, tokens, stream_counts(streams)), tokens, ADMIN, login_or_json))
+    root.putChild(b"", guard(StatusPage(core, tokens, *whole_server(core, streams)), tokens, ADMIN, login_or_json))
     root.putChild(b"metrics", guard(MetricsResource(core), tokens, ADMIN))
     root.putChild(b"hub", cors(guard(HubResource(websub, publisher, subscriptions=SubscriptionsResource(core), access=access), tokens, hub_policy()), policy, [b"POST"]))
     root.putChild(b"subscribe", guard(HubResource(websub, publisher, access=access), tokens, hub_policy()))
@@ -86,6 +88,30 @@ def build_root(
         b"publish", cors(guard(HubResource(websub, publisher, default_mode="publish", access=access), tokens, hub_policy("publish")), policy, [b"POST"])
     )
     return root
+
+
+def whole_server(core: HookahCore, streams: TopicRegistry) -> Tuple[Callable[[], Dict[str, int]], Callable[[], int]]:
+    """
+    Open streams per topic and attempts in flight, for the status page:
+    this process's, or under --workers every worker's (from the gauges
+    they publish, ``hookah.metrics``).
+    """
+    local = stream_counts(streams)
+    metrics = core.metrics
+    if not metrics.shared_dir:
+        return local, lambda: core.in_flight
+    metrics.gauge(
+        "hookah_topic_streams", "Open /stream responses by topic", lambda: [((t,), float(n)) for t, n in local().items()],
+        labels=("topic",), local=True, shared_only=True,
+    )
+
+    def topics() -> Dict[str, int]:
+        return {labels[0]: int(n) for labels, n in (metrics.summed("hookah_topic_streams") or {}).items() if n}
+
+    def in_flight() -> int:
+        return int(sum((metrics.summed("hookah_deliveries_in_flight") or {}).values()))
+
+    return topics, in_flight
 
 
 def _exit_with_failure() -> None:
@@ -164,7 +190,7 @@ class HookahService(MultiService):
         self.retention = RetentionService(
             self.store, reactor, config.retention, config.history_age, config.idempotency_window
         )
-        self.metrics.gauge("hookah_open_streams", "Open /stream responses", lambda: [((), float(len(self.streams)))])
+        self.metrics.gauge("hookah_open_streams", "Open /stream responses", lambda: [((), float(len(self.streams)))], local=True)
         refusals = Counter(
             "hookah_http_refusals", "Connections and requests refused at the socket, by reason", ["reason"],
             registry=self.metrics.registry,
@@ -177,9 +203,20 @@ class HookahService(MultiService):
         self.metrics.gauge(
             "hookah_open_connections", "Open HTTP connections, requests and streams apart",
             lambda: [(("request",), float(self.site.request_connections)), (("stream",), float(self.site.streams))],
-            labels=("kind",),
+            labels=("kind",), local=True,
         )
-        self.web = WebPort(serverFromString(reactor, with_backlog(config.listen, config.backlog)), self.site)
+        # Under --workers: this worker's state gauges, for every worker's scrape.
+        self.metrics_refresh: Optional[TimerService] = None
+        if self.metrics.shared_dir:
+            self.metrics_refresh = TimerService(1.0, self.metrics.refresh)
+            self.metrics_refresh.clock = reactor
+        inherited = worker_fd()
+        if inherited is not None:
+            # A worker of --workers: it serves on the master's socket.
+            self.web = WebPort(AdoptedEndpoint(inherited, reactor), self.site)
+            watch_master(reactor)
+        else:
+            self.web = WebPort(serverFromString(reactor, with_backlog(config.listen, config.backlog)), self.site)
         self._opened: Optional[Deferred] = None
 
     def listening(self) -> Deferred:
@@ -199,6 +236,8 @@ class HookahService(MultiService):
         self.websub.setServiceParent(self)
         self.publisher.setServiceParent(self)
         self.retention.setServiceParent(self)
+        if self.metrics_refresh is not None:
+            self.metrics_refresh.setServiceParent(self)
         self.web.setServiceParent(self)
         # A port that cannot be bound fails the start like storage does.
         return self.web.listening().addCallback(self._listening_now)

@@ -9,6 +9,7 @@ with one sentence naming the option, before anything listens or writes.
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
@@ -64,6 +65,7 @@ class Config:
     max_connections: int = defaults.MAX_CONNECTIONS
     max_streams: int = defaults.MAX_STREAMS
     backlog: int = defaults.BACKLOG
+    workers: int = 1
 
 
 def _positive_number(name: str, value: Any) -> float:
@@ -115,6 +117,29 @@ def _boolean(name: str, value: Any) -> bool:
 
 def _port(name: str, value: Any) -> int:
     return _integer(name, value, 0, 65535)
+
+
+def _workers(name: str, value: Any) -> int:
+    """A number of worker processes, or ``auto``: one per core."""
+    if str(value).strip().lower() == "auto":
+        return max(1, os.cpu_count() or 1)
+    return _integer(name, value, 1, 1024)
+
+
+def check_workers(workers: int, storage: str, listen: str) -> None:
+    """
+    Several workers need a store they can all write correctly, and a
+    listening socket they can share: refused here, in one line, otherwise.
+    """
+    if workers <= 1:
+        return
+    if storage == "memory:" or storage.startswith("sqlite:"):
+        raise ConfigError(
+            f"--workers {workers} needs storage the workers share (PostgreSQL): SQLite has one writer and "
+            f"memory: lives in one process; run --workers 1 with --storage {storage}"
+        )
+    if listen.split(":", 1)[0].lower() not in ("tcp", "tcp6", "unix"):
+        raise ConfigError(f"--workers {workers} shares a tcp:, tcp6: or unix: listening socket, not {listen!r}")
 
 
 def _storage(name: str, value: Any) -> str:
@@ -282,6 +307,7 @@ SETTINGS: Sequence[Setting] = (
     Setting("max-connections", "max_connections", lambda n, v: _integer(n, v, 1, 1000000), f"open connections carrying requests at most (streams apart) [default: {defaults.MAX_CONNECTIONS}]"),
     Setting("max-streams", "max_streams", lambda n, v: _integer(n, v, 0, 1000000), f"open /stream responses at most [default: {defaults.MAX_STREAMS}]"),
     Setting("backlog", "backlog", lambda n, v: _integer(n, v, 1, 65535), f"listen queue length for connection bursts [default: {defaults.BACKLOG}]"),
+    Setting("workers", "workers", _workers, "processes sharing the listening socket and the store (PostgreSQL), or auto: one per core [default: 1]"),
     Setting("log-format", "log_format", _log_format, "text or json [default: text]"),
     Setting("access-log", "access_log", _boolean, "log a line per HTTP request", flag=True),
     Setting("cors-origins", "cors_origins", _cors_origins, "origins (or *) whose pages may use /stream, /topics, /dispatch and publish cross-origin, comma-separated"),
@@ -358,4 +384,6 @@ def build_config(
         fields["listen"] = f"tcp:{port}" + (
             ":interface=" + interface.replace(":", "\\:") if interface else ""
         )
-    return Config(**fields)
+    config = Config(**fields)
+    check_workers(config.workers, config.storage, config.listen)
+    return config

@@ -10,9 +10,10 @@ hot path never pays for them.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Tuple
+import os
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -33,7 +34,16 @@ class _StateCollector(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """
+    Under ``--workers`` (``PROMETHEUS_MULTIPROC_DIR`` set by the master, see
+    ``hookah.workers``) counters and histograms are kept in that directory
+    by prometheus_client, and ``exposed`` adds up every worker's; gauges of
+    one process's state (``local``) are published there too and summed.
+    """
+
+    def __init__(self, shared_dir: Optional[str] = None) -> None:
+        self.shared_dir = shared_dir if shared_dir is not None else os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+        self._local: List[Tuple[Gauge, Tuple[str, ...], GaugeReader]] = []
         self.registry = CollectorRegistry(auto_describe=True)
         self.dispatches = Counter(
             "hookah_dispatches_accepted", "Requests accepted by /dispatch", ["target"], registry=self.registry
@@ -57,12 +67,70 @@ class Metrics:
         self._state = _StateCollector()
         self.registry.register(self._state)
 
-    def gauge(self, name: str, doc: str, read: GaugeReader, labels: Tuple[str, ...] = ()) -> None:
-        """Register a gauge whose samples ``read`` returns at scrape time."""
-        self._state.gauges[name] = (doc, labels, read)
+    def gauge(
+        self, name: str, doc: str, read: GaugeReader, labels: Tuple[str, ...] = (), local: bool = False,
+        shared_only: bool = False,
+    ) -> None:
+        """
+        Register a gauge whose samples ``read`` returns at scrape time.
+        ``local``: it describes this process only (open connections,
+        attempts in flight), so under ``--workers`` it is summed over them.
+        ``shared_only``: kept only under ``--workers`` (for ``summed``).
+        """
+        if local and self.shared_dir:
+            gauge = Gauge(name, doc, list(labels), registry=None, multiprocess_mode="livesum")
+            self._local.append((gauge, labels, read))
+        elif not shared_only:
+            self._state.gauges[name] = (doc, labels, read)
+
+    def refresh(self) -> None:
+        """Publish this worker's ``local`` gauges for the others' scrapes (a timer calls it)."""
+        for gauge, labels, read in self._local:
+            if not labels:
+                for _, value in read():
+                    gauge.set(value)
+                continue
+            seen = set()
+            for label_values, value in read():
+                gauge.labels(*label_values).set(value)
+                seen.add(tuple(label_values))
+            # Label values this process no longer has (a topic's last
+            # stream closed) count zero, not their last value.
+            for sample in next(iter(gauge.collect())).samples:
+                key = tuple(sample.labels[name] for name in labels)
+                if key not in seen and sample.value:
+                    gauge.labels(*key).set(0)
+
+    def summed(self, name: str) -> Optional[Dict[Tuple[str, ...], float]]:
+        """Under ``--workers``: a ``local`` gauge's samples summed over every worker; None otherwise."""
+        if not self.shared_dir:
+            return None
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self.refresh()
+        totals: Dict[Tuple[str, ...], float] = {}
+        for family in MultiProcessCollector(None, path=self.shared_dir).collect():
+            if family.name != name:
+                continue
+            for sample in family.samples:
+                key = tuple(v for k, v in sorted(sample.labels.items()) if k != "pid")
+                totals[key] = totals.get(key, 0.0) + sample.value
+        return totals
+
+    def exposed(self) -> CollectorRegistry:
+        """The registry a scrape encodes: this process's, or every worker's summed."""
+        if not self.shared_dir:
+            return self.registry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self.refresh()
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.shared_dir)
+        registry.register(self._state)
+        return registry
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed())
 
 
 def result_class(status_code: int | None) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from twisted.python import usage
 
@@ -30,6 +30,12 @@ class Options(usage.Options):
     ]
 
     config: Config
+    # The options as given, for --workers to start each worker with.
+    given_args: List[str] = []
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        self.given_args = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def postOptions(self) -> None:
         given: Dict[str, Any] = {}
@@ -80,6 +86,13 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
 
         reactor = _reactor
     raise_descriptor_limit(options.config)
+    from hookah.workers import WorkerPool, twistd_argv, worker_fd
+
+    if options.config.workers > 1 and worker_fd() is None:
+        # The master: it only holds the socket and keeps the workers running.
+        pool = WorkerPool(options.config, twistd_argv(options.given_args), reactor, options.config.workers)
+        configure_logging(options.config.log_format, pool)
+        return pool
     service = HookahService(options.config, reactor, exit_on_failure=True)
     configure_logging(options.config.log_format, service)
     return service

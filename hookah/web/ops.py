@@ -71,9 +71,14 @@ class StatusPage(JsonResource):
 
     isLeaf = True
 
-    def __init__(self, core: HookahCore, tokens: Optional[Tokens] = None, stream_counts: StreamCounts = no_streams) -> None:
+    def __init__(
+        self, core: HookahCore, tokens: Optional[Tokens] = None, stream_counts: StreamCounts = no_streams,
+        in_flight: Optional[Callable[[], int]] = None,
+    ) -> None:
         super().__init__()
         self.core = core
+        # Under --workers, both read every worker's figures (hookah.metrics).
+        self.in_flight = in_flight if in_flight is not None else lambda: core.in_flight
         self.clock: IReactorTime = core.clock
         self.tokens = tokens or Tokens()
         self.stream_counts = stream_counts
@@ -98,7 +103,7 @@ class StatusPage(JsonResource):
             recent=recent,
             subscriptions=subscriptions[:SUBSCRIPTIONS_SHOWN],
             subscription_total=len(subscriptions),
-            in_flight=self.core.in_flight,
+            in_flight=self.in_flight(),
             waiting={d.id: w for d in (*failed, *recent) if (w := self.core.waiting(d)) is not None},
         )
 
@@ -196,12 +201,15 @@ class HealthResource(JsonResource):
         clock: IReactorTime,
         running: Callable[[], object] = lambda: True,
         timeout: float = 5.0,
+        worker: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.ping = ping
         self.clock = clock
         self.running = running
         self.timeout = timeout
+        # Under --workers, which worker answered (which one a connection reached).
+        self.worker = worker
 
     def render_GET(self, request: server.Request) -> object:
         request.setHeader(b"Cache-Control", b"no-store")
@@ -216,7 +224,10 @@ class HealthResource(JsonResource):
             except Exception as e:
                 log.warn("health check: storage did not answer: {error!r}", error=e)
                 return self._unavailable(request, "storage_unavailable", f"Storage did not answer: {_reason(e)}.")
-            return json_body(request, 200, {"status": "ok", "storage": "ok", "version": __version__})
+            body: Dict[str, Any] = {"status": "ok", "storage": "ok", "version": __version__}
+            if self.worker is not None:
+                body["worker"] = self.worker
+            return json_body(request, 200, body)
 
         return render_async(request, handle)
 
@@ -263,6 +274,7 @@ class MetricsResource(JsonResource):
             "hookah_deliveries_in_flight",
             "Delivery attempts in flight on this node",
             lambda: [((), self.core.in_flight)],
+            local=True,
         )
         m.gauge("hookah_topics", "Topics with history or subscribers", lambda: [((), len(self._topics))])
         m.gauge(
@@ -282,7 +294,7 @@ class MetricsResource(JsonResource):
             # the classic text format (what Metrics.render produces).
             accept = (request.getHeader(b"accept") or b"").decode("latin-1")
             encode, content_type = choose_encoder(accept)
-            body = encode(self.metrics.registry)
+            body = encode(self.metrics.exposed())
             request.setResponseCode(200)
             request.setHeader(b"Content-Type", content_type.encode())
             request.setHeader(b"Cache-Control", b"no-store")
