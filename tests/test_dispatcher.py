@@ -849,7 +849,7 @@ class LeaseTests(DispatcherTestCase):
         # second must not take the delivery while the first's attempt, with
         # its own one-hour timeout, is still in flight.
         clock = self.clock()
-        store = MemoryStore(clock)
+        store = self.make_store(clock)
         self.successResultOf(store.add_deliveries([self.delivery("LONG", timeout=3600.0, next_attempt_at=T0)]))
         clock, first_client, first = self.fake(lambda sent: None, clock=clock, store=store, timeout=30.0)
         second_client = FakeClient(clock, lambda sent: (200, (), b"ok"))
