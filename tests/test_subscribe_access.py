@@ -1,7 +1,8 @@
 """
 Who may subscribe (issue 13, part 3): open by default, as WebSub expects;
 ``--subscribe-token`` closes (un)subscription to those presenting a token
-(bearer header or ``access_token`` parameter, admin tokens too), and
+(bearer header or ``access_token`` parameter; admin tokens too, in the
+header only), and
 ``--subscribe-open`` leaves chosen topics open. Over real sockets, with a
 subscriber that answers verifications.
 """
@@ -85,6 +86,31 @@ class SubscribeAccessTests(HubTestCase):
             self.assertEqual(code, 202, body)
             await eventually(self.subscriptions, what="the subscription again")
             self.assertEqual(self.subscriber.problems, [])
+
+        return ensureDeferred(go())
+
+    def test_admin_token_only_in_the_header(self) -> Any:
+        """
+        An admin token given as ``access_token`` (in the hub URL or the
+        form) is refused, not honoured: parameters are meant for URLs,
+        which end up in logs, and an admin token must never be there.
+        """
+
+        async def go() -> None:
+            await self.setup_hub(subscribe_tokens=("sub-secret",), admin_tokens=("admin-secret",))
+            for url, extra in ((self.hub + "?access_token=admin-secret", []), (None, [("access_token", "admin-secret")])):
+                code, body, response = await self.post(self.subscribe_params() + extra, url=url)
+                self.assertEqual(code, 403, body)
+                self.assertIn("only as Authorization: Bearer", body)
+                self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/plain; charset=utf-8"])
+            self.assertEqual(self.subscriber.verifications, [])
+            self.assertEqual(await self.subscriptions(), [])
+            # The header wins over the parameter, and the header may carry it.
+            code, body, _ = await self.post(
+                self.subscribe_params(), token="admin-secret", url=self.hub + "?access_token=nope"
+            )
+            self.assertEqual(code, 202, body)
+            await eventually(self.subscriptions, what="the subscription")
 
         return ensureDeferred(go())
 

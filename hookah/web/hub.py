@@ -40,7 +40,7 @@ from hookah.websub.publisher import Publisher
 from hookah.web.payload import PayloadError, parse_form, parse_multipart, parse_query
 from hookah.web.auth import bearer_token
 from hookah.web.common import JsonResource, client_gone, finish_unless_gone, json_body, query_args, render_async
-from hookah.websub.access import SubscribeAccess, presented_token
+from hookah.websub.access import SubscribeAccess
 from hookah.urls import BadURL, check_submitted
 from hookah.websub.subscriptions import (
     MAX_SECRET_BYTES,
@@ -295,9 +295,7 @@ class HubResource(JsonResource):
             raise HubError(400, f"Unknown hub.mode {mode!r}: use subscribe, unsubscribe or publish.")
         verify = parse_verify(params)
         subscription = attr.evolve(parse_subscription(params, mode), hub_url=subscriber_hub_url(request))
-        refused = self.access.refusal(
-            subscription.topic, presented_token(bearer_token(request), _single(params, "access_token"))
-        )
+        refused = self.access.refusal(subscription.topic, bearer_token(request), _single(params, "access_token"))
         if refused is not None:
             if refused[0] == 401:
                 request.setHeader(b"WWW-Authenticate", b'Bearer realm="hookah"')
