@@ -7,11 +7,13 @@ local use):
 
 - ``publisher``: ``POST /dispatch`` and WebSub ``hub.mode=publish``;
 - ``admin``: the status page, delivery inspection and resend, subscription
-  and topic listings, ``/metrics``. An admin token is also accepted wherever
-  a publisher token is.
+  and topic listings, ``/stream``, ``POST /stream/tokens``, ``/metrics``.
+  An admin token is also accepted wherever a publisher token is.
 
-WebSub subscribe is never guarded: the protocol has callbacks subscribe
-themselves, and verification of intent is what protects it.
+WebSub subscribe is not a role here: the protocol has callbacks subscribe
+themselves, and verification of intent is what protects it; an operator
+who wants it closed sets ``--subscribe-token``, checked by
+``hookah.websub.access`` in the hub itself.
 
 Tokens arrive as ``Authorization: Bearer <token>`` and are compared with
 ``hmac.compare_digest`` against *every* configured token (no early exit),
