@@ -34,6 +34,8 @@ class RequestTests(TestCase):
     def test_bad_parameters(self) -> None:
         for query in ("topic=t&format=xml", "topic=t&delimited=comma", "topic=t&format=sse&delimited=length", "topic=t&count=-1", "topic=t&count=x"):
             self.assertEqual(self.error(query)["error"], "bad_parameter", query)
+        # `hookah tail --format length` names that framing; the API spells it delimited=length.
+        self.assertIn("delimited=length", self.error("topic=t&format=length")["message"])
 
     def test_headers_sent_at_once(self) -> None:
         conn = self.h.connect("topic=t")

@@ -111,7 +111,8 @@ def parse_stream_request(request: server.Request) -> StreamRequest:
     elif format_name in ("json", "sse"):
         fmt = FORMATS[format_name]
     else:
-        raise ApiError(400, "bad_parameter", f"format must be json or sse, not {format_name!r}.")
+        hint = " (length prefixes are delimited=length, with the json format)" if format_name == "length" else ""
+        raise ApiError(400, "bad_parameter", f"format must be json or sse, not {format_name!r}{hint}.")
     delimited = args.get("delimited")
     if delimited is not None and delimited != "":
         if delimited != "length":
