@@ -218,6 +218,21 @@ class Commands(TestCase):
             self.assertEqual(response.code, 200)
             response = await client.head(f"{base}/stream?topic=other&access_token={token}")
             self.assertEqual(response.code, 403)
+            # The same token as a bearer header, as `hookah tail --token` sends it.
+            bearer = {"Authorization": [f"Bearer {token}"]}
+            response = await client.head(f"{base}/stream?topic=news", headers=bearer)
+            self.assertEqual(response.code, 200)
+            response = await client.head(f"{base}/stream?topic=other", headers=bearer)
+            self.assertEqual(response.code, 403)
+            response = await client.head(f"{base}/stream?topic=news", headers={"Authorization": ["Bearer hst1.0.W10.forged"]})
+            self.assertEqual(response.code, 401)
+            tail = spawn(self, ["tail", "orders", "--limit", "1", "--server", base, "--token", token])
+            await tail.seen(b"following orders")
+            code, _, err = await run(self, "publish", "orders", "--json", '{"n": 1}', "--server", base, "--token", "cli-admin")
+            self.assertEqual(code, 0, err)
+            code, out, err = await tail.ended
+            self.assertEqual(code, 0, err)
+            self.assertEqual(json.loads(out.strip().splitlines()[-1])["data"], {"n": 1})
             code, _, err = await run(self, "token", "--topic", "orders", "--server", base)
             self.assertEqual(code, 1)
             self.assertIn("401", err)

@@ -40,7 +40,7 @@ from twisted.web.resource import IResource, Resource
 
 from hookah.core import EventHistory
 from hookah.streams.registry import TopicRegistry
-from hookah.web.auth import ADMIN, Tokens, guard
+from hookah.web.auth import ADMIN, Tokens, bearer_token, guard
 from hookah.web.common import ApiError, JsonResource, NotFound, error_body, int_arg, json_body, render_async
 from hookah.web.payload import FORM_URLENCODED, parse_form
 from hookah.web.stream import MAX_TOPICS, StreamResource, requested_topics, split_topics
@@ -55,6 +55,7 @@ DEFAULT_TTL = 600
 MAX_TTL = 86400
 _KEY_CONTEXT = b"hookah stream read token v1"
 _READ_METHODS = (b"GET", b"HEAD")
+_PREFIX = VERSION.encode("ascii") + b"."
 
 
 def _b64(data: bytes) -> str:
@@ -133,10 +134,20 @@ class StreamTokens:
 
 
 def _token(request: server.Request) -> Optional[str]:
+    """
+    The stream token a request presents: its ``access_token`` parameter,
+    else an ``Authorization: Bearer`` header holding one (``hst1.``...).
+    A client that can send a header should (``hookah tail --token``, a
+    page's ``fetch``): the token then stays out of URLs. Any other bearer
+    token is left to the admin guard.
+    """
     values = (request.args or {}).get(PARAMETER)
-    if not values:
-        return None
-    return values[-1].decode("utf-8", "replace")
+    if values:
+        return values[-1].decode("utf-8", "replace")
+    bearer = bearer_token(request)
+    if bearer is not None and bearer.startswith(_PREFIX):
+        return bearer.decode("ascii", "replace")
+    return None
 
 
 def _refuse(request: server.Request, error: TokenError) -> bytes:
@@ -148,9 +159,10 @@ def _refuse(request: server.Request, error: TokenError) -> bytes:
 
 class StreamAccess(Resource):
     """
-    ``/stream``: a read with an ``access_token`` is let in by that token
-    alone (``stream``, unguarded); anything else goes to ``guarded``, which
-    asks for the admin token as before. ``/stream/tokens`` is ``mint``.
+    ``/stream``: a read with a stream token (``access_token``, or a bearer
+    header holding one) is let in by that token alone (``stream``,
+    unguarded); anything else goes to ``guarded``, which asks for the admin
+    token as before. ``/stream/tokens`` is ``mint``.
     """
 
     def __init__(self, guarded: IResource, stream: IResource, tokens: Optional[StreamTokens], mint: IResource) -> None:
