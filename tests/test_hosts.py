@@ -180,6 +180,21 @@ class HostGateTests(TestCase):
         gate.finished("h", healthy=True, started=clock.seconds() - 0.01)
         self.assertLess(gate.retry_at("h"), clock.seconds() + 100.0)
 
+    def test_a_hanging_probe_does_not_push_the_backlog_past_the_pause(self) -> None:
+        clock = clock_at()
+        gate = HostGate(clock, limit=16, threshold=1, window=0.0, first_pause=2.0, cooldown=60.0)
+        fail(gate)
+        clock.advance(2.0)
+        self.assertEqual(gate.admit("h"), GO)  # the probe, which hangs
+        gate.started("h")
+        clock.advance(25.0)
+        times = [gate.retry_at("h") for _ in range(500)]
+        self.assertLessEqual(max(times), clock.seconds() + 2.0)
+        # The probe answers at last: the next deferral is spread from now.
+        gate.finished("h", healthy=True, started=T0 + 2.0)
+        gate.started("h")
+        self.assertLess(gate.retry_at("h"), clock.seconds() + 1.0)
+
     def test_state_is_bounded_by_max_hosts(self) -> None:
         gate = HostGate(clock_at(), threshold=1000, max_hosts=100)
         for n in range(10_000):

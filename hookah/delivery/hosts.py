@@ -210,7 +210,9 @@ class HostGate:
         When a deferred delivery to ``host`` should come back: when the
         pause ends, or (a busy host, or a paused one whose probe is out)
         after the deliveries deferred before it, at the rate the host has
-        been answering, and never more than ``MAX_BUSY_DEFER`` from now.
+        been answering; never more than ``MAX_BUSY_DEFER`` from now, and
+        while a probe is out never more than the host's current pause (a
+        probe that hangs must not leave the backlog far beyond it).
         """
         state = self.state(host)
         now = self.clock.seconds()
@@ -221,7 +223,8 @@ class HostGate:
         stalled = now - state.progress_at if state.in_flight else 0.0
         spacing = max(state.avg_duration, stalled, 0.001) / self.limit
         state.cursor = max(state.cursor, now) + spacing
-        return min(state.cursor, now + MAX_BUSY_DEFER)
+        longest = MAX_BUSY_DEFER if state.paused_until is None else max(state.pause, self.first_pause)
+        return min(state.cursor, now + longest)
 
     def started(self, host: str) -> None:
         state = self.state(host)
@@ -245,6 +248,9 @@ class HostGate:
                 state.paused_until = None
                 state.probing = False
                 state.pause = 0.0
+                # The backlog spread while the probe was out is due soon:
+                # what is deferred next is spread from now.
+                state.cursor = min(state.cursor, now)
         elif state.paused_until is not None:
             if state.probing and started >= state.probe_started:
                 # The probe failed: the host stays down, pause it for longer.
