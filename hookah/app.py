@@ -6,8 +6,6 @@ request storage cannot keep.
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from twisted.application.internet import TimerService
@@ -47,7 +45,7 @@ from hookah.web.listener import WebPort
 from hookah.web.topics import TopicsResource
 from hookah.websub.access import SubscribeAccess
 from hookah.websub.subscriptions import TopicPolicy, WebSubHub
-from hookah.workers import AdoptedEndpoint, watch_master, worker_fd, worker_index
+from hookah.workers import AdoptedEndpoint, exit_with_failure, watch_master, worker_fd, worker_index
 
 log = Logger()
 
@@ -112,14 +110,6 @@ def whole_server(core: HookahCore, streams: TopicRegistry) -> Tuple[Callable[[],
         return int(sum((metrics.summed("hookah_deliveries_in_flight") or {}).values()))
 
     return topics, in_flight
-
-
-def _exit_with_failure() -> None:
-    # twistd has no exit status of its own to set: leave with 1 once the
-    # reactor has shut down and the log is flushed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
 
 
 class HookahService(MultiService):
@@ -257,7 +247,7 @@ class HookahService(MultiService):
         log.critical("hookah: cannot start: {reason}", reason=failure.getErrorMessage())
 
         def stop() -> None:
-            self.reactor.addSystemEventTrigger("after", "shutdown", _exit_with_failure)
+            self.reactor.addSystemEventTrigger("after", "shutdown", exit_with_failure)
             self.reactor.stop()
 
         if self.reactor.running:

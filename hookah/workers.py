@@ -145,7 +145,7 @@ class WorkerPool(Service):
     def _cannot_listen(self, failure: Failure) -> None:
         # As a single server does: one line, then exit status 1.
         log.critical("hookah: cannot start: {reason}", reason=failure.getErrorMessage())
-        self.reactor.addSystemEventTrigger("after", "shutdown", _exit_with_failure)
+        self.reactor.addSystemEventTrigger("after", "shutdown", exit_with_failure)
         self.reactor.stop()
 
     def _spawn(self, index: int) -> None:
@@ -208,7 +208,12 @@ class WorkerPool(Service):
         return d.addCallback(done)
 
 
-def _exit_with_failure() -> None:
+def exit_with_failure() -> None:
+    """
+    Leave with exit status 1 once the reactor has shut down and the log is
+    flushed: twistd has no exit status of its own to set (a server that
+    could not start, a master whose workers cannot run).
+    """
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)
