@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hookah.delivery.hosts import Verdict
+from hookah.delivery.waiting import WaitReason
 from hookah.metrics import Metrics
 from hookah.model import (
     FAILED,
@@ -36,7 +37,7 @@ from tests.support import http_client, start_hookah, temp_dir
 class TextEnumTests(SynchronousTestCase):
     def test_members_are_their_text(self) -> None:
         self.assertEqual([str(s) for s in STATUSES], ["scheduled", "delivering", "delivered", "failed"])
-        for member in (FAILED, KIND_WEBSUB, Mode.UNSUBSCRIBE, Outcome.UNREACHABLE, Verdict.DEFER, HOST_BUSY):
+        for member in (FAILED, KIND_WEBSUB, Mode.UNSUBSCRIBE, Outcome.UNREACHABLE, Verdict.DEFER, HOST_BUSY, WaitReason.HOST_PAUSED):
             self.assertEqual(str(member), member.value)
             self.assertEqual(f"{member}", member.value)
             self.assertEqual(f"[{member:>12}]", f"[{member.value:>12}]")

@@ -13,13 +13,25 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 from hookah.delivery.hosts import HostGate
-from hookah.model import HOST_BUSY, HOST_PAUSED, SCHEDULED, Delivery
+from hookah.model import SCHEDULED, Deferral, Delivery, TextEnum
 from hookah.urls import host_key
 
-# The reasons, as ``waiting.reason`` says them.
-DUE = "due"  # due now, waiting for a free slot or the next claim
-DELAY = "delay"  # the dispatch's own _delay, before its first attempt
-RETRY = "retry"  # its retry schedule (or a Retry-After) after a failed attempt
+
+class WaitReason(TextEnum):
+    """The reasons, as ``waiting.reason`` says them."""
+
+    DUE = "due"  # due now, waiting for a free slot or the next claim
+    DELAY = "delay"  # the dispatch's own _delay, before its first attempt
+    RETRY = "retry"  # its retry schedule (or a Retry-After) after a failed attempt
+    HOST_PAUSED = Deferral.HOST_PAUSED.value  # its host's breaker is open
+    HOST_BUSY = Deferral.HOST_BUSY.value  # its host has no free slot
+
+
+DUE = WaitReason.DUE
+DELAY = WaitReason.DELAY
+RETRY = WaitReason.RETRY
+HOST_PAUSED = WaitReason.HOST_PAUSED
+HOST_BUSY = WaitReason.HOST_BUSY
 
 
 def why_waiting(delivery: Delivery, now: float, hosts: HostGate) -> Optional[Dict[str, Any]]:
@@ -34,14 +46,14 @@ def why_waiting(delivery: Delivery, now: float, hosts: HostGate) -> Optional[Dic
     if delivery.status != SCHEDULED:
         return None
     until = delivery.next_attempt_at
-    if delivery.deferred == HOST_PAUSED:
+    if delivery.deferred is Deferral.HOST_PAUSED:
         host = host_key(delivery.url)
         paused_until = hosts.paused_until(host)
         probe_at = None
         if paused_until is not None and not hosts.probing(host):
             probe_at = max(paused_until, now)
         return {"reason": HOST_PAUSED, "host": host, "until": until, "probe_at": probe_at}
-    if delivery.deferred == HOST_BUSY:
+    if delivery.deferred is Deferral.HOST_BUSY:
         return {"reason": HOST_BUSY, "host": host_key(delivery.url), "until": until}
     if until is None or until <= now:
         return {"reason": DUE, "until": until}
