@@ -26,6 +26,10 @@ Phases (each bounded by a count and a deadline):
 - ``kill``: ``kill -9`` at a random moment under dispatch load (SQLite),
   restart, and check every acknowledged delivery is still there and gets
   delivered.
+- ``soak`` (only when asked, ``--phases soak``): ``--soak-seconds`` (600)
+  of moderate load, dispatches, a WebSub subscriber and ``--soak-streams``
+  (1,000) open streams, with RSS and descriptors sampled every 10 s; the
+  figures are in ``docs/reliability.md``.
 
 It prints requests sent, ``5xx`` seen, tracebacks in the server log,
 acknowledged / delivered / lost / duplicated, peak RSS and peak open
@@ -338,6 +342,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def do_GET(self) -> None:
+        """A WebSub verification of intent: echo the challenge."""
+        from urllib.parse import parse_qs, urlsplit
+
+        challenge = parse_qs(urlsplit(self.path).query).get("hub.challenge", [""])[0].encode()
+        self.send_response(200 if challenge else 404)
+        self.send_header("Content-Length", str(len(challenge)))
+        self.end_headers()
+        self.wfile.write(challenge)
+
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         try:
@@ -634,13 +648,105 @@ def kill(server: Server, rounds: int, seed: int, deadline: float, tally: Tally) 
         receiver.close()
 
 
+def soak(server: Server, seconds: float, streams: int, tally: Tally) -> Dict[str, Any]:
+    """
+    Moderate load for ``seconds``: 40 dispatches/s to a receiver, 10 events/s
+    on a topic with a WebSub subscriber and ``streams`` open streams; RSS
+    and descriptors sampled every 10 s.
+    """
+    import selectors
+
+    receiver = Receiver(chaos=False, seed=0)
+    topic = f"http://{HOST}:{receiver.server_address[1]}/soak-feed"
+    callback = f"http://{HOST}:{receiver.server_address[1]}/callback"
+    status, body = request(server.port, "POST", "/hub", urlencode_pairs(
+        [("hub.mode", "subscribe"), ("hub.topic", topic), ("hub.callback", callback)]),
+        {"Content-Type": "application/x-www-form-urlencoded"})
+    tally.record(status)
+    readers: List[socket.socket] = []
+    selector = selectors.DefaultSelector()
+    received = [0]
+    stop = threading.Event()
+    try:
+        for batch in range(0, streams, 100):
+            for _ in range(min(100, streams - batch)):
+                s = socket.create_connection((HOST, server.port))
+                s.sendall(f"GET /stream?topic={quote(topic, safe='')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                s.setblocking(False)
+                selector.register(s, selectors.EVENT_READ)
+                readers.append(s)
+            time.sleep(0.5)  # let the server admit the batch (requests are capped, streams apart)
+
+        def read() -> None:
+            while not stop.is_set():
+                for key, _ in selector.select(0.2):
+                    try:
+                        data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data:
+                        selector.unregister(key.fileobj)
+                    received[0] += len(data)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        samples: List[Tuple[float, float, int]] = []
+        started = time.monotonic()
+        next_sample = started
+        sequence = 0
+        while time.monotonic() - started < seconds:
+            tick = time.monotonic()
+            for _ in range(4):
+                sequence += 1
+                status, _ = request(server.port, "POST", f"/dispatch?_url={quote(receiver.url, safe='')}",
+                                    json.dumps({"token": f"soak-{sequence}"}).encode(), {"Content-Type": "application/json"})
+                tally.record(status)
+            sequence += 1
+            status, _ = request(server.port, "POST", f"/dispatch?_topic={quote(topic, safe='')}",
+                                json.dumps({"token": f"event-{sequence}"}).encode(), {"Content-Type": "application/json"})
+            tally.record(status)
+            if tick >= next_sample:
+                pid = server.child.proc.pid if server.child else 0
+                samples.append((tick - started, server.rss_mb(), len(os.listdir(f"/proc/{pid}/fd"))))
+                next_sample += 10
+            time.sleep(max(0.0, 0.1 - (time.monotonic() - tick)))
+        open_streams = len(selector.get_map())
+    finally:
+        stop.set()
+        for s in readers:
+            s.close()
+        receiver.close()
+    first = [x for x in samples if x[0] < 60] or samples[:1]
+    last = [x for x in samples if x[0] >= seconds - 60] or samples[-1:]
+    result = {
+        "seconds": seconds, "streams still open": open_streams, "stream bytes read": received[0],
+        "rss first minute MB": round(sum(x[1] for x in first) / len(first), 1),
+        "rss last minute MB": round(sum(x[1] for x in last) / len(last), 1),
+        "fds first minute": round(sum(x[2] for x in first) / len(first)),
+        "fds last minute": round(sum(x[2] for x in last) / len(last)),
+        "deliveries received": sum(receiver.arrivals.values()),
+    }
+    print("  " + ", ".join(f"{k} {v}" for k, v in result.items()))
+    print("  samples (s, RSS MB, fds): " + " ".join(f"{t:.0f}:{r:.0f}/{f}" for t, r, f in samples))
+    return result
+
+
+def urlencode_pairs(pairs: List[Tuple[str, str]]) -> bytes:
+    return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in pairs).encode()
+
+
 # -- main ---------------------------------------------------------------------------------------------
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=13)
-    parser.add_argument("--phases", default="fuzz,heads,slow,stalled,chaos,kill")
+    parser.add_argument("--phases", default="fuzz,heads,slow,stalled,chaos,kill",
+                        help="comma-separated; soak (not in the default) runs --soak-seconds of moderate load")
+    parser.add_argument("--soak-seconds", type=float, default=600)
+    parser.add_argument("--soak-streams", type=int, default=1000)
     parser.add_argument("--requests", type=int, default=3000, help="fuzzed requests at most")
     parser.add_argument("--quick", action="store_true", help="smaller counts and deadlines")
     parser.add_argument("--keep", action="store_true", help="keep the logs and database")
@@ -654,6 +760,7 @@ def main() -> int:
     tally = Tally()
     problems: List[str] = []
     outcomes: Dict[str, Dict[str, int]] = {}
+    soak_result: Dict[str, Any] = {}
     started = time.monotonic()
     server = Server(directory, sampler)
     sink = Receiver(chaos=False, seed=args.seed)
@@ -666,6 +773,7 @@ def main() -> int:
             ("stalled", lambda: stalled(server, 32 if quick else 128, 4 if quick else 10, tally)),
             ("chaos", lambda: outcomes.__setitem__("chaos", chaos(server, 50 if quick else 300, args.seed, time.monotonic() + (60 if quick else 180), tally))),
             ("kill", lambda: outcomes.__setitem__("kill", kill(server, 1 if quick else 3, args.seed, time.monotonic() + (60 if quick else 180), tally))),
+            ("soak", lambda: soak_result.update(soak(server, 30 if quick else args.soak_seconds, 100 if quick else args.soak_streams, tally))),
         ]
         for name, step in steps:
             if name not in phases:
