@@ -1,5 +1,6 @@
 """
-The newest deliveries, found with nothing but ``IStore.list_deliveries``.
+The newest deliveries, found with nothing but ``list_deliveries`` (``DeliveryPages``:
+the core in the server, any ``IStore`` in tests).
 
 Storage pages deliveries oldest first (``after=<id>``), which is what an API
 client walking the whole queue wants; the status page wants the newest few.
