@@ -25,7 +25,11 @@ setup(
         "tomli>=2.0; python_version < '3.11'",
     ],
     extras_require={
+        # --storage postgresql://: several nodes on one database.
+        "postgres": ["psycopg[binary]>=3.1", "psycopg-pool>=3.1"],
         "test": [
+            "psycopg[binary]>=3.1",
+            "psycopg-pool>=3.1",
             "pytest>=7",
             "treq>=23.11",
             "hypothesis>=6.80",

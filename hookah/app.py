@@ -29,7 +29,7 @@ from hookah.delivery.retention import RetentionService
 from hookah.core import HookahCore
 from hookah.delivery.signing import Signer
 from hookah.urls import AddressPolicy
-from hookah.storage.interface import IStore
+from hookah.storage.interface import ISharedStore, IStore
 from hookah.streams.registry import TopicRegistry
 from hookah.web.channel import SocketLimits
 from hookah.web.common import JsonResource, make_site
@@ -55,6 +55,11 @@ def open_store(storage: str, reactor: Any) -> IStore:
         from hookah.storage.memory import MemoryStore
 
         return MemoryStore(reactor)
+    if storage.startswith(("postgresql://", "postgres://")):
+        # Imported only here: psycopg is an optional dependency.
+        from hookah.storage.postgres.store import PostgresStore
+
+        return PostgresStore(storage, reactor)
     from hookah.storage.sqlite.store import SQLiteStore
 
     return SQLiteStore(storage[len("sqlite:"):], reactor)
@@ -122,6 +127,9 @@ class HookahService(MultiService):
         self.config = config
         self.reactor = reactor
         self.store = open_store(config.storage, reactor)
+        # Several nodes on one database: claims are short leases that live
+        # nodes renew, and the other nodes' news arrive by notification.
+        self.shared = ISharedStore.providedBy(self.store)
         self.address_policy = AddressPolicy(config.allow_private_targets, config.allowed_networks)
         agent, self.pool = pooled_agent(reactor, config.host_concurrency, self.address_policy, resolve=resolve)
         self.client = HTTPClient(agent, reactor)
@@ -155,6 +163,7 @@ class HookahService(MultiService):
                 max_waiting=max(config.host_concurrency, config.concurrency // 4),
             ),
             outcome_listeners=[self.websub],
+            lease=config.claim_lease if self.shared else None,
         )
         # Live streams: fed with every stored event, ended cleanly on stop.
         self.streams = TopicRegistry(reactor, config.keepalive)
@@ -217,12 +226,19 @@ class HookahService(MultiService):
         # Storage opens before anything can accept or claim work.
         Service.startService(self)
         self._opened = self.store.open()
-        self._opened.addCallback(lambda _: self.store.release_claims(self.reactor.seconds()))
+        if not self.shared:
+            # The one process on this store: whoever held claims is gone.
+            self._opened.addCallback(lambda _: self.store.release_claims(self.reactor.seconds()))
         self._opened.addCallback(lambda _: self._start_children())
         self._opened.addErrback(self._failed_to_start)
 
     def _start_children(self) -> Deferred:
         self.dispatcher.setServiceParent(self)
+        if self.shared:
+            from hookah.delivery.renewal import LeaseRenewer
+
+            LeaseRenewer(self.store, self.dispatcher, self.reactor, self.config.claim_lease).setServiceParent(self)
+            self.store.work_listeners.append(self.dispatcher.wake)  # type: ignore[attr-defined]
         self.websub.setServiceParent(self)
         self.publisher.setServiceParent(self)
         self.retention.setServiceParent(self)

@@ -66,6 +66,7 @@ class Config:
     max_streams: int = defaults.MAX_STREAMS
     backlog: int = defaults.BACKLOG
     workers: int = 1
+    claim_lease: float = defaults.CLAIM_LEASE
 
 
 def _positive_number(name: str, value: Any) -> float:
@@ -146,12 +147,24 @@ def _storage(name: str, value: Any) -> str:
     text = str(value)
     if text == "memory:" or (text.startswith("sqlite:") and len(text) > len("sqlite:")):
         return text
-    if text.startswith(("postgresql:", "postgres:")):
-        raise ConfigError(
-            "--storage postgresql:// is not supported by this version of Hookah; "
-            "use sqlite:<path> or memory:"
-        )
-    raise ConfigError(f"--storage must be memory: or sqlite:<path>, not {text!r}")
+    if text.startswith(("postgresql://", "postgres://")):
+        # A libpq URL: what it leaves out comes from the PG* environment
+        # variables (PGHOST, PGUSER, PGPASSWORD, ...), as with psql.
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+
+            conninfo_to_dict(text)
+        except ImportError:
+            raise ConfigError(
+                "--storage postgresql:// needs psycopg: pip install 'hookah[postgres]'"
+            )
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"--storage: not a valid PostgreSQL URL: {reason}")
+        return text
+    raise ConfigError(
+        f"--storage must be memory:, sqlite:<path> or postgresql://..., not {text!r}"
+    )
 
 
 def _schedule(name: str, value: Any) -> Tuple[float, ...]:
@@ -276,7 +289,7 @@ SETTINGS: Sequence[Setting] = (
     Setting("port", "port", _port, f"TCP port to listen on [default: {defaults.PORT}]", short="p"),
     Setting("interface", "interface", lambda n, v: str(v), "address to listen on [default: all]"),
     Setting("listen", "listen", _endpoint, "a full endpoint string, e.g. tcp:8080:interface=127.0.0.1 (overrides --port)"),
-    Setting("storage", "storage", _storage, f"memory:, or sqlite:<path> [default: {defaults.STORAGE}]"),
+    Setting("storage", "storage", _storage, f"memory:, sqlite:<path> or postgresql://user@host/db [default: {defaults.STORAGE}]"),
     Setting("allow-private-targets", "allow_private_targets", _boolean, "allow deliveries to loopback and private addresses", flag=True),
     Setting("allowed-networks", "allowed_networks", _networks, "networks deliveries may reach despite the SSRF guard, comma-separated"),
     Setting("retry-schedule", "retry_schedule", _schedule, "seconds between attempts, comma-separated [default: about a day]"),
@@ -311,6 +324,7 @@ SETTINGS: Sequence[Setting] = (
     Setting("log-format", "log_format", _log_format, "text or json [default: text]"),
     Setting("access-log", "access_log", _boolean, "log a line per HTTP request", flag=True),
     Setting("cors-origins", "cors_origins", _cors_origins, "origins (or *) whose pages may use /stream, /topics, /dispatch and publish cross-origin, comma-separated"),
+    Setting("claim-lease", "claim_lease", _positive_number, f"seconds a node's claim on a delivery lasts unrenewed, with postgresql:// storage [default: {defaults.CLAIM_LEASE:g}]"),
 )
 _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
 

@@ -61,6 +61,11 @@ HISTORY_AGE = 7 * DAY
 RETENTION = 7 * DAY
 IDEMPOTENCY_WINDOW = DAY
 
+# With several nodes on one database (postgresql:// storage): seconds a
+# node's claim on a delivery lasts unless renewed (live nodes renew every
+# third of it), so a dead node's deliveries are taken over this soon.
+CLAIM_LEASE = 30.0
+
 # Rows one retention call deletes at most: each batch is one short write, so
 # the single SQLite writer keeps serving the requests queued in between.
 PURGE_BATCH = 10_000

@@ -64,6 +64,12 @@ class Metrics:
             "hookah_websub_verifications", "WebSub verifications of intent by outcome", ["mode", "outcome"], registry=self.registry
         )
         self.events = Counter("hookah_events_published", "Events published to topics", registry=self.registry)
+        self.claims_lost = Counter(
+            "hookah_claims_lost",
+            "Attempts whose outcome was refused because another node had taken the delivery over"
+            " (its lease ran out): duplicate attempts",
+            registry=self.registry,
+        )
         self._state = _StateCollector()
         self.registry.register(self._state)
 

@@ -136,6 +136,10 @@ class Delivery:
     own schedule: ``None`` (it is not), ``"host_paused"`` (its host's
     breaker is open) or ``"host_busy"`` (its host has no free slot); an
     attempt clears it.
+    ``claim_token`` names that claim: an outcome written with the token of
+    a claim that was since taken over is refused (``ClaimLost``), so a slow
+    deliverer never overwrites its successor's result. It is not part of
+    the record's value (equality ignores it).
     """
 
     id: str
@@ -159,6 +163,7 @@ class Delivery:
     retry_from: int = 0
     claimed_until: Optional[float] = None
     deferred: Optional[Deferral] = attr.ib(default=None, converter=deferral)
+    claim_token: Optional[str] = attr.ib(default=None, eq=False)
 
     @property
     def current_attempts(self) -> Tuple[Attempt, ...]:

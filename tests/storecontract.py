@@ -427,6 +427,70 @@ class StoreContractMixin(_Base):
         )
         self.assertIsNone((yield self.store.get_delivery(report.id)))
 
+    # -- claim tokens (fencing) --------------------------------------------------
+
+    @inlineCallbacks
+    def test_each_claim_has_its_own_token(self) -> _Gen:
+        a, b = self.delivery(next_attempt_at=T0), self.delivery(next_attempt_at=T0)
+        yield self.store.add_deliveries([a, b])
+        first = yield self.store.claim_due(T0, 10, T0 + 60)
+        tokens = [c.claim_token for c in first]
+        self.assertEqual(len(set(tokens)), 2)
+        self.assertNotIn(None, tokens)
+        stored = yield self.store.get_delivery(a.id)
+        self.assertEqual(stored.claim_token, first[0].claim_token)
+        # The lease ran out: the next claim of the same delivery is another.
+        again = yield self.store.claim_due(T0 + 60, 10, T0 + 120)
+        self.assertEqual(len(again), 2)
+        self.assertFalse(set(tokens) & {c.claim_token for c in again})
+
+    @inlineCallbacks
+    def test_outcome_of_a_claim_taken_over_is_refused(self) -> _Gen:
+        from hookah.storage.interface import ClaimLost
+
+        d = self.delivery(next_attempt_at=T0)
+        yield self.store.add_deliveries([d])
+        (old,) = yield self.store.claim_due(T0, 10, T0 + 60)
+        (new,) = yield self.store.claim_due(T0 + 60, 10, T0 + 120)
+        report = self.delivery(kind=KIND_ERRBACK)
+        late = Attempt(at=T0 + 61, status_code=500)
+        yield self.assertFailure(
+            self.store.finish_attempt(d.id, late, FAILED, None, [report], claim_token=old.claim_token),
+            ClaimLost,
+        )
+        self.assertIsNone((yield self.store.get_delivery(report.id)))
+        yield self.store.reschedule(d.id, T0 + 500, claim_token=old.claim_token)
+        got = yield self.store.get_delivery(d.id)
+        self.assertEqual((got.status, got.attempts, got.claim_token), (DELIVERING, (), new.claim_token))
+        ok = Attempt(at=T0 + 62, status_code=200)
+        yield self.store.finish_attempt(d.id, ok, DELIVERED, None, claim_token=new.claim_token)
+        got = yield self.store.get_delivery(d.id)
+        self.assertEqual((got.status, got.attempts, got.claim_token), (DELIVERED, (ok,), None))
+        # Finished: no claim holds it any more, not even the last one.
+        yield self.assertFailure(
+            self.store.finish_attempt(d.id, ok, DELIVERED, None, claim_token=new.claim_token), ClaimLost
+        )
+
+    @inlineCallbacks
+    def test_renew_claims_extends_held_leases_only(self) -> _Gen:
+        a, b = self.delivery(next_attempt_at=T0), self.delivery(next_attempt_at=T0)
+        yield self.store.add_deliveries([a, b])
+        held = yield self.store.claim_due(T0, 10, T0 + 60)
+        tokens = {c.id: c.claim_token for c in held}
+        # b's lease runs out and someone else claims it.
+        yield self.store.renew_claims([(a.id, tokens[a.id])], T0 + 50, T0 + 110)
+        (taken,) = yield self.store.claim_due(T0 + 60, 10, T0 + 200)
+        self.assertEqual(taken.id, b.id)
+        lost = yield self.store.renew_claims(
+            [(a.id, tokens[a.id]), (b.id, tokens[b.id]), ("01UNKNOWN0000000000000000", "x")],
+            T0 + 100, T0 + 160,
+        )
+        self.assertEqual(sorted(lost), sorted([b.id, "01UNKNOWN0000000000000000"]))
+        self.assertEqual((yield self.store.claim_due(T0 + 159, 10, T0 + 200)), [])
+        self.assertEqual((yield self.store.get_delivery(b.id)).claim_token, taken.claim_token)
+        (expired,) = yield self.store.claim_due(T0 + 160, 10, T0 + 220)
+        self.assertEqual(expired.id, a.id)
+
     @inlineCallbacks
     def test_reschedule_releases_claim_without_attempt(self) -> _Gen:
         d = self.delivery(next_attempt_at=T0, attempts=(Attempt(at=T0 - 1, status_code=502),))

@@ -267,7 +267,8 @@ BAD_VALUES: List[tuple] = [
     ("storage", "sqlite:"),
     ("storage", ""),
     ("storage", "hookah.db"),
-    ("storage", "postgresql://localhost/hookah"),
+    ("storage", "postgresql://localhost/hookah?nosuchoption=1"),
+    ("claim-lease", "0"),
     ("allow-private-targets", "maybe"),
     ("allowed-networks", "not-a-network"),
     ("allowed-networks", "10.0.0.0/8,300.1.1.1"),
@@ -359,9 +360,15 @@ class BadValueTests(TestCase):
                 path = write_file(self, f"[hookah]\n{name} = {toml}\n")
                 self.assert_names(name, build_config, {}, {}, path)
 
-    def test_postgresql_says_it_is_not_supported(self) -> None:
-        e = self.assert_names("storage", build_config, {"storage": "postgresql://db/hookah"}, {})
-        self.assertIn("not supported", str(e))
+    def test_postgresql_urls_are_accepted(self) -> None:
+        for url in (
+            "postgresql://hookah@db.example/hookah",
+            "postgres://hookah:secret@db.example:5433/hookah?sslmode=require",
+            "postgresql://",  # everything from PGHOST, PGUSER, ...
+            "postgresql:///hookah?host=/var/run/postgresql",
+        ):
+            with self.subTest(url=url):
+                self.assertEqual(build_config({"storage": url}, {}).storage, url)
 
     def test_config_errors_are_value_errors(self) -> None:
         self.assertTrue(issubclass(ConfigError, ValueError))

@@ -244,6 +244,19 @@ def cmd_serve(argv: List[str]) -> int:
     return serve(argv)
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Upgrade the database's schema (what every node also does at start-up)."""
+    from hookah.cli.migrate import migrate
+
+    try:
+        applied, version = migrate(args.storage)
+    except Exception as e:
+        say(f"migrate: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+        return 1
+    print(f"schema version {version}: {applied} migration(s) applied" if applied else f"schema version {version}: up to date")
+    return 0
+
+
 # -- the parser -------------------------------------------------------------------
 
 
@@ -340,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=int, default=600, metavar="SECONDS", help="seconds the token is valid (default: %(default)s, at most 86400)")
     p.add_argument("--json-output", action="store_true", help="print the server's JSON reply")
     p.set_defaults(run=cmd_token)
+
+    p = command("migrate", "bring a database's schema up to this Hookah's version (nodes also do it at start-up)",
+                [], "hookah migrate --storage postgresql://hookah@db.internal/hookah")
+    p.add_argument("--storage", default=os.environ.get("HOOKAH_STORAGE"), required=not os.environ.get("HOOKAH_STORAGE"),
+                   help="postgresql://... or sqlite:<path> (default: $HOOKAH_STORAGE)")
+    p.set_defaults(run=cmd_migrate)
 
     commands.add_parser(
         "serve",

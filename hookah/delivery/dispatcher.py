@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attr
@@ -47,7 +48,7 @@ from hookah.delivery.waiting import why_waiting
 from hookah.delivery.retry import Decision, decide
 from hookah.delivery.signing import Signer
 from hookah.urls import TargetRefused, host_key
-from hookah.storage.interface import IStore
+from hookah.storage.interface import ClaimLost, IStore
 
 log = Logger()
 
@@ -121,6 +122,7 @@ class Dispatcher(Service):
         metrics: Optional[Metrics] = None,
         hosts: Optional[HostGate] = None,
         outcome_listeners: Sequence[IDeliveryOutcomeListener] = (),
+        lease: Optional[float] = None,
     ) -> None:
         self.store = store
         self.client = client
@@ -137,6 +139,13 @@ class Dispatcher(Service):
         # Told of each delivery that reached a final state, its attempts
         # included (WebSub ends a subscription on 410).
         self.outcome_listeners = tuple(outcome_listeners)
+        # How long a claim lasts: ``lease`` seconds on a store several nodes
+        # share (renewed all along while held, by hookah.delivery.renewal);
+        # otherwise hookah.delivery.lease's rule.
+        self.lease = lease
+        # The claim token of each delivery in flight: outcomes are written
+        # with it, so a claim another node took over is never overwritten.
+        self._tokens: Dict[str, Optional[str]] = {}
         self._in_flight: Dict[str, Deferred] = {}
         self._counters: Dict[Any, Any] = {}
         self._timer: Optional[IDelayedCall] = None
@@ -189,7 +198,17 @@ class Dispatcher(Service):
         return why_waiting(delivery, self.clock.seconds(), self.hosts)
 
     def _lease(self, delivery: Delivery) -> float:
+        if self.lease is not None:
+            return self.clock.seconds() + self.lease
         return lease_until(self.clock.seconds(), delivery.timeout or self.timeout)
+
+    def claims(self) -> List[Any]:
+        """(delivery id, claim token) of every claim held now, for lease renewal."""
+        return [(i, t) for i, t in self._tokens.items() if t is not None]
+
+    def wake(self) -> None:
+        """Look for due work now (another node announced some)."""
+        self._wake()
 
     # -- intake ----------------------------------------------------------------
 
@@ -211,7 +230,9 @@ class Dispatcher(Service):
                 host = host_key(delivery.url)
                 left = host_room[host] if host in host_room else self.hosts.room(host)
                 if left > 0:
-                    delivery = attr.evolve(delivery, status=DELIVERING, claimed_until=self._lease(delivery))
+                    delivery = attr.evolve(
+                        delivery, status=DELIVERING, claimed_until=self._lease(delivery), claim_token=uuid.uuid4().hex
+                    )
                     start_now.append(delivery)
                     room -= 1
                     host_room[host] = left - 1
@@ -250,6 +271,7 @@ class Dispatcher(Service):
     def _release(self, delivery_id: str, slot: Deferred, wake: bool = True) -> None:
         if self._in_flight.get(delivery_id) is slot:
             del self._in_flight[delivery_id]
+            self._tokens.pop(delivery_id, None)
         slot.callback(None)
         if self._starved:
             # A poll that found no room armed no timer: the first slot
@@ -313,8 +335,9 @@ class Dispatcher(Service):
         self._due_during_poll = _NEVER
         now = self.clock.seconds()
         # Claimed for an attempt at the default timeout; one with a longer
-        # timeout of its own has its claim renewed before it is sent.
-        d = self.store.claim_due(now, room, lease_until(now, self.timeout))
+        # timeout of its own has its claim renewed before it is sent (or,
+        # on a shared store, all along by the lease renewer).
+        d = self.store.claim_due(now, room, now + self.lease if self.lease is not None else lease_until(now, self.timeout))
         d.addCallback(self._claimed, room)
         d.addErrback(lambda f: log.failure("claiming due deliveries failed", f))
         d.addBoth(self._polled)
@@ -324,7 +347,7 @@ class Dispatcher(Service):
             # Stopped while claiming: hand the claims back, start nothing.
             now = self.clock.seconds()
             return DeferredList(
-                [self.store.reschedule(d.id, now) for d in deliveries if d.id not in self._in_flight],
+                [self.store.reschedule(d.id, now, claim_token=d.claim_token) for d in deliveries if d.id not in self._in_flight],
                 consumeErrors=True,
             )
         for delivery in deliveries:
@@ -362,6 +385,7 @@ class Dispatcher(Service):
 
     def _dispatch(self, delivery: Delivery, slot: Deferred) -> str:
         """Send now, hold for a free slot to its host, or push back in storage."""
+        self._tokens[delivery.id] = delivery.claim_token
         host = host_key(delivery.url)
         if delivery.deferred == PAUSED:
             # Held by a pause, perhaps one from before a restart: a host
@@ -382,7 +406,7 @@ class Dispatcher(Service):
         does not wake the claim loop: the rows due next are likely the same
         busy host's, and claiming them only to put them back would spin.
         """
-        d = self.store.reschedule(delivery.id, at, why)
+        d = self.store.reschedule(delivery.id, at, why, claim_token=delivery.claim_token)
         d.addCallback(lambda _: self._note_due(at))
         d.addErrback(lambda f: log.failure("deferring {id} failed", f, id=delivery.id))
         d.addBoth(lambda _: self._release(delivery.id, slot, wake=False))
@@ -411,7 +435,7 @@ class Dispatcher(Service):
         self.hosts.started(host)
         timeout = delivery.timeout or self.timeout
         started = self.clock.seconds()
-        if not covers(delivery.claimed_until, started, timeout):
+        if self.lease is None and not covers(delivery.claimed_until, started, timeout):
             # Renewed before the attempt can outlast it, so no one claims it
             # again while it is in flight (the renewal commits long before
             # the old claim runs out).
@@ -500,16 +524,29 @@ class Dispatcher(Service):
             intake = self.intake(follow_ups)
             d: Deferred = intake.when_stored(
                 self.store.finish_attempt(
-                    delivery.id, attempt, decision.status, decision.next_attempt_at, intake.deliveries
+                    delivery.id, attempt, decision.status, decision.next_attempt_at, intake.deliveries,
+                    claim_token=delivery.claim_token,
                 )
             )
         else:
-            d = self.store.finish_attempt(delivery.id, attempt, decision.status, decision.next_attempt_at)
+            d = self.store.finish_attempt(
+                delivery.id, attempt, decision.status, decision.next_attempt_at, claim_token=delivery.claim_token
+            )
         if decision.next_attempt_at is not None:
             d.addCallback(self._stored_for, decision.next_attempt_at)
         for listener in self.outcome_listeners if decision.final else ():
             d.addCallback(_tell, listener, finished)
+        d.addErrback(self._claim_lost, delivery)
         return d
+
+    def _claim_lost(self, failure: Failure, delivery: Delivery) -> None:
+        """Another deliverer took this delivery over: its outcome stands, ours was a duplicate."""
+        failure.trap(ClaimLost)
+        self.metrics.claims_lost.inc()
+        log.warn(
+            "attempt of {id} to {url} was a duplicate: its claim was taken over (lease ran out)",
+            id=delivery.id, url=delivery.url,
+        )
 
     def _counter(self, metric: Any, label: str) -> Any:
         # prometheus_client's labels() hashes and locks on every call; the

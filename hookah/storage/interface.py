@@ -10,7 +10,23 @@ provider to the same behaviour.
 
 from __future__ import annotations
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
+
+
+class StorageUnavailable(Exception):
+    """
+    The storage cannot be reached now (a database down or restarting). The
+    operation was not done; the web layer answers ``503`` with
+    ``Retry-After`` and the caller may try again later.
+    """
+
+
+class ClaimLost(LookupError):
+    """
+    An outcome written with the token of a claim that is no longer held: the
+    lease ran out and another deliverer took the delivery over. Nothing was
+    written; the other deliverer's attempt stands (this one was a duplicate).
+    """
 
 
 class IStore(Interface):
@@ -47,11 +63,12 @@ class IStore(Interface):
         Claim up to ``limit`` deliveries that are due: ``scheduled`` with
         ``next_attempt_at <= now``, or ``delivering`` with an expired claim
         (``claimed_until <= now``: its deliverer died). Earliest first.
-        Claimed ones become ``delivering`` with ``claimed_until=lease_until``.
+        Claimed ones become ``delivering`` with ``claimed_until=lease_until``
+        and a fresh ``claim_token`` (different for every claim).
         Deferred[List[Delivery]].
         """
 
-    def finish_attempt(delivery_id, attempt, status, next_attempt_at, follow_ups=()):  # type: ignore[misc]
+    def finish_attempt(delivery_id, attempt, status, next_attempt_at, follow_ups=(), claim_token=None):  # type: ignore[misc]
         """
         Append ``attempt`` and move the delivery to ``status`` (``scheduled``
         with ``next_attempt_at`` for a retry, or ``delivered``/``failed``),
@@ -59,7 +76,17 @@ class IStore(Interface):
         errback or callback report this outcome promises) in the same
         transaction, so no kill can record the outcome and lose its report.
         Deferred[None]; an unknown ``delivery_id`` fails with ``KeyError``
-        and stores nothing.
+        and stores nothing. With ``claim_token``, only the holder of that
+        claim may write: when the delivery's token is another (its lease ran
+        out and it was claimed again, or it was released) nothing is stored
+        and the Deferred fails with ``ClaimLost``.
+        """
+
+    def renew_claims(claims, now, lease_until):  # type: ignore[misc]
+        """
+        Extend to ``lease_until`` the leases of the ``claims`` (pairs of
+        delivery id and claim token) still held: ``delivering`` with that
+        token. Deferred[List[str]]: the ids whose claim was lost.
         """
 
     def release_claims(now):  # type: ignore[misc]
@@ -84,11 +111,13 @@ class IStore(Interface):
         ``delivering`` is left alone. Deferred[None].
         """
 
-    def reschedule(delivery_id, next_attempt_at, deferred=None):  # type: ignore[misc]
+    def reschedule(delivery_id, next_attempt_at, deferred=None, claim_token=None):  # type: ignore[misc]
         """
         Put a claimed delivery back to ``scheduled`` without an attempt
         (host paused or busy, service stopping), recording ``deferred``: why
-        (``"host_paused"``, ``"host_busy"``, or ``None``). Deferred[None].
+        (``"host_paused"``, ``"host_busy"``, or ``None``). Only a
+        ``delivering`` one, and with ``claim_token`` only while that claim
+        holds it; otherwise nothing happens. Deferred[None].
         """
 
     def requeue(delivery_id, now):  # type: ignore[misc]
@@ -253,3 +282,19 @@ class IStore(Interface):
         ``cancel_deliveries`` does (reason ``model.CANCELLED_EXPIRED``).
         Deferred[List[Tuple[str, str]]]: the (topic, callback) pairs removed.
         """
+
+
+class ISharedStore(Interface):
+    """
+    A store that several Hookah nodes share (PostgreSQL): it tells this node
+    what the others did, so the node need not poll for it.
+    """
+
+    work_listeners = Attribute(
+        "List of callables called with no argument when another node made"
+        " work due, or when notifications may have been missed (catch up)."
+    )
+    event_listeners = Attribute(
+        "List of callables called with a topic when another node stored"
+        " events on it (an empty topic: any topic may have new events)."
+    )

@@ -17,6 +17,7 @@ is trimmed or purged.
 from __future__ import annotations
 
 import heapq
+import uuid
 from bisect import bisect_left, bisect_right, insort
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -39,7 +40,7 @@ from hookah.model import (
     Subscription,
 )
 from hookah import defaults
-from hookah.storage.interface import IStore
+from hookah.storage.interface import ClaimLost, IStore
 
 
 @implementer(IStore)
@@ -144,7 +145,9 @@ class MemoryStore:
             delivery = self._pop_due(now)
             if delivery is None:
                 break
-            delivery = attr.evolve(delivery, status=DELIVERING, claimed_until=lease_until)
+            delivery = attr.evolve(
+                delivery, status=DELIVERING, claimed_until=lease_until, claim_token=uuid.uuid4().hex
+            )
             self._put(delivery)
             claimed.append(delivery)
         return succeed(claimed)
@@ -156,10 +159,13 @@ class MemoryStore:
         status: str,
         next_attempt_at: Optional[float],
         follow_ups: Sequence[Delivery] = (),
+        claim_token: Optional[str] = None,
     ) -> Deferred:
         delivery = self._deliveries.get(delivery_id)
         if delivery is None:
             return fail(KeyError(delivery_id))
+        if claim_token is not None and not self._holds(delivery, claim_token):
+            return fail(ClaimLost(delivery_id))
         if follow_ups:
             if self._duplicates(follow_ups):
                 return fail(ValueError("duplicate delivery id"))
@@ -172,14 +178,29 @@ class MemoryStore:
                 next_attempt_at=next_attempt_at,
                 claimed_until=None,
                 deferred=None,
+                claim_token=None,
             )
         )
         return succeed(None)
 
+    @staticmethod
+    def _holds(delivery: Delivery, claim_token: str) -> bool:
+        return delivery.status == DELIVERING and delivery.claim_token == claim_token
+
+    def renew_claims(self, claims: Sequence[Tuple[str, str]], now: float, lease_until: float) -> Deferred:
+        lost: List[str] = []
+        for delivery_id, token in claims:
+            delivery = self._deliveries.get(delivery_id)
+            if delivery is None or not self._holds(delivery, token):
+                lost.append(delivery_id)
+            else:
+                self._put(attr.evolve(delivery, claimed_until=lease_until))
+        return succeed(lost)
+
     def release_claims(self, now: float) -> Deferred:
         claimed = [d for d in self._deliveries.values() if d.status == DELIVERING]
         for delivery in claimed:
-            self._put(attr.evolve(delivery, status=SCHEDULED, claimed_until=None))
+            self._put(attr.evolve(delivery, status=SCHEDULED, claimed_until=None, claim_token=None))
         paused = [
             d for d in self._deliveries.values()
             if d.status == SCHEDULED and d.deferred == HOST_PAUSED and d.next_attempt_at is not None and d.next_attempt_at > now
@@ -194,13 +215,18 @@ class MemoryStore:
             self._put(attr.evolve(delivery, claimed_until=claimed_until))
         return succeed(None)
 
-    def reschedule(self, delivery_id: str, next_attempt_at: float, deferred: Optional[str] = None) -> Deferred:
+    def reschedule(
+        self, delivery_id: str, next_attempt_at: float, deferred: Optional[str] = None, claim_token: Optional[str] = None
+    ) -> Deferred:
         delivery = self._deliveries.get(delivery_id)
-        if delivery is not None and delivery.status == DELIVERING:
+        if delivery is not None and delivery.status == DELIVERING and (
+            claim_token is None or delivery.claim_token == claim_token
+        ):
             self._put(
                 attr.evolve(
                     delivery, status=SCHEDULED, next_attempt_at=next_attempt_at, claimed_until=None,
                     deferred=deferred,
+                    claim_token=None,
                 )
             )
         return succeed(None)

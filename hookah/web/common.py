@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from hookah import defaults
 from hookah.web.channel import HookahChannel, Refuser, SocketLimits
+from hookah.storage.interface import StorageUnavailable
 
 log = Logger()
 
@@ -84,6 +85,13 @@ def render_async(
     def failed(failure: Failure) -> bytes:
         if isinstance(failure.value, ApiError):
             return error_body(request, failure.value)
+        if isinstance(failure.value, StorageUnavailable):
+            # Nothing was stored (no 202 without a commit): try again soon.
+            log.warn("storage unavailable for {uri}: {error}", uri=request.uri, error=str(failure.value))
+            request.setHeader(b"Retry-After", b"5")
+            return error_body(request, ApiError(
+                503, "storage_unavailable", f"Storage is unavailable, nothing was stored: {failure.value}. Try again later."
+            ))
         log.failure("unhandled error rendering {uri}", failure, uri=request.uri)
         return error_body(request, ApiError(500, "internal_error", "Hookah failed to handle this request; see its log."))
 

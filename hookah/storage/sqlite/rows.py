@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
+import uuid
 import sqlite3
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -92,13 +93,14 @@ def remember_idempotency_keys(
 def insert_deliveries(c: sqlite3.Connection, deliveries: List[Delivery]) -> None:
     c.executemany(
         f"INSERT INTO deliveries ({DELIVERY_COLUMNS}, finished_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 d.id, d.url, d.body, d.content_type, dump_headers(d.headers),
                 d.status, d.created_at, d.next_attempt_at, d.retries, d.timeout,
                 d.errback, d.callback, d.kind, d.topic, d.event_id, d.parent_id,
-                d.idempotency_key, d.retry_from, d.claimed_until, d.deferred, _finished_at(d),
+                d.idempotency_key, d.retry_from, d.claimed_until, d.deferred, d.claim_token,
+                _finished_at(d),
             )
             for d in deliveries
         ],
@@ -144,7 +146,7 @@ def load_deliveries(c: sqlite3.Connection, rows: List[Any]) -> List[Delivery]:
             retries=row[8], timeout=row[9], errback=row[10], callback=row[11],
             kind=row[12], topic=row[13], event_id=row[14], parent_id=row[15],
             idempotency_key=row[16], retry_from=row[17], claimed_until=row[18],
-            deferred=row[19],
+            deferred=row[19], claim_token=row[20],
         )
         for row in rows
     ]
@@ -167,17 +169,15 @@ def claim_due(
         ((row[18], row[0], row) for row in expired),
     )
     rows = [row for _, _, row in itertools.islice(merged, limit)]
+    tokens = {row[0]: uuid.uuid4().hex for row in rows}
     c.executemany(
-        "UPDATE deliveries SET status = ?, claimed_until = ? WHERE id = ?",
-        [(DELIVERING, lease_until, row[0]) for row in rows],
+        "UPDATE deliveries SET status = ?, claimed_until = ?, claim_token = ? WHERE id = ?",
+        [(DELIVERING, lease_until, tokens[row[0]], row[0]) for row in rows],
     )
     return [
-        _evolve_claimed(d, lease_until) for d in load_deliveries(c, rows)
+        attr.evolve(d, status=DELIVERING, claimed_until=lease_until, claim_token=tokens[d.id])
+        for d in load_deliveries(c, rows)
     ]
-
-
-def _evolve_claimed(delivery: Delivery, lease_until: float) -> Delivery:
-    return attr.evolve(delivery, status=DELIVERING, claimed_until=lease_until)
 
 
 def event_from_row(row: Any) -> Event:

@@ -16,7 +16,7 @@ from typing import Dict
 
 from hookah.model import DELIVERED, FAILED, HOST_PAUSED, KIND_WEBSUB, SCHEDULED
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Schema migrations by the version they upgrade from. A fresh file runs them
 # all; a file written by a newer Hookah is refused rather than misread.
@@ -138,6 +138,10 @@ CREATE INDEX IF NOT EXISTS deliveries_paused
     ON deliveries (next_attempt_at)
     WHERE deferred = '{HOST_PAUSED}' AND status = '{SCHEDULED}';
 """,
+    # Claim tokens: an outcome is written only by the holder of the claim.
+    4: """
+ALTER TABLE deliveries ADD COLUMN claim_token TEXT;
+""",
 }
 
 
@@ -159,7 +163,7 @@ def upgrade(connection: sqlite3.Connection, path: str) -> None:
 DELIVERY_COLUMNS = (
     "id, url, body, content_type, headers, status, created_at, next_attempt_at,"
     " retries, timeout, errback, callback, kind, topic, event_id, parent_id,"
-    " idempotency_key, retry_from, claimed_until, deferred"
+    " idempotency_key, retry_from, claimed_until, deferred, claim_token"
 )
 EVENT_COLUMNS = "id, topic, body, content_type, headers, created_at, idempotency_key"
 SUBSCRIPTION_COLUMNS = "topic, callback, secret, lease_seconds, created_at, expires_at, hub_url"
@@ -213,7 +217,8 @@ REMEMBER_IDEMPOTENCY_KEY = (
     "INSERT OR IGNORE INTO idempotency_keys (key, id, created_at) VALUES (?, ?, ?)"
 )
 RELEASE_CLAIMS = (
-    "UPDATE deliveries SET status = ?, claimed_until = NULL WHERE status = ?"
+    "UPDATE deliveries SET status = ?, claimed_until = NULL, claim_token = NULL"
+    " WHERE status = ?"
 )
 # Start-up: what only a host pause held is due at once. The row keeps its
 # mark, so the dispatcher probes the host before sending the rest.
@@ -237,7 +242,7 @@ QUEUED_NOTIFICATIONS = (
 )
 CANCEL_DELIVERY = (
     "UPDATE deliveries SET status = ?, next_attempt_at = NULL,"
-    " claimed_until = NULL, finished_at = ? WHERE id = ?"
+    " claimed_until = NULL, claim_token = NULL, finished_at = ? WHERE id = ?"
 )
 FINISHED_BEFORE = (
     "SELECT id FROM deliveries INDEXED BY deliveries_finished WHERE finished_at < ?"

@@ -65,7 +65,7 @@ from hookah.model import (
     Subscription,
 )
 from hookah import defaults
-from hookah.storage.interface import IStore
+from hookah.storage.interface import ClaimLost, IStore
 from hookah.storage.sqlite.rows import (
     attempt_row,
     cancel_deliveries,
@@ -254,17 +254,23 @@ class SQLiteStore:
         status: str,
         next_attempt_at: Optional[float],
         follow_ups: Sequence[Delivery] = (),
+        claim_token: Optional[str] = None,
     ) -> Deferred[None]:
         finished_at = attempt.at if status in (DELIVERED, FAILED) else None
+        sql = (
+            "UPDATE deliveries SET status = ?, next_attempt_at = ?,"
+            " claimed_until = NULL, claim_token = NULL, finished_at = ?, deferred = NULL WHERE id = ?"
+        )
+        args: Tuple[Any, ...] = (status, next_attempt_at, finished_at, delivery_id)
+        if claim_token is not None:
+            sql += " AND status = ? AND claim_token = ?"
+            args += (DELIVERING, claim_token)
 
         def work(c: sqlite3.Connection) -> None:
-            updated = c.execute(
-                "UPDATE deliveries SET status = ?, next_attempt_at = ?,"
-                " claimed_until = NULL, finished_at = ?, deferred = NULL WHERE id = ?",
-                (status, next_attempt_at, finished_at, delivery_id),
-            ).rowcount
+            updated = c.execute(sql, args).rowcount
             if not updated:
-                raise KeyError(delivery_id)
+                exists = c.execute("SELECT 1 FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+                raise ClaimLost(delivery_id) if exists else KeyError(delivery_id)
             c.execute(APPEND_ATTEMPT, (delivery_id, delivery_id, *attempt_row(attempt)))
             if follow_ups:
                 insert_deliveries(c, list(follow_ups))
@@ -290,13 +296,39 @@ class SQLiteStore:
 
         return self._worker.submit(work, write=True, isolated=False)
 
-    def reschedule(self, delivery_id: str, next_attempt_at: float, deferred: Optional[str] = None) -> Deferred[None]:
+    def renew_claims(
+        self, claims: Sequence[Tuple[str, str]], now: float, lease_until: float
+    ) -> Deferred[List[str]]:
+        claims = list(claims)
+
+        def work(c: sqlite3.Connection) -> List[str]:
+            lost = []
+            for delivery_id, token in claims:
+                if not c.execute(
+                    "UPDATE deliveries SET claimed_until = ?"
+                    " WHERE id = ? AND status = ? AND claim_token = ?",
+                    (lease_until, delivery_id, DELIVERING, token),
+                ).rowcount:
+                    lost.append(delivery_id)
+            return lost
+
+        return self._worker.submit(work, write=True, isolated=False)
+
+    def reschedule(
+        self, delivery_id: str, next_attempt_at: float, deferred: Optional[str] = None,
+        claim_token: Optional[str] = None,
+    ) -> Deferred[None]:
+        sql = (
+            "UPDATE deliveries SET status = ?, next_attempt_at = ?,"
+            " claimed_until = NULL, claim_token = NULL, deferred = ? WHERE id = ? AND status = ?"
+        )
+        args: Tuple[Any, ...] = (SCHEDULED, next_attempt_at, deferred, delivery_id, DELIVERING)
+        if claim_token is not None:
+            sql += " AND claim_token = ?"
+            args += (claim_token,)
+
         def work(c: sqlite3.Connection) -> None:
-            c.execute(
-                "UPDATE deliveries SET status = ?, next_attempt_at = ?,"
-                " claimed_until = NULL, deferred = ? WHERE id = ? AND status = ?",
-                (SCHEDULED, next_attempt_at, deferred, delivery_id, DELIVERING),
-            )
+            c.execute(sql, args)
 
         return self._worker.submit(work, write=True, isolated=False)
 
@@ -312,7 +344,7 @@ class SQLiteStore:
             ).fetchone()
             c.execute(
                 "UPDATE deliveries SET status = ?, next_attempt_at = ?,"
-                " retry_from = ?, claimed_until = NULL, finished_at = NULL, deferred = NULL"
+                " retry_from = ?, claimed_until = NULL, claim_token = NULL, finished_at = NULL, deferred = NULL"
                 " WHERE id = ?",
                 (SCHEDULED, now, attempts, delivery_id),
             )

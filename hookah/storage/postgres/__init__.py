@@ -1,0 +1,1 @@
+"""PostgreSQL storage: several Hookah nodes sharing one database."""

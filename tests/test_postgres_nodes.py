@@ -1,0 +1,129 @@
+"""
+Several Hookah services on one PostgreSQL database, in this process: work
+dispatched through one node reaches its target once, from either node;
+a PostgreSQL outage answers 503 (never a 202 that was not committed) and
+the nodes carry on by themselves once it is back.
+
+The real two-process runs (SIGKILL of a node, restarts) are in
+``tests/test_e2e_postgres.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any, Dict, Tuple
+from urllib.parse import quote
+
+from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.trial.unittest import TestCase
+
+from hookah.storage.interface import StorageUnavailable
+from tests import pgsupport
+from tests.pgsupport import fresh_database
+from tests.support import http_client, listen_sink, poll, start_hookah
+
+
+class NodesTestCase(TestCase):
+    async def node(self, url: str, **overrides: Any) -> Tuple[Any, str]:
+        return await start_hookah(self, storage=url, **overrides)
+
+    async def post(self, base: str, query: str, body: bytes = b"{}") -> Tuple[int, Any, Dict[str, Any]]:
+        response = await self.client.post(
+            base + "/dispatch?" + query, data=body, headers={"Content-Type": ["application/json"]}
+        )
+        return response.code, response.headers, json.loads(await response.content())
+
+    async def get(self, base: str, path: str) -> Tuple[int, Dict[str, Any]]:
+        response = await self.client.get(base + path)
+        return response.code, json.loads(await response.content())
+
+
+class TwoNodesTests(NodesTestCase):
+    def test_dispatches_through_both_nodes_each_arrive_once(self) -> None:
+        async def go() -> None:
+            self.client = http_client(self)
+            url = fresh_database(self)
+            sink, target = listen_sink(self)
+            (a, base_a), (b, base_b) = await self.node(url), await self.node(url)
+            count = 60
+            answers = await gatherResults([
+                ensureDeferred(self.post(base_a if i % 2 else base_b, f"_url={quote(target)}/{i}", b'{"n": %d}' % i))
+                for i in range(count)
+            ])
+            self.assertEqual([code for code, _, _ in answers], [202] * count)
+            await sink.wait_for(count, timeout=30)
+            paths = Counter(r.path for r in sink.received)
+            self.assertEqual(sorted(paths), sorted(f"/{i}" for i in range(count)))
+            self.assertEqual(set(paths.values()), {1})
+            # Either node tells the outcome of a delivery the other accepted.
+            async def delivered() -> bool:
+                code, delivery = await self.get(base_a, f"/dispatch/{answers[0][2]['id']}")
+                return delivery["status"] == "delivered"
+
+            await poll("the outcome", delivered)
+            self.assertEqual(a.metrics.claims_lost._value.get() + b.metrics.claims_lost._value.get(), 0)
+
+        return ensureDeferred(go())
+
+    def test_scheduled_work_of_a_stopped_node_is_delivered_by_the_other(self) -> None:
+        async def go() -> None:
+            self.client = http_client(self)
+            url = fresh_database(self)
+            sink, target = listen_sink(self)
+            (a, base_a), (b, base_b) = await self.node(url), await self.node(url)
+            # Accepted by A, due in a moment: A is gone by then, B delivers.
+            code, _, body = await self.post(base_a, f"_url={quote(target)}/later&_delay=1")
+            self.assertEqual(code, 202)
+            await a.stopService()
+            [received] = await sink.wait_for(1, timeout=20)
+            self.assertEqual(received.path, "/later")
+            async def delivered() -> bool:
+                code, delivery = await self.get(base_b, f"/dispatch/{body['id']}")
+                return delivery["status"] == "delivered"
+
+            await poll("B to record the outcome", delivered)
+
+        return ensureDeferred(go())
+
+
+class OutageTests(NodesTestCase):
+    def test_postgresql_down_answers_503_and_the_node_recovers_by_itself(self) -> None:
+        async def go() -> None:
+            self.client = http_client(self)
+            url = fresh_database(self)
+            sink, target = listen_sink(self)
+            node, base = await self.node(url)
+            code, _, first = await self.post(base, f"_url={quote(target)}/before")
+            self.assertEqual(code, 202)
+
+            async def recorded() -> bool:
+                code, delivery = await self.get(base, f"/dispatch/{first['id']}")
+                return delivery["status"] == "delivered"
+
+            await poll("the first delivery to be recorded", recorded)
+            cluster = pgsupport.cluster()
+            cluster.stop()
+            try:
+                code, health = await self.get(base, "/healthz")
+                self.assertEqual((code, health["error"]), (503, "storage_unavailable"))
+                self.assertIn("PostgreSQL", health["message"])
+                code, headers, body = await self.post(base, f"_url={quote(target)}/during")
+                self.assertEqual((code, body["error"]), (503, "storage_unavailable"))
+                self.assertEqual(headers.getRawHeaders("retry-after"), ["5"])
+            finally:
+                cluster.start()
+
+            async def healthy() -> bool:
+                code, _ = await self.get(base, "/healthz")
+                return code == 200
+
+            await poll("the node to reconnect", healthy, timeout=30, interval=0.2)
+            code, _, _ = await self.post(base, f"_url={quote(target)}/after")
+            self.assertEqual(code, 202)
+            received = await sink.wait_for(2, timeout=20)
+            self.assertEqual([r.path for r in received], ["/before", "/after"])
+            # The outage was logged (claims, retention) while it lasted.
+            self.flushLoggedErrors(StorageUnavailable)
+
+        return ensureDeferred(go())
