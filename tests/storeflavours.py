@@ -59,9 +59,9 @@ class _Delegate:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
 
-    def _call(self, name: str, *args: Any) -> Deferred:
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Deferred:
         # Looked up at call time: a test may replace a method of the inner store.
-        return self._answer(maybeDeferred(getattr(self.inner, name), *args))
+        return self._answer(maybeDeferred(getattr(self.inner, name), *args, **kwargs))
 
     def _answer(self, d: Deferred) -> Deferred:
         raise NotImplementedError
@@ -87,17 +87,22 @@ class _Delegate:
     def claim_due(self, now: Any, limit: Any, lease_until: Any) -> Deferred:
         return self._call("claim_due", now, limit, lease_until)
 
-    def finish_attempt(self, delivery_id: Any, attempt: Any, status: Any, next_attempt_at: Any, follow_ups: Any = ()) -> Deferred:
-        return self._call("finish_attempt", delivery_id, attempt, status, next_attempt_at, follow_ups)
+    def finish_attempt(
+        self, delivery_id: Any, attempt: Any, status: Any, next_attempt_at: Any, follow_ups: Any = (), claim_token: Any = None
+    ) -> Deferred:
+        return self._call("finish_attempt", delivery_id, attempt, status, next_attempt_at, follow_ups, claim_token=claim_token)
 
     def release_claims(self, now: Any) -> Deferred:
         return self._call("release_claims", now)
 
+    def renew_claims(self, claims: Any, now: Any, lease_until: Any) -> Deferred:
+        return self._call("renew_claims", claims, now, lease_until)
+
     def renew_claim(self, delivery_id: Any, claimed_until: Any) -> Deferred:
         return self._call("renew_claim", delivery_id, claimed_until)
 
-    def reschedule(self, delivery_id: Any, next_attempt_at: Any, deferred: Any = None) -> Deferred:
-        return self._call("reschedule", delivery_id, next_attempt_at, deferred)
+    def reschedule(self, delivery_id: Any, next_attempt_at: Any, deferred: Any = None, claim_token: Any = None) -> Deferred:
+        return self._call("reschedule", delivery_id, next_attempt_at, deferred, claim_token=claim_token)
 
     def requeue(self, delivery_id: Any, now: Any) -> Deferred:
         return self._call("requeue", delivery_id, now)
