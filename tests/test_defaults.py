@@ -53,7 +53,9 @@ class DefaultsTests(SynchronousTestCase):
 
     def test_retention_batches_match_the_stores(self) -> None:
         batch = default(RetentionService, "batch")
-        for store in (MemoryStore, SQLiteStore):
+        from hookah.storage.postgres.store import PostgresStore
+
+        for store in (MemoryStore, SQLiteStore, PostgresStore):
             for method in (store.purge_finished, store.purge_idempotency_keys, store.trim_events):
                 self.assertEqual(default(method, "limit"), batch, method.__qualname__)
 
@@ -67,6 +69,7 @@ class DefaultsTests(SynchronousTestCase):
             "history-age": config.history_age, "retention": config.retention,
             "idempotency-window": config.idempotency_window, "max-body": config.max_body,
             "stream-buffer": config.stream_buffer, "storage": config.storage,
+            "claim-lease": config.claim_lease,
         }
         for setting in SETTINGS:
             if setting.name in shown:

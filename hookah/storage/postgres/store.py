@@ -56,6 +56,7 @@ from hookah.model import (
     Event,
     Subscription,
 )
+from hookah import defaults
 from hookah.storage.interface import ClaimLost, ISharedStore, IStore, StorageUnavailable
 from hookah.storage.postgres import rows
 from hookah.storage.postgres.listener import Listener
@@ -552,7 +553,7 @@ class PostgresStore:
         now = self._reactor.seconds()
         return self._run(lambda cur: rows.cancel_deliveries(cur, topic, callback, reason, now))
 
-    def purge_finished(self, before: float, limit: int = 10_000) -> Deferred[int]:
+    def purge_finished(self, before: float, limit: int = defaults.PURGE_BATCH) -> Deferred[int]:
         def work(cur: Any) -> int:
             cur.execute(
                 "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries"
@@ -587,7 +588,7 @@ class PostgresStore:
 
         return self._run(work)
 
-    def purge_idempotency_keys(self, before: float, limit: int = 10_000) -> Deferred[int]:
+    def purge_idempotency_keys(self, before: float, limit: int = defaults.PURGE_BATCH) -> Deferred[int]:
         def work(cur: Any) -> int:
             cur.execute(
                 "DELETE FROM idempotency_keys WHERE ctid IN (SELECT ctid FROM idempotency_keys"
@@ -641,7 +642,7 @@ class PostgresStore:
         d = self._run(work, notify=WORK_CHANNEL if self._has_scheduled(deliveries) else None)
         return d.addCallback(self._announce, EVENTS_CHANNEL, event.topic)
 
-    def trim_events(self, before: float, limit: int = 10_000) -> Deferred[int]:
+    def trim_events(self, before: float, limit: int = defaults.PURGE_BATCH) -> Deferred[int]:
         def work(cur: Any) -> int:
             cur.execute(
                 "DELETE FROM events WHERE id IN (SELECT id FROM events"
