@@ -242,9 +242,9 @@ class CountingStore(MemoryStore):
         self.claimed += len(rows)
         return rows
 
-    def reschedule(self, delivery_id: str, next_attempt_at: float, deferred: Optional[str] = None) -> Deferred:
+    def reschedule(self, delivery_id: str, next_attempt_at: float, deferred: Optional[str] = None, claim_token: Optional[str] = None) -> Deferred:
         self.rescheduled += 1
-        return super().reschedule(delivery_id, next_attempt_at, deferred)
+        return super().reschedule(delivery_id, next_attempt_at, deferred, claim_token)
 
 
 class BusyHostTests(MemoryFlavour, TestCase):
@@ -354,10 +354,10 @@ class SlowRescheduleStore(MemoryStore):
         super().__init__(clock)
         self.clock = clock
 
-    def reschedule(self, delivery_id: str, next_attempt_at: float, deferred: Optional[str] = None) -> Deferred:
+    def reschedule(self, delivery_id: str, next_attempt_at: float, deferred: Optional[str] = None, claim_token: Optional[str] = None) -> Deferred:
         d: Deferred = Deferred()
         self.clock.callLater(
-            0.01, lambda: super(SlowRescheduleStore, self).reschedule(delivery_id, next_attempt_at, deferred).chainDeferred(d)
+            0.01, lambda: super(SlowRescheduleStore, self).reschedule(delivery_id, next_attempt_at, deferred, claim_token).chainDeferred(d)
         )
         return d
 
