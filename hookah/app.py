@@ -180,7 +180,7 @@ class HookahService(MultiService):
             metrics=self.metrics,
             address_policy=self.address_policy,
             distribution=self.distributor,
-            event_listeners=[self.streams],
+            event_listeners=[] if self.shared else [self.streams],
         )
         # Publish pings: topic fetches that become events.
         self.publisher = Publisher(self.core, self.client, reactor, timeout=config.timeout)
@@ -189,6 +189,13 @@ class HookahService(MultiService):
         self.retention = RetentionService(
             self.store, reactor, config.retention, config.history_age, config.idempotency_window
         )
+        if self.shared:
+            # Several nodes: the streams get every node's events, in commit
+            # order, from the database (not straight from this node's core).
+            from hookah.streams.relay import StreamRelay
+
+            self.relay = StreamRelay(self.store, self.streams)
+            self.store.event_listeners.append(self.relay.committed)  # type: ignore[attr-defined]
         self.metrics.gauge("hookah_open_streams", "Open /stream responses", lambda: [((), float(len(self.streams)))], local=True)
         refusals = Counter(
             "hookah_http_refusals", "Connections and requests refused at the socket, by reason", ["reason"],

@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 from urllib.parse import quote
 
-from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
+
+from hookah.streams.parse import parser_for
 
 from hookah.storage.interface import StorageUnavailable
 from tests import pgsupport
 from tests.pgsupport import fresh_database
+from tests.streamwire import ResponseReader
 from tests.support import http_client, listen_sink, poll, start_hookah
 
 
@@ -125,5 +131,102 @@ class OutageTests(NodesTestCase):
             self.assertEqual([r.path for r in received], ["/before", "/after"])
             # The outage was logged (claims, retention) while it lasted.
             self.flushLoggedErrors(StorageUnavailable)
+
+        return ensureDeferred(go())
+
+
+class StreamClient(Protocol):
+    """A raw ``/stream`` reader on a real socket: the messages as they arrive."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.response = ResponseReader()
+        self.parser = parser_for("json")
+        self.messages: List[Any] = []
+        self._waiters: List[Tuple[int, Deferred]] = []
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        body = self.response.feed(data)
+        if body:
+            self.messages.extend(m for m in self.parser.feed(body) if isinstance(m, dict) and "id" in m)
+        for count, d in list(self._waiters):
+            if len(self.messages) >= count:
+                self._waiters.remove((count, d))
+                d.callback(self.messages)
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> Deferred:
+        if len(self.messages) >= count:
+            return succeed(self.messages)
+        d: Deferred = Deferred()
+        self._waiters.append((count, d))
+        return d.addTimeout(timeout, reactor)
+
+    def ids(self) -> List[str]:
+        return [m["id"] for m in self.messages]
+
+
+async def open_stream(testcase: TestCase, base: str, topic: str, last_event_id: str = "") -> StreamClient:
+    port = int(base.rsplit(":", 1)[1])
+    extra = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
+    client = StreamClient(
+        f"GET /stream?topic={topic}&format=json HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode()
+    )
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    protocol = await connectProtocol(endpoint, client)
+    testcase.addCleanup(lambda: protocol.transport.loseConnection())
+    await poll("the stream to open", lambda: client.response.status == 200)
+    return client
+
+
+class StreamsAcrossNodesTests(NodesTestCase):
+    def test_a_stream_on_one_node_gets_events_published_on_the_other_in_order(self) -> None:
+        async def go() -> None:
+            self.client = http_client(self)
+            url = fresh_database(self)
+            (a, base_a), (b, base_b) = await self.node(url), await self.node(url)
+            await poll("both listening", lambda: a.store.listener.backend_pid and b.store.listener.backend_pid)
+            reader = await open_stream(self, base_b, "orders")
+            ids: List[str] = []
+            for n in range(10):
+                code, _, body = await self.post(base_a if n % 3 else base_b, "_topic=orders", b'{"n": %d}' % n)
+                self.assertEqual(code, 202)
+                ids.append(body["id"])
+            await reader.wait_for(10)
+            self.assertEqual(reader.ids(), ids)
+            # B's listening connection dies; what A publishes meanwhile arrives all the same.
+            pid = b.store.listener.backend_pid
+            pgsupport.cluster().admin(f"SELECT pg_terminate_backend({pid})")
+            for n in range(10, 20):
+                code, _, body = await self.post(base_a, "_topic=orders", b'{"n": %d}' % n)
+                ids.append(body["id"])
+            await reader.wait_for(20)
+            self.assertEqual(reader.ids(), ids)
+            # The reader moves to A and resumes exactly where it was.
+            moved = await open_stream(self, base_a, "orders", last_event_id=ids[14])
+            await moved.wait_for(5)
+            self.assertEqual(moved.ids(), ids[15:])
+
+        return ensureDeferred(go())
+
+    def test_a_reader_whose_resume_point_left_the_history_is_told(self) -> None:
+        async def go() -> None:
+            self.client = http_client(self)
+            url = fresh_database(self)
+            (a, base_a), (b, base_b) = await self.node(url, history_count=3), await self.node(url, history_count=3)
+            ids = []
+            for n in range(5):
+                code, _, body = await self.post(base_a, "_topic=news", b'{"n": %d}' % n)
+                ids.append(body["id"])
+            late = await open_stream(self, base_b, "news", last_event_id=ids[0])
+            self.assertEqual(late.response.headers.get("hookah-history-gap"), ids[2])
+            await late.wait_for(3)
+            self.assertEqual(late.ids(), ids[2:])
+            recent = await open_stream(self, base_b, "news", last_event_id=ids[3])
+            self.assertNotIn("hookah-history-gap", recent.response.headers)
+            await recent.wait_for(1)
+            self.assertEqual(recent.ids(), ids[4:])
 
         return ensureDeferred(go())

@@ -127,7 +127,7 @@ class PostgresStoreTests(TestCase):
         woken: Deferred = Deferred()
         b.work_listeners.append(lambda: woken.called or woken.callback(None))
         topics: Deferred = Deferred()
-        b.event_listeners.append(lambda topic: topics.called or topics.callback(topic))
+        b.event_listeners.append(lambda topic, seq: topics.called or topics.callback(topic))
         a_woken: List[int] = []
         a.work_listeners.append(lambda: a_woken.append(1))
         yield a.add_deliveries([self.delivery(next_attempt_at=0.0)])

@@ -295,6 +295,15 @@ class ISharedStore(Interface):
         " work due, or when notifications may have been missed (catch up)."
     )
     event_listeners = Attribute(
-        "List of callables called with a topic when another node stored"
-        " events on it (an empty topic: any topic may have new events)."
+        "List of callables called with (topic, seq) when events were"
+        " committed on a topic by any node (seq: the topic's sequence number"
+        " of the first of them), and with (None, None) when notifications may"
+        " have been missed (any topic may have new events)."
     )
+
+    def events_since(topic, seq, limit):  # type: ignore[misc]
+        """
+        Deferred[List[Tuple[int, Event]]]: the events of ``topic`` numbered
+        above ``seq`` in the topic's sequence (commit order), at most
+        ``limit``, with their numbers.
+        """

@@ -98,7 +98,7 @@ class HTTPStream:
     __slots__ = (
         "request", "topics", "format", "registry", "clock", "limit",
         "_write", "_write_later", "_chunked", "_direct", "_paused", "_queue", "_queued_bytes",
-        "_held", "_held_bytes", "_expect", "_closing", "_gone", "_abort_call",
+        "_held", "_held_bytes", "_expect", "_resumed_after", "_closing", "_gone", "_abort_call",
         "_waiting", "_gone_waiters", "_transport", "_pending",
     )
 
@@ -132,6 +132,11 @@ class HTTPStream:
         # Body bytes of the history page read but not yet written.
         self._pending = 0
         self._expect: Optional[Set[str]] = None
+        # The reader's Last-Event-ID: it has every event up to it, so a live
+        # event at or below it is one it already has (with several nodes the
+        # live feed may carry an event committed just before this stream
+        # joined it).
+        self._resumed_after: Optional[str] = None
         self._closing = False
         self._gone = False
         self._abort_call: Optional[IDelayedCall] = None
@@ -171,6 +176,7 @@ class HTTPStream:
         history is out.
         """
         replaying = after is not None or count > 0
+        self._resumed_after = after
         if self._gone:
             return
         if replaying:
@@ -243,6 +249,8 @@ class HTTPStream:
     # -- the registry's side (ILiveStream) --------------------------------------
 
     def deliver(self, event: Event, frames: FrameCache) -> None:
+        if self._resumed_after is not None and event.id <= self._resumed_after:
+            return
         frame = frames.get(self.format, self._chunked)
         if self._direct:
             if frames.burst:

@@ -114,10 +114,14 @@ class PostgresStore:
         # Called (in the reactor thread) when another node announced due
         # work, and after the listening connection came back (catch up).
         self.work_listeners: List[Callable[[], Any]] = []
-        # Called with a topic when another node committed events on it.
-        self.event_listeners: List[Callable[[str], Any]] = []
+        # Called with (topic, seq) when events were committed on a topic,
+        # by this node or another (seq: the topic's sequence number of the
+        # first of them), and with (None, None) when notifications may have
+        # been missed (catch up on every topic).
+        self.event_listeners: List[Callable[[Optional[str], Optional[int]], Any]] = []
         self.listener = Listener(conninfo, reactor, (WORK_CHANNEL, EVENTS_CHANNEL), self._notified, self._reconnected) if listen else None
-        self._notify_pending: Dict[str, set] = {}
+        # channel -> {topic: lowest sequence number} to announce ("" for work).
+        self._notify_pending: Dict[str, Dict[str, int]] = {}
         self._notify_timer: Any = None
         self._last_notify = float("-inf")
         self._reaper: Any = None
@@ -222,10 +226,10 @@ class PostgresStore:
 
     # -- notifications -------------------------------------------------------------
 
-    def _announce(self, result: T, channel: str, payload: str = "") -> T:
-        """NOTIFY other nodes after a commit, at most once per interval per channel."""
-        pending = self._notify_pending.setdefault(channel, set())
-        pending.add(payload)
+    def _announce(self, result: T, channel: str, topic: str = "", seq: int = 0) -> T:
+        """NOTIFY other nodes after a commit, at most once per interval per channel and topic."""
+        pending = self._notify_pending.setdefault(channel, {})
+        pending[topic] = min(seq, pending.get(topic, seq))
         if self._notify_timer is None:
             wait = max(0.0, self._last_notify + self._notify_interval - self._reactor.seconds())
             self._notify_timer = self._reactor.callLater(wait, self._send_notifies)
@@ -242,12 +246,15 @@ class PostgresStore:
             if channel == WORK_CHANNEL:
                 messages.append((channel, self.node))
             else:
-                # One message per topic; NOTIFY payloads stay small.
-                messages.extend((channel, f"{self.node} {topic}") for topic in sorted(payloads))
+                # One small message per topic: "node seq topic". A topic too
+                # long for a payload (8000 bytes) is announced as "any".
+                for topic, seq in sorted(payloads.items()):
+                    message = f"{self.node} {seq} {topic}"
+                    messages.append((channel, message if len(message.encode()) < 7000 else f"{self.node} 0 "))
 
         def work(cur: Any) -> None:
             for channel, payload in messages:
-                cur.execute("SELECT pg_notify(%s, %s)", (channel, payload[:7000]))
+                cur.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
         d = self._run(work)
         d.addErrback(lambda f: log.warn("NOTIFY failed: {error}", error=f.getErrorMessage()))
@@ -259,11 +266,18 @@ class PostgresStore:
         if channel == WORK_CHANNEL:
             self._wake()
         elif channel == EVENTS_CHANNEL:
-            for listener in list(self.event_listeners):
-                try:
-                    listener(rest)
-                except Exception:
-                    log.failure("an event listener failed")
+            seq, _, topic = rest.partition(" ")
+            try:
+                self._events_committed(topic or None, int(seq) if topic else None)
+            except ValueError:
+                log.warn("ignored a malformed event notification {payload!r}", payload=payload)
+
+    def _events_committed(self, topic: Optional[str], seq: Optional[int]) -> None:
+        for listener in list(self.event_listeners):
+            try:
+                listener(topic, seq)
+            except Exception:
+                log.failure("an event listener failed")
 
     def _wake(self) -> None:
         for listener in list(self.work_listeners):
@@ -275,11 +289,7 @@ class PostgresStore:
     def _reconnected(self) -> None:
         """The listening connection is back: whatever was announced meanwhile is read now."""
         self._wake()
-        for listener in list(self.event_listeners):
-            try:
-                listener("")
-            except Exception:
-                log.failure("an event listener failed")
+        self._events_committed(None, None)
 
     # -- the reaper ------------------------------------------------------------------
 
@@ -611,7 +621,7 @@ class PostgresStore:
         deliveries = list(deliveries)
         skew = self._reactor.seconds()
 
-        def work(cur: Any) -> None:
+        def work(cur: Any) -> int:
             # The topic's row stays locked until commit: sequence numbers
             # are handed out in commit order, with no gaps.
             cur.execute(
@@ -638,9 +648,31 @@ class PostgresStore:
                 cur.execute(
                     "DELETE FROM events WHERE topic = %s AND created_at <= %s", (event.topic, keep_after)
                 )
+            return int(seq)
+
+        def committed(seq: int) -> None:
+            self._announce(None, EVENTS_CHANNEL, event.topic, seq)
+            self._events_committed(event.topic, seq)
 
         d = self._run(work, notify=WORK_CHANNEL if self._has_scheduled(deliveries) else None)
-        return d.addCallback(self._announce, EVENTS_CHANNEL, event.topic)
+        return d.addCallback(committed)
+
+    def events_since(self, topic: str, seq: int, limit: int) -> Deferred[List[Tuple[int, Event]]]:
+        """
+        The events of ``topic`` with a sequence number above ``seq``, in
+        sequence (commit) order, at most ``limit``, each with its number:
+        how a node follows what every node commits on a topic.
+        """
+
+        def work(cur: Any) -> List[Tuple[int, Event]]:
+            cur.execute(
+                f"SELECT seq, {rows.EVENT_COLUMNS} FROM events WHERE topic = %s AND seq > %s"
+                " ORDER BY seq LIMIT %s",
+                (topic, seq, max(limit, 0)),
+            )
+            return [(int(row[0]), rows.event_from_row(row[1:])) for row in cur.fetchall()]
+
+        return self._run(work)
 
     def trim_events(self, before: float, limit: int = defaults.PURGE_BATCH) -> Deferred[int]:
         def work(cur: Any) -> int:
