@@ -577,7 +577,7 @@ class PostgresStore:
 
     def count_deliveries(self) -> Deferred[Dict[str, int]]:
         def work(cur: Any) -> Dict[str, int]:
-            counts = dict.fromkeys(STATUSES, 0)
+            counts: Dict[str, int] = dict.fromkeys(STATUSES, 0)
             cur.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status")
             counts.update((status, int(n)) for status, n in cur.fetchall())
             return counts
