@@ -77,7 +77,7 @@ class TwoNodesTests(NodesTestCase):
             self.client = http_client(self)
             url = fresh_database(self)
             sink, target = listen_sink(self)
-            (a, base_a), (b, base_b) = await self.node(url), await self.node(url)
+            (a, base_a), (_, base_b) = await self.node(url), await self.node(url)
             # Accepted by A, due in a moment: A is gone by then, B delivers.
             code, _, body = await self.post(base_a, f"_url={quote(target)}/later&_delay=1")
             self.assertEqual(code, 202)
@@ -215,7 +215,7 @@ class StreamsAcrossNodesTests(NodesTestCase):
         async def go() -> None:
             self.client = http_client(self)
             url = fresh_database(self)
-            (a, base_a), (b, base_b) = await self.node(url, history_count=3), await self.node(url, history_count=3)
+            (_, base_a), (_, base_b) = await self.node(url, history_count=3), await self.node(url, history_count=3)
             ids = []
             for n in range(5):
                 code, _, body = await self.post(base_a, "_topic=news", b'{"n": %d}' % n)
