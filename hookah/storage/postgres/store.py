@@ -708,6 +708,50 @@ class PostgresStore:
 
         return self._run(work)
 
+    def events_page(
+        self, topics: Iterable[str], after: Optional[str], limit: int, max_bytes: int
+    ) -> Deferred[List[Event]]:
+        topics = list(dict.fromkeys(topics))
+        # Read in small slices, so rows past the byte bound are never fetched.
+        step = 32
+
+        def work(cur: Any) -> List[Event]:
+            page: List[Event] = []
+            size = 0
+            cursor_id = after or ""
+            while len(page) < limit:
+                cur.execute(
+                    f"SELECT {rows.EVENT_COLUMNS} FROM events"
+                    " WHERE topic = ANY(%s) AND id > %s ORDER BY id LIMIT %s",
+                    (topics, cursor_id, min(step, limit - len(page))),
+                )
+                batch = cur.fetchall()
+                for row in batch:
+                    event = rows.event_from_row(row)
+                    page.append(event)
+                    size += len(event.body)
+                    if size >= max_bytes:
+                        return page
+                if len(batch) < step:
+                    break
+                cursor_id = page[-1].id
+            return page
+
+        return self._run(work)
+
+    def replay_cursor(self, topics: Iterable[str], count: int) -> Deferred[Optional[str]]:
+        topics = list(dict.fromkeys(topics))
+
+        def work(cur: Any) -> Optional[str]:
+            cur.execute(
+                "SELECT id FROM events WHERE topic = ANY(%s) ORDER BY id DESC LIMIT 1 OFFSET %s",
+                (topics, max(count, 0)),
+            )
+            row = cur.fetchone()
+            return None if row is None else str(row[0])
+
+        return self._run(work)
+
     def last_events(self, topics: Iterable[str], count: int) -> Deferred[List[Event]]:
         topics = list(dict.fromkeys(topics))
 
