@@ -210,23 +210,3 @@ class StreamsAcrossNodesTests(NodesTestCase):
             self.assertEqual(moved.ids(), ids[15:])
 
         return ensureDeferred(go())
-
-    def test_a_reader_whose_resume_point_left_the_history_is_told(self) -> None:
-        async def go() -> None:
-            self.client = http_client(self)
-            url = fresh_database(self)
-            (_, base_a), (_, base_b) = await self.node(url, history_count=3), await self.node(url, history_count=3)
-            ids = []
-            for n in range(5):
-                code, _, body = await self.post(base_a, "_topic=news", b'{"n": %d}' % n)
-                ids.append(body["id"])
-            late = await open_stream(self, base_b, "news", last_event_id=ids[0])
-            self.assertEqual(late.response.headers.get("hookah-history-gap"), ids[2])
-            await late.wait_for(3)
-            self.assertEqual(late.ids(), ids[2:])
-            recent = await open_stream(self, base_b, "news", last_event_id=ids[3])
-            self.assertNotIn("hookah-history-gap", recent.response.headers)
-            await recent.wait_for(1)
-            self.assertEqual(recent.ids(), ids[4:])
-
-        return ensureDeferred(go())

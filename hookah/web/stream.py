@@ -14,9 +14,7 @@ open response and ``TopicRegistry`` feeds it.
 - ``Last-Event-ID`` (header, as ``EventSource`` sends on reconnecting) or
   ``last_event_id`` resumes after that id from the history in storage; the
   header wins, because a reconnecting ``EventSource`` repeats the original
-  URL. Otherwise ``count=N`` replays the newest N events first. When that
-  id has left the history (trimmed), the response says so in
-  ``Hookah-History-Gap: <oldest id kept>``.
+  URL. Otherwise ``count=N`` replays the newest N events first.
 """
 
 from __future__ import annotations
@@ -36,13 +34,8 @@ from hookah.streams.registry import TopicRegistry
 from hookah.web.common import ApiError, JsonResource, error_body, int_arg
 from hookah.web.httpstream import HTTPStream
 
-# The response header that tells a resuming reader its Last-Event-ID has left
-# the topic history: its value is the oldest event id still kept.
-HISTORY_GAP = b"Hookah-History-Gap"
-
 __all__ = [
-    "StreamResource", "HISTORY_GAP", "StreamRequest", "parse_stream_request", "requested_topics", "split_topics",
-    "MAX_COUNT", "MAX_TOPICS",
+    "StreamResource", "StreamRequest", "parse_stream_request", "requested_topics", "split_topics", "MAX_COUNT", "MAX_TOPICS",
 ]
 
 log = Logger()
@@ -176,19 +169,11 @@ class StreamResource(JsonResource):
                 ApiError(503, "too_many_streams", "Hookah has as many streams open as it is configured to allow; retry shortly."),
             )
         stream = HTTPStream(request, self.registry, wanted.topics, wanted.format, self.buffer_limit, self.clock)
+        stream.start_response()
         until = self.ends_at(request) if self.ends_at is not None else None
-
-        async def open_stream() -> None:
-            if wanted.last_event_id is not None:
-                oldest = await self._history_gap(wanted.topics, wanted.last_event_id)
-                if oldest is not None:
-                    request.setHeader(HISTORY_GAP, oldest.encode("utf-8"))
-            stream.start_response()
-            if until is not None:
-                self._end_at(request, stream, until)
-            await stream.replay(self.history, wanted.last_event_id, wanted.count)
-
-        d = ensureDeferred(open_stream())
+        if until is not None:
+            self._end_at(request, stream, until)
+        d = ensureDeferred(stream.replay(self.history, wanted.last_event_id, wanted.count))
         d.addErrback(lambda f: log.failure("opening a stream failed", f))
         return server.NOT_DONE_YET
 
@@ -207,19 +192,6 @@ class StreamResource(JsonResource):
             },
         )
         request.notifyFinish().addBoth(lambda _: call.cancel() if call.active() else None)
-
-    async def _history_gap(self, topics: List[str], last_id: str) -> Optional[str]:
-        """
-        The oldest event id still kept when the resume point ``last_id`` is
-        older than it (the history was trimmed past it, by count or age):
-        events between the two may be gone, and the reader is told so rather
-        than left to believe it missed nothing. ``None`` when the history
-        still reaches back to it.
-        """
-        oldest = await self.history.events_page(topics, None, 1, 1)
-        if oldest and oldest[0].id > last_id:
-            return str(oldest[0].id)
-        return None
 
     def render_HEAD(self, request: server.Request) -> Any:
         try:
