@@ -10,7 +10,7 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
+    python_requires=">=3.9.12",  # what the Twisted floor (26.4) itself requires
     # twisted.plugins is a namespace without __init__.py: find_packages()
     # would drop it silently, and twistd would never see the hookah plugin.
     packages=find_packages(include=["hookah", "hookah.*"]) + ["twisted.plugins"],
