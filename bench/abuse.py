@@ -26,6 +26,11 @@ Phases (each bounded by a count and a deadline):
 - ``kill``: ``kill -9`` at a random moment under dispatch load (SQLite),
   restart, and check every acknowledged delivery is still there and gets
   delivered.
+- ``kill-pg``: the same with PostgreSQL storage, on a throwaway cluster
+  started by the test suite's helper (``tests/pgsupport.py``: ``initdb``
+  and ``pg_ctl`` into a temporary directory, Unix socket only, from
+  Debian's ``postgresql`` package). Without the server binaries the phase
+  fails; it does not skip.
 - ``soak`` (only when asked, ``--phases soak``): ``--soak-seconds`` (600)
   of moderate load, dispatches, a WebSub subscriber and ``--soak-streams``
   (1,000) open streams, with RSS and descriptors sampled every 10 s; the
@@ -55,6 +60,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import quote
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.pgsupport, for kill-pg
 import benchlib
 
 HOST = "127.0.0.1"
@@ -247,9 +253,12 @@ def request(port: int, method: str, path: str, body: bytes = b"", headers: Optio
 
 
 class Server:
-    def __init__(self, directory: str, sampler: Sampler, extra: Optional[List[str]] = None) -> None:
+    def __init__(self, directory: str, sampler: Sampler, extra: Optional[List[str]] = None,
+                 storage: Optional[str] = None, name: str = "hookah") -> None:
         self.directory = directory
         self.sampler = sampler
+        self.storage = storage or f"sqlite:{os.path.join(directory, 'abuse.db')}"
+        self.name = name
         self.port = benchlib.free_port()
         self.extra = extra or []
         self.child: Optional[benchlib.Child] = None
@@ -259,13 +268,13 @@ class Server:
     def start(self) -> None:
         argv = [
             benchlib.TWISTD, "-n", "--pidfile=", "hookah", "--listen", f"tcp:{self.port}:interface={HOST}",
-            "--storage", f"sqlite:{os.path.join(self.directory, 'abuse.db')}", "--allow-private-targets",
+            "--storage", self.storage, "--allow-private-targets",
             "--retry-schedule", "0.5,1,2", "--timeout", "3", "--max-body", str(MAX_BODY),
             "--head-timeout", str(HEAD_TIMEOUT), "--max-connections", str(CAP),
             # A chaotic receiver trips the per-host breaker: rest briefly.
             "--breaker-cooldown", "2", *self.extra,
         ]
-        self.child = benchlib.Child(f"hookah-{len(self.logs)}", argv, self.directory, port=self.port, ready=60)
+        self.child = benchlib.Child(f"{self.name}-{len(self.logs)}", argv, self.directory, port=self.port, ready=60)
         self.logs.append(self.child.log_path)
         self.sampler.pid = self.child.proc.pid
 
@@ -615,7 +624,7 @@ def chaos(server: Server, deliveries: int, seed: int, deadline: float, tally: Ta
         receiver.close()
 
 
-def kill(server: Server, rounds: int, seed: int, deadline: float, tally: Tally) -> Dict[str, int]:
+def kill(server: Server, rounds: int, seed: int, deadline: float, tally: Tally, storage: str = "SQLite") -> Dict[str, int]:
     rng = random.Random(seed)
     receiver = Receiver(chaos=False, seed=seed)
     acknowledged: Dict[int, str] = {}
@@ -640,7 +649,7 @@ def kill(server: Server, rounds: int, seed: int, deadline: float, tally: Tally) 
         missing = sum(n for s, n in states.items() if s.startswith("http"))
         never_arrived = sum(1 for t in acknowledged if receiver.arrivals.get(str(t), 0) == 0)
         duplicated = sum(1 for n in receiver.arrivals.values() if n > 1)
-        print(f"  {rounds} kill -9 under load: {len(acknowledged)} acknowledged, states {states}, "
+        print(f"  {rounds} kill -9 under load ({storage}): {len(acknowledged)} acknowledged, states {states}, "
               f"{missing} missing after restart, {never_arrived} never arrived, {duplicated} arrived twice or more")
         return {"acknowledged": len(acknowledged), "delivered": states.get("delivered", 0),
                 "lost": max(missing, never_arrived), "duplicated": duplicated}
@@ -733,6 +742,28 @@ def soak(server: Server, seconds: float, streams: int, tally: Tally) -> Dict[str
     return result
 
 
+def kill_postgres(directory: str, sampler: Sampler, rounds: int, seed: int, deadline: float, tally: Tally,
+                  servers: List[Server]) -> Dict[str, int]:
+    """
+    The kill phase on PostgreSQL: a throwaway cluster (the test suite's
+    ``tests/pgsupport.py``, removed when this process exits), a fresh
+    database, a Hookah of its own on it killed and restarted as in ``kill``.
+    """
+    from tests import pgsupport
+
+    cluster = pgsupport.cluster()
+    database = cluster.create_database()
+    previous = sampler.pid
+    server = Server(directory, sampler, storage=cluster.url(database), name="hookah-pg")
+    servers.append(server)
+    try:
+        return kill(server, rounds, seed, deadline, tally, storage="PostgreSQL")
+    finally:
+        server.stop()
+        sampler.pid = previous
+        cluster.drop_database(database)
+
+
 def urlencode_pairs(pairs: List[Tuple[str, str]]) -> bytes:
     return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in pairs).encode()
 
@@ -743,7 +774,7 @@ def urlencode_pairs(pairs: List[Tuple[str, str]]) -> bytes:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=13)
-    parser.add_argument("--phases", default="fuzz,heads,slow,stalled,chaos,kill",
+    parser.add_argument("--phases", default="fuzz,heads,slow,stalled,chaos,kill,kill-pg",
                         help="comma-separated; soak (not in the default) runs --soak-seconds of moderate load")
     parser.add_argument("--soak-seconds", type=float, default=600)
     parser.add_argument("--soak-streams", type=int, default=1000)
@@ -763,6 +794,7 @@ def main() -> int:
     soak_result: Dict[str, Any] = {}
     started = time.monotonic()
     server = Server(directory, sampler)
+    others: List[Server] = []  # the kill-pg phase's server
     sink = Receiver(chaos=False, seed=args.seed)
     errors_before_chaos = 0
     try:
@@ -773,6 +805,8 @@ def main() -> int:
             ("stalled", lambda: stalled(server, 32 if quick else 128, 4 if quick else 10, tally)),
             ("chaos", lambda: outcomes.__setitem__("chaos", chaos(server, 50 if quick else 300, args.seed, time.monotonic() + (60 if quick else 180), tally))),
             ("kill", lambda: outcomes.__setitem__("kill", kill(server, 1 if quick else 3, args.seed, time.monotonic() + (60 if quick else 180), tally))),
+            ("kill-pg", lambda: outcomes.__setitem__("kill-pg", kill_postgres(
+                directory, sampler, 1 if quick else 3, args.seed, time.monotonic() + (60 if quick else 180), tally, others))),
             ("soak", lambda: soak_result.update(soak(server, 30 if quick else args.soak_seconds, 100 if quick else args.soak_streams, tally))),
         ]
         for name, step in steps:
@@ -790,7 +824,7 @@ def main() -> int:
         server.stop()
         sink.close()
         sampler.stopped.set()
-    tracebacks = server.tracebacks()
+    tracebacks = server.tracebacks() + sum(other.tracebacks() for other in others)
     lost = sum(o.get("lost", 0) for o in outcomes.values())
     print()
     print(f"requests sent: {tally.sent}; 5xx seen: {tally.server_errors} ({errors_before_chaos} outside chaos and kill); "
