@@ -63,15 +63,16 @@ class Storage:
         self.work = work
         self.given = given
         self.cluster: Any = None
-        self.made: List[str] = []
+        self.layouts = 0
+        self.databases: List[str] = []
 
     def fresh(self, kind: str) -> str:
-        name = f"hookah_nodes_{os.getpid()}_{len(self.made) + 1}"
+        self.layouts += 1
+        name = f"hookah_nodes_{os.getpid()}_{self.layouts}"
         if kind == "sqlite":
-            self.made.append(name)
             return f"sqlite:{os.path.join(self.work, name + '.db')}"
         self.admin(f"CREATE DATABASE {name}")
-        self.made.append(name)
+        self.databases.append(name)
         return self.url(name)
 
     def url(self, database: str) -> str:
@@ -91,13 +92,11 @@ class Storage:
             connection.execute(sql)
 
     def drop_databases(self) -> None:
-        if self.cluster is None and self.given is None:
-            return
-        for name in self.made:
+        for name in self.databases:
             try:
                 self.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            except Exception:
-                pass  # a SQLite layout's name, or already gone
+            except Exception as e:
+                print(f"could not drop {name}: {e}", file=sys.stderr)
 
 
 def wait_for(sink: Child, count: int, deadline: Deadline, what: str) -> None:
