@@ -219,7 +219,7 @@ def section(info: Dict[str, str], args: argparse.Namespace, rows: List[Dict[str,
         "the same over the count. Duplicated: deliveries beyond the count once the sink was quiet (nothing is killed "
         "here, so 0 is expected). Two nodes share the durable queue through `FOR UPDATE SKIP LOCKED` claims; here "
         "the database, the sink and the load share the nodes' cores, so run it where they have cores of their own "
-        "to see how far more nodes go.",
+        "to see how far more nodes go. Worker processes of one node (`--workers N`) are measured by `bench/drain.py`.",
     ])
 
 
