@@ -39,6 +39,8 @@ class EventHistory(Protocol):
 
     def events_page(self, topics: Sequence[str], after: Optional[str], limit: int, max_bytes: int) -> Deferred: ...
 
+    def resume_page(self, topics: Sequence[str], after: str, limit: int, max_bytes: int) -> Deferred: ...
+
     def replay_cursor(self, topics: Sequence[str], count: int) -> Deferred: ...
 
 
@@ -290,6 +292,10 @@ class HookahCore:
     def events_page(self, topics: Sequence[str], after: Optional[str], limit: int, max_bytes: int) -> Deferred:
         """Deferred[List[Event]]: history of ``topics`` after the event ``after``, oldest first, bounded in count and bytes."""
         return self.store.events_page(topics, after, limit, max_bytes)
+
+    def resume_page(self, topics: Sequence[str], after: str, limit: int, max_bytes: int) -> Deferred:
+        """Deferred[(kept, page)]: the first page after ``after``, and whether ``after`` is still in the history."""
+        return self.store.resume_page(topics, after, limit, max_bytes)
 
     def replay_cursor(self, topics: Sequence[str], count: int) -> Deferred:
         """Deferred[Optional[str]]: where a replay of the newest ``count`` events of ``topics`` starts."""

@@ -927,6 +927,25 @@ class StoreContractMixin(_Base):
         self.assertEqual((yield self.store.events_page(["nope"], None, 100, 10_000)), [])
 
     @inlineCallbacks
+    def test_resume_page_tells_whether_the_resume_point_is_kept(self) -> _Gen:
+        other = self.event("other")
+        yield self.publish(other)
+        news = [self.event("news", body=b"x" * 10) for _ in range(5)]
+        yield self.publish(*news, keep_count=3)
+        # Kept: the page after it, as events_page reads it, bounds included.
+        self.assertEqual((yield self.store.resume_page(["news"], news[2].id, 100, 10_000)), (True, news[3:]))
+        self.assertEqual((yield self.store.resume_page(["news", "x"], news[2].id, 1, 10_000)), (True, news[3:4]))
+        self.assertEqual((yield self.store.resume_page(["news"], news[2].id, 100, 1)), (True, news[3:4]))
+        self.assertEqual((yield self.store.resume_page(["news"], news[-1].id, 100, 10_000)), (True, []))
+        # Trimmed by count: told, and the page is what is kept after it.
+        self.assertEqual((yield self.store.resume_page(["news"], news[0].id, 100, 10_000)), (False, news[2:]))
+        # Unknown ids, and an event of a topic the stream does not follow.
+        self.assertEqual((yield self.store.resume_page(["news"], "0", 100, 10_000)), (False, news[2:]))
+        self.assertEqual((yield self.store.resume_page(["news"], "~nope", 100, 10_000)), (False, []))
+        self.assertEqual((yield self.store.resume_page(["news"], other.id, 100, 10_000))[0], False)
+        self.assertEqual((yield self.store.resume_page(["other", "news"], other.id, 100, 10_000))[0], True)
+
+    @inlineCallbacks
     def test_replay_cursor_is_where_the_newest_count_begin(self) -> _Gen:
         events = [self.event(topic) for topic in "abcabcab"]
         yield self.publish(*events)

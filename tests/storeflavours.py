@@ -140,6 +140,9 @@ class _Delegate:
     def events_page(self, topics: Any, after: Any, limit: Any, max_bytes: Any) -> Deferred:
         return self._call("events_page", topics, after, limit, max_bytes)
 
+    def resume_page(self, topics: Any, after: Any, limit: Any, max_bytes: Any) -> Deferred:
+        return self._call("resume_page", topics, after, limit, max_bytes)
+
     def replay_cursor(self, topics: Any, count: Any) -> Deferred:
         return self._call("replay_cursor", topics, count)
 

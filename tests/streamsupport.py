@@ -27,7 +27,7 @@ from tests.streamwire import ResponseReader
 
 class GatedStore:
     """
-    A ``MemoryStore`` whose history pages (``events_page``, ``events_after``,
+    A ``MemoryStore`` whose history pages (``events_page``, ``resume_page``, ``events_after``,
     ``last_events``) answer only once ``release()`` is called: what storage returns is computed at release time,
     as a real query that finishes late would see rows committed meanwhile
     only if they were there when it read, so ``snapshot_at_call`` picks.
@@ -58,6 +58,9 @@ class GatedStore:
 
     def events_page(self, topics: Sequence[str], after: Optional[str], limit: int, max_bytes: int) -> Deferred:
         return self._gate(lambda: self.store.events_page(topics, after, limit, max_bytes).result)
+
+    def resume_page(self, topics: Sequence[str], after: str, limit: int, max_bytes: int) -> Deferred:
+        return self._gate(lambda: self.store.resume_page(topics, after, limit, max_bytes).result)
 
     def release(self) -> None:
         pending, self.pending = self.pending, []
@@ -147,4 +150,4 @@ class Conn:
 
 
 def _is_error(message: Any) -> bool:
-    return isinstance(message, dict) and "error" in message
+    return isinstance(message, dict) and ("error" in message or "gap" in message)

@@ -287,6 +287,33 @@ class Commands(TestCase):
 
         return ensureDeferred(go())
 
+    def test_tail_warns_of_a_history_gap_and_goes_on(self) -> Any:
+        """The server's gap notice is a warning on stderr, never an event on stdout."""
+
+        async def go() -> None:
+            history_count = 3
+            _, base = await start_hookah(self, history_count=history_count)
+            ids = []
+            for n in range(5):
+                code, out, err = await run(self, "publish", "news", "--json", f'{{"n": {n}}}', "--server", base)
+                self.assertEqual(code, 0, err)
+                ids.append(out.strip())
+            for fmt in ("json", "length", "sse"):
+                code, out, err = await run(
+                    self, "tail", "news", "--format", fmt, "--last-event-id", ids[0], "--limit", "3", "--server", base,
+                )
+                self.assertEqual(code, 0, err)
+                self.assertEqual([json.loads(line)["id"] for line in out.splitlines()], ids[2:], fmt)
+                self.assertIn(f"warning: Event {ids[0]} is no longer in the topic history", err)
+                code, out, err = await run(
+                    self, "tail", "news", "--format", fmt, "--last-event-id", ids[3], "--limit", "1", "--server", base,
+                )
+                self.assertEqual(code, 0, err)
+                self.assertEqual([json.loads(line)["id"] for line in out.splitlines()], ids[4:], fmt)
+                self.assertNotIn("warning", err)
+
+        return ensureDeferred(go())
+
     def test_tail_reads_every_stream_format(self) -> Any:
         """``--format`` changes what is read off the wire, never what is printed: history and live events alike."""
 

@@ -143,6 +143,8 @@ class StreamClient(Protocol):
         self.response = ResponseReader()
         self.parser = parser_for("json")
         self.messages: List[Any] = []
+        # Control messages (no id): the gap notice, the error before a close.
+        self.notices: List[Any] = []
         self._waiters: List[Tuple[int, Deferred]] = []
 
     def connectionMade(self) -> None:
@@ -151,7 +153,8 @@ class StreamClient(Protocol):
     def dataReceived(self, data: bytes) -> None:
         body = self.response.feed(data)
         if body:
-            self.messages.extend(m for m in self.parser.feed(body) if isinstance(m, dict) and "id" in m)
+            for m in self.parser.feed(body):
+                (self.messages if isinstance(m, dict) and "id" in m else self.notices).append(m)
         for count, d in list(self._waiters):
             if len(self.messages) >= count:
                 self._waiters.remove((count, d))
@@ -208,5 +211,25 @@ class StreamsAcrossNodesTests(NodesTestCase):
             moved = await open_stream(self, base_a, "orders", last_event_id=ids[14])
             await moved.wait_for(5)
             self.assertEqual(moved.ids(), ids[15:])
+
+        return ensureDeferred(go())
+
+    def test_a_reader_whose_resume_point_left_the_history_is_told_first(self) -> None:
+        async def go() -> None:
+            self.client = http_client(self)
+            url = fresh_database(self)
+            (_, base_a), (_, base_b) = await self.node(url, history_count=3), await self.node(url, history_count=3)
+            ids = []
+            for n in range(5):
+                code, _, body = await self.post(base_a, "_topic=news", b'{"n": %d}' % n)
+                ids.append(body["id"])
+            late = await open_stream(self, base_b, "news", last_event_id=ids[0])
+            await late.wait_for(3)
+            self.assertEqual(late.ids(), ids[2:])
+            self.assertEqual([(n["gap"], n["last_event_id"]) for n in late.notices], [(True, ids[0])])
+            recent = await open_stream(self, base_b, "news", last_event_id=ids[3])
+            await recent.wait_for(1)
+            self.assertEqual(recent.ids(), ids[4:])
+            self.assertEqual(recent.notices, [])
 
         return ensureDeferred(go())

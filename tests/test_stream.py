@@ -201,6 +201,74 @@ class ReplayTests(TestCase):
         self.assertEqual(by_header.ids(), ["E000004", "E000005", "E000006"])
         self.assertEqual(by_query.ids(), ["E000005", "E000006"])
 
+    def _trimmed(self, kept: int = 3) -> StreamHarness:
+        """Five events on ``t``, of which the history keeps the newest ``kept``."""
+        h = StreamHarness()
+        for _ in range(5):
+            h.memory.add_event(h.event("t"), [], kept, -1.0)
+        return h
+
+    def test_resume_point_trimmed_from_history_is_told_first(self) -> None:
+        h = self._trimmed()
+        for query, headers in (("topic=t", b"Last-Event-ID: E000001\r\n"), ("topic=t&last_event_id=E000001", b""), ("topic=t&delimited=length&last_event_id=E000001", b"")):
+            conn = h.connect(query, headers)
+            conn.format_hint = "length" if "delimited=length" in query else "json"
+            messages = conn.read()
+            self.assertEqual(messages[0]["gap"], True, query)
+            self.assertEqual(messages[0]["last_event_id"], "E000001")
+            self.assertNotIn("id", messages[0])
+            self.assertIn("E000001", messages[0]["message"])
+            self.assertEqual([m["id"] for m in messages[1:]], ["E000003", "E000004", "E000005"])
+        h.publish(h.event("t"))
+        self.assertEqual([m.get("id") for m in conn.read()[1:]], ["E000003", "E000004", "E000005", "E000006"])
+
+    def test_resume_point_trimmed_in_sse_is_a_hookah_gap_message(self) -> None:
+        h = self._trimmed()
+        conn = h.connect("topic=t&format=sse", b"Last-Event-ID: E000002\r\n")
+        messages = conn.read()
+        self.assertEqual((messages[0].event, messages[0].id), ("hookah-gap", None))
+        self.assertEqual(messages[0].json()["last_event_id"], "E000002")
+        self.assertEqual([m.id for m in messages[1:]], ["E000003", "E000004", "E000005"])
+        # The notice carries no id field, so the reader's last event id is the last event's.
+        self.assertEqual(conn.parser.last_event_id, "E000005")
+
+    def test_resume_point_still_kept_is_not_a_gap(self) -> None:
+        h = self._trimmed()
+        for last in ("E000003", "E000005"):
+            conn = h.connect("topic=t", b"Last-Event-ID: " + last.encode() + b"\r\n")
+            self.assertFalse(any("gap" in m for m in conn.read()), last)
+            self.assertEqual(conn.ids(), [f"E{i:06d}" for i in range(int(last[1:]) + 1, 6)])
+        # count= replays are no resume: never a notice, even with history trimmed.
+        conn = h.connect("topic=t&count=10")
+        self.assertEqual(conn.ids(), ["E000003", "E000004", "E000005"])
+
+    def test_unknown_resume_point_is_told(self) -> None:
+        h = self._trimmed()
+        h.memory.add_event(h.event("other"), [], 10, -1.0)
+        for last in ("E999999", "nonsense", "E000006"):
+            conn = h.connect("topic=t&last_event_id=" + last)
+            messages = conn.read()
+            self.assertEqual(messages[0]["gap"], True, last)
+            self.assertEqual(messages[0]["last_event_id"], last)
+        # E000006 is on another topic: nothing of t is known after it.
+        self.assertEqual(len(messages), 1)
+        h.publish(h.event("t"))
+        self.assertEqual(conn.read()[1]["id"], "E000007")
+
+    def test_gap_notice_waits_for_a_paused_reader(self) -> None:
+        h = StreamHarness(gate=False)
+        for _ in range(5):
+            h.memory.add_event(h.event("t"), [], 3, -1.0)
+        conn = h.connect("topic=t&last_event_id=E000001")
+        conn.read()
+        conn.pause()
+        h.gated.release()
+        self.assertEqual(conn.read(), [])
+        conn.resume()
+        messages = conn.read()
+        self.assertEqual(messages[0]["gap"], True)
+        self.assertEqual([m["id"] for m in messages[1:]], ["E000003", "E000004", "E000005"])
+
     def test_resume_pages_through_history(self) -> None:
         self.patch(httpstream, "HISTORY_PAGE", 3)
         h = StreamHarness()

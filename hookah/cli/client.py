@@ -184,21 +184,28 @@ STREAM_FORMATS: Dict[str, List[Tuple[str, str]]] = {
 }
 
 
-def _event_or_closing(message: Any) -> Tuple[Any, Optional[str]]:
+def _classify(message: Any) -> Tuple[str, Any]:
     """
-    ``(event, None)`` for an event, ``(None, reason)`` for the error message
-    the server writes before it closes a stream (``StreamFormat.message``):
-    a JSON object with ``error`` and no ``id``, or in SSE an ``hookah-error``
-    event. Raises ``ValueError`` for SSE data that is not JSON.
+    What the server wrote (``StreamFormat.message``): ``("event", obj)`` for
+    an event, ``("closing", reason)`` for the error message before it closes
+    a stream (a JSON object with ``error`` and no ``id``, or in SSE a
+    ``hookah-error`` event), ``("gap", text)`` for the notice that the
+    resume point left the history (a JSON object with ``gap`` and no ``id``,
+    or in SSE a ``hookah-gap`` event). Raises ``ValueError`` for SSE data
+    that is not JSON.
     """
     if isinstance(message, SSEMessage):
         obj = message.json()
-        if message.event == "hookah-error":
-            return None, str(obj.get("message", obj.get("error")) if isinstance(obj, dict) else obj)
-        return obj, None
-    if isinstance(message, dict) and "id" not in message and "error" in message:
-        return None, str(message.get("message", message["error"]))
-    return message, None
+        if message.event in ("hookah-error", "hookah-gap"):
+            kind = "closing" if message.event == "hookah-error" else "gap"
+            return kind, str(obj.get("message", obj.get("error")) if isinstance(obj, dict) else obj)
+        return "event", obj
+    if isinstance(message, dict) and "id" not in message:
+        if "error" in message:
+            return "closing", str(message.get("message", message["error"]))
+        if message.get("gap") is True:
+            return "gap", str(message.get("message", "events may have been missed"))
+    return "event", message
 
 
 def follow(
@@ -262,7 +269,7 @@ def follow(
                 # closed stdout) are not the stream's and go to the caller.
                 try:
                     data = response.read1(65536)
-                    messages = [_event_or_closing(m) for m in parser.feed(data)] if data else []
+                    messages = [_classify(m) for m in parser.feed(data)] if data else []
                 except (http.client.HTTPException, OSError) as e:
                     reason = f"connection lost ({_reason(e)})"
                     break
@@ -271,9 +278,12 @@ def follow(
                     break
                 if not data:
                     break
-                for event, closing in messages:
-                    if closing is not None:
-                        reason = f"the server closed the stream: {closing}"
+                for kind, event in messages:
+                    if kind == "closing":
+                        reason = f"the server closed the stream: {event}"
+                        continue
+                    if kind == "gap":
+                        on_notice(f"warning: {event}")
                         continue
                     if isinstance(event, dict) and event.get("id") is not None:
                         last_event_id = str(event["id"])

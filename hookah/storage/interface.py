@@ -228,6 +228,18 @@ class IStore(Interface):
         a time, never the whole range. Deferred[List[Event]].
         """
 
+    def resume_page(topics, after, limit, max_bytes):  # type: ignore[misc]
+        """
+        The first page of a resumed stream: ``(kept, page)`` where ``page``
+        is ``events_page(topics, after, limit, max_bytes)`` and ``kept``
+        tells whether the event ``after`` itself is still in the history of
+        one of ``topics``, both read in the same round trip. When it is not
+        (trimmed by count or age, or never one of theirs), events between
+        it and the oldest kept may be gone, and the reader must be told
+        rather than left to believe it missed nothing.
+        Deferred[Tuple[bool, List[Event]]].
+        """
+
     def replay_cursor(topics, count):  # type: ignore[misc]
         """
         Where a replay of the newest ``count`` events across ``topics``

@@ -377,7 +377,9 @@ class MemoryStore:
         return succeed([self._events[i] for i in ids[max(0, len(ids) - count) :]] if count > 0 else [])
 
     def events_page(self, topics: Sequence[str], after: Optional[str], limit: int, max_bytes: int) -> Deferred:
-        ids = self._history(topics)
+        return succeed(self._page(self._history(topics), after, limit, max_bytes))
+
+    def _page(self, ids: List[str], after: Optional[str], limit: int, max_bytes: int) -> List[Event]:
         start = bisect_right(ids, after) if after is not None else 0
         page: List[Event] = []
         size = 0
@@ -387,7 +389,13 @@ class MemoryStore:
             size += len(event.body)
             if size >= max_bytes:
                 break
-        return succeed(page)
+        return page
+
+    def resume_page(self, topics: Sequence[str], after: str, limit: int, max_bytes: int) -> Deferred:
+        ids = self._history(topics)
+        at = bisect_left(ids, after)
+        kept = at < len(ids) and ids[at] == after
+        return succeed((kept, self._page(ids, after, limit, max_bytes)))
 
     def replay_cursor(self, topics: Sequence[str], count: int) -> Deferred:
         ids = self._history(topics)

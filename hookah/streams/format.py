@@ -119,11 +119,17 @@ class StreamFormat:
             return b"%d\r\n%s\r\n" % (len(line) + 2, line)
         return line + b"\r\n"
 
-    def message(self, obj: dict) -> bytes:
-        """A control message (the error line before a stream is closed) in this format."""
+    def message(self, obj: dict, sse_event: bytes = b"hookah-error") -> bytes:
+        """
+        A control message in this format: the error line before a stream is
+        closed, or the gap notice (``sse_event`` ``hookah-gap``) before a
+        resumed replay. A JSON object with no ``id``; in SSE a message of
+        its own event type with no ``id:`` field, so an ``EventSource``
+        keeps its last event id.
+        """
         line = json.dumps(obj, separators=(",", ":")).encode("ascii")
         if self is SSE:
-            return b"event: hookah-error\ndata: %s\n\n" % (line,)
+            return b"event: %s\ndata: %s\n\n" % (sse_event, line)
         if self is LENGTH_DELIMITED:
             return b"%d\r\n%s\r\n" % (len(line) + 2, line)
         return line + b"\r\n"

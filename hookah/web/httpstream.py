@@ -15,7 +15,10 @@ the thousand:
   reads storage one page at a time (``HISTORY_PAGE`` events, and bodies
   adding up to a quarter of ``limit``, at least one event), asks for the
   next page only once the transport has taken the last one, and lets go of
-  each event once it is written. A reader that stops reading holds at most
+  each event once it is written. When resuming, the first page also says
+  whether the reader's last event is still kept; if not, a gap notice
+  (``StreamFormat.message``, ``hookah-gap`` in SSE) comes before the
+  first replayed event. A reader that stops reading holds at most
   one page and the transport's buffer, whatever the history holds; the
   unwritten rest of its page counts with the live events held meanwhile
   towards ``limit``, so the slow-reader rule applies to replays too.
@@ -90,6 +93,16 @@ class _Replayed:
         if self.floor is None or event_id > self.floor:
             self.newer.add(event_id)
         self.tail.append(event_id)
+
+
+def _gap_notice(last_event_id: str) -> dict:
+    """The control message that tells a resuming reader its last event left the history."""
+    return {
+        "gap": True,
+        "last_event_id": last_event_id,
+        "message": f"Event {last_event_id} is no longer in the topic history (trimmed, or unknown): "
+        "events published since may have been missed. The stream goes on from the oldest event kept after it.",
+    }
 
 
 @implementer(ILiveStream, IPushProducer)
@@ -186,6 +199,8 @@ class HTTPStream:
         if not replaying:
             return
         replayed = _Replayed(self.registry.last_announced)
+        # The reader's Last-Event-ID, until the first page has checked it.
+        resuming = after
         try:
             remaining: Optional[int] = None
             if after is None:
@@ -197,7 +212,20 @@ class HTTPStream:
                     break
                 limit = HISTORY_PAGE if remaining is None else min(HISTORY_PAGE, remaining)
                 budget = max(1, self.limit // 4)
-                page = await history.events_page(self.topics, after, limit, budget)
+                if resuming is not None:
+                    # The first page of a resume also says whether the
+                    # reader's last event is still kept: if not, events
+                    # may have been trimmed unseen, and the reader is told
+                    # before anything is replayed.
+                    kept, page = await history.resume_page(self.topics, resuming, limit, budget)
+                    if not kept:
+                        await self._drained()
+                        if self._closing:
+                            break
+                        self._write(self._framed(self.format.message(_gap_notice(resuming), b"hookah-gap")))
+                    resuming = None
+                else:
+                    page = await history.events_page(self.topics, after, limit, budget)
                 if not page:
                     break
                 after = page[-1].id

@@ -712,32 +712,47 @@ class PostgresStore:
         self, topics: Iterable[str], after: Optional[str], limit: int, max_bytes: int
     ) -> Deferred[List[Event]]:
         topics = list(dict.fromkeys(topics))
-        # Read in small slices, so rows past the byte bound are never fetched.
-        step = 32
+        return self._run(lambda cur: self._page(cur, topics, after, limit, max_bytes))
 
-        def work(cur: Any) -> List[Event]:
-            page: List[Event] = []
-            size = 0
-            cursor_id = after or ""
-            while len(page) < limit:
-                cur.execute(
-                    f"SELECT {rows.EVENT_COLUMNS} FROM events"
-                    " WHERE topic = ANY(%s) AND id > %s ORDER BY id LIMIT %s",
-                    (topics, cursor_id, min(step, limit - len(page))),
-                )
-                batch = cur.fetchall()
-                for row in batch:
-                    event = rows.event_from_row(row)
-                    page.append(event)
-                    size += len(event.body)
-                    if size >= max_bytes:
-                        return page
-                if len(batch) < step:
-                    break
-                cursor_id = page[-1].id
-            return page
+    def resume_page(
+        self, topics: Iterable[str], after: str, limit: int, max_bytes: int
+    ) -> Deferred[Tuple[bool, List[Event]]]:
+        topics = list(dict.fromkeys(topics))
+
+        def work(cur: Any) -> Tuple[bool, List[Event]]:
+            # The primary key finds the resume point, in the same
+            # transaction as the page; an id of another topic says nothing
+            # of these.
+            cur.execute("SELECT 1 FROM events WHERE id = %s AND topic = ANY(%s)", (after, topics))
+            kept = cur.fetchone() is not None
+            return kept, self._page(cur, topics, after, limit, max_bytes)
 
         return self._run(work)
+
+    @staticmethod
+    def _page(cur: Any, topics: List[str], after: Optional[str], limit: int, max_bytes: int) -> List[Event]:
+        # Read in small slices, so rows past the byte bound are never fetched.
+        step = 32
+        page: List[Event] = []
+        size = 0
+        cursor_id = after or ""
+        while len(page) < limit:
+            cur.execute(
+                f"SELECT {rows.EVENT_COLUMNS} FROM events"
+                " WHERE topic = ANY(%s) AND id > %s ORDER BY id LIMIT %s",
+                (topics, cursor_id, min(step, limit - len(page))),
+            )
+            batch = cur.fetchall()
+            for row in batch:
+                event = rows.event_from_row(row)
+                page.append(event)
+                size += len(event.body)
+                if size >= max_bytes:
+                    return page
+            if len(batch) < step:
+                break
+            cursor_id = page[-1].id
+        return page
 
     def replay_cursor(self, topics: Iterable[str], count: int) -> Deferred[Optional[str]]:
         topics = list(dict.fromkeys(topics))

@@ -487,29 +487,45 @@ class SQLiteStore:
         self, topics: Iterable[str], after: Optional[str], limit: int, max_bytes: int
     ) -> Deferred[List[Event]]:
         topics = list(dict.fromkeys(topics))
+        return self._read(lambda c: self._page(c, topics, after, limit, max_bytes))
+
+    def _page(
+        self, c: sqlite3.Connection, topics: List[str], after: Optional[str], limit: int, max_bytes: int
+    ) -> List[Event]:
         sql = (
             f"SELECT {EVENT_COLUMNS} FROM events"
             " WHERE topic = ? AND id > ? ORDER BY id LIMIT ?"
         )
+        # The cursors step one row at a time: rows past the byte bound
+        # are never read.
+        ranges = [
+            c.execute(sql, (topic, after or "", max(limit, 0))) for topic in topics
+        ]
+        page: List[Event] = []
+        size = 0
+        merged = heapq.merge(*ranges, key=lambda row: row[0])
+        for row in itertools.islice(merged, max(limit, 0)):
+            event = event_from_row(row)
+            page.append(event)
+            size += len(event.body)
+            if size >= max_bytes:
+                break
+        for cursor in ranges:
+            cursor.close()
+        return page
 
-        def work(c: sqlite3.Connection) -> List[Event]:
-            # The cursors step one row at a time: rows past the byte bound
-            # are never read.
-            ranges = [
-                c.execute(sql, (topic, after or "", max(limit, 0))) for topic in topics
-            ]
-            page: List[Event] = []
-            size = 0
-            merged = heapq.merge(*ranges, key=lambda row: row[0])
-            for row in itertools.islice(merged, max(limit, 0)):
-                event = event_from_row(row)
-                page.append(event)
-                size += len(event.body)
-                if size >= max_bytes:
-                    break
-            for cursor in ranges:
-                cursor.close()
-            return page
+    def resume_page(
+        self, topics: Iterable[str], after: str, limit: int, max_bytes: int
+    ) -> Deferred[Tuple[bool, List[Event]]]:
+        topics = list(dict.fromkeys(topics))
+        # The primary key finds the resume point; the topic must be one of
+        # the stream's (an id from another topic says nothing of these).
+        found = "SELECT topic FROM events WHERE id = ?"
+
+        def work(c: sqlite3.Connection) -> Tuple[bool, List[Event]]:
+            row = c.execute(found, (after,)).fetchone()
+            kept = row is not None and row[0] in topics
+            return kept, self._page(c, topics, after, limit, max_bytes)
 
         return self._read(work)
 
