@@ -21,8 +21,9 @@ import attr
 from standardwebhooks.webhooks import Webhook
 from treq.testing import StubTreq
 from twisted.internet import error as neterror
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -45,7 +46,7 @@ from hookah.model import (
     Delivery,
 )
 from hookah.delivery.signing import Signer
-from hookah.storage.interface import IStore
+from hookah.storage.interface import IStore, StorageUnavailable
 from hookah.storage.memory import MemoryStore
 from tests.storeflavours import LaterFlavour, LaterStore, MemoryFlavour, SQLiteFlavour, run_on
 from tests.support import Answer, FakeClient, Sent, submit
@@ -650,6 +651,46 @@ class StopDuringClaimTests(DispatcherTestCase):
         self.assertEqual((due.status, due.claimed_until, due.attempts), (SCHEDULED, None, ()))
         clock.pump([1.0] * 10)
         self.assertEqual(client.sent, [])
+
+
+class OutageStore(MemoryStore):
+    """A MemoryStore whose claims fail with ``error`` while it is set."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.error: Optional[Exception] = None
+
+    def claim_due(self, now: float, limit: int, lease_until: float) -> Deferred:
+        if self.error is not None:
+            return fail(self.error)
+        return super().claim_due(now, limit, lease_until)
+
+
+class OutageLogTests(DispatcherTestCase):
+    def test_storage_unavailable_is_a_warning_line_per_poll_and_other_errors_keep_their_traceback(self) -> None:
+        events: List[Dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        clock = self.clock()
+        store = OutageStore(clock)
+        self.successResultOf(store.add_deliveries([self.delivery("DUE")]))
+        store.error = StorageUnavailable("PostgreSQL: the database system is starting up")
+        clock, client, dispatcher = self.fake(clock=clock, store=self.make_store(clock, store))
+        clock.pump([5.0] * 3)
+        claims = [e for e in events if "claiming due deliveries failed" in e.get("log_format", "")]
+        self.assertGreaterEqual(len(claims), 2)
+        self.assertTrue(all(e["log_level"] == LogLevel.warn and "log_failure" not in e for e in claims))
+        self.assertIn("storage unavailable (PostgreSQL: the database system is starting up)", formatEvent(claims[0]))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(client.sent, [])
+        # A failure that is not an outage is a bug or a surprise: its traceback is kept.
+        store.error = RuntimeError("unexpected")
+        clock.pump([5.0] * 2)
+        self.assertGreaterEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        # Back: the delivery goes out.
+        store.error = None
+        clock.pump([5.0] * 2)
+        self.assertEqual([s.url for s in client.sent], ["http://a.example/hook"])
 
 
 class ClaimCountingStore(MemoryStore):

@@ -11,12 +11,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hookah.config import Config, ConfigError, build_config
 from hookah.ids import IdGenerator
 from hookah.model import DELIVERED, FAILED, SCHEDULED, Attempt, Delivery, Event
 from hookah.delivery.retention import RetentionService
+from hookah.storage.interface import StorageUnavailable
 from hookah.storage.memory import MemoryStore
 from tests.support import http_client, start_hookah, temp_dir
 
@@ -141,6 +143,32 @@ class RetentionServiceTests(SynchronousTestCase):
         self.start()
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertTrue(self.exists(old))
+        self.clock.advance(60)
+        self.assertFalse(self.exists(old))
+
+    def test_storage_unavailable_is_one_warning_line_and_the_loop_goes_on(self) -> None:
+        old = self.finished(T0 - 8 * DAY)
+        down = [True]
+        original = self.store.purge_finished
+
+        def purge_finished(before: float, limit: int = 10_000) -> Deferred:
+            if down:
+                return fail(StorageUnavailable("PostgreSQL: connection refused"))
+            return original(before, limit)
+
+        self.store.purge_finished = purge_finished  # type: ignore[method-assign]
+        events: List[Dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.start()
+        self.clock.advance(60)
+        self.assertEqual(self.flushLoggedErrors(), [])  # no traceback
+        warnings = [e for e in events if "deleting old" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 2)  # one line per pass
+        self.assertTrue(all(e["log_level"] == LogLevel.warn and "log_failure" not in e for e in warnings))
+        self.assertIn("storage unavailable (PostgreSQL: connection refused)", formatEvent(warnings[0]))
+        self.assertTrue(self.exists(old))
+        down.clear()
         self.clock.advance(60)
         self.assertFalse(self.exists(old))
 

@@ -44,6 +44,7 @@ from hookah.model import (
 )
 from hookah.delivery.hosts import BUSY, DEFER, GO, PAUSED, WAIT, HostGate
 from hookah.delivery.lease import covers, lease_until
+from hookah.delivery.outage import log_store_failure
 from hookah.delivery.waiting import why_waiting
 from hookah.delivery.retry import Decision, decide
 from hookah.delivery.signing import Signer
@@ -339,7 +340,7 @@ class Dispatcher(Service):
         # on a shared store, all along by the lease renewer).
         d = self.store.claim_due(now, room, now + self.lease if self.lease is not None else lease_until(now, self.timeout))
         d.addCallback(self._claimed, room)
-        d.addErrback(lambda f: log.failure("claiming due deliveries failed", f))
+        d.addErrback(lambda f: log_store_failure(log, f, "claiming due deliveries failed"))
         d.addBoth(self._polled)
 
     def _claimed(self, deliveries: List[Delivery], room: int) -> Deferred:
@@ -408,7 +409,7 @@ class Dispatcher(Service):
         """
         d = self.store.reschedule(delivery.id, at, why, claim_token=delivery.claim_token)
         d.addCallback(lambda _: self._note_due(at))
-        d.addErrback(lambda f: log.failure("deferring {id} failed", f, id=delivery.id))
+        d.addErrback(lambda f: log_store_failure(log, f, "deferring {id} failed", id=delivery.id))
         d.addBoth(lambda _: self._release(delivery.id, slot, wake=False))
 
     def _deferral(self, host: str) -> Tuple[float, str]:
@@ -440,7 +441,7 @@ class Dispatcher(Service):
             # again while it is in flight (the renewal commits long before
             # the old claim runs out).
             renewed = self.store.renew_claim(delivery.id, lease_until(started, timeout))
-            renewed.addErrback(lambda f: log.failure("renewing the claim on {id} failed", f, id=delivery.id))
+            renewed.addErrback(lambda f: log_store_failure(log, f, "renewing the claim on {id} failed", id=delivery.id))
         headers: List[Any] = []
         if delivery.content_type:
             headers.append(("Content-Type", delivery.content_type))
@@ -452,7 +453,7 @@ class Dispatcher(Service):
         d = maybeDeferred(self.client.request, "POST", delivery.url, headers, delivery.body, timeout)
         d.addBoth(self._host_finished, host, started)
         d.addBoth(self._attempted, delivery, started, timeout)
-        d.addErrback(lambda f: log.failure("recording an attempt of {id} failed", f, id=delivery.id))
+        d.addErrback(lambda f: log_store_failure(log, f, "recording an attempt of {id} failed", id=delivery.id))
         d.addBoth(lambda _: self._release(delivery.id, slot))
 
     def _host_finished(self, outcome: Any, host: str, started: float) -> Any:

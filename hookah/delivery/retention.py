@@ -27,8 +27,10 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hookah import defaults
+from hookah.delivery.outage import log_store_failure
 from hookah.storage.interface import IStore
 
 log = Logger()
@@ -118,7 +120,7 @@ class RetentionService(Service):
             try:
                 count: int = await purge(before, self.batch)
             except Exception:
-                log.failure("retention: deleting old {what} failed", what=what)
+                log_store_failure(log, Failure(), "retention: deleting old {what} failed", what=what)
                 return total
             total += count
             if count < self.batch or not self.running:
