@@ -221,6 +221,7 @@ def follow(
     max_delay: float = 30.0,
     sleep: Callable[[float], None] = time.sleep,
     stream_format: str = "json",
+    on_warning: Optional[Callable[[str], None]] = None,
 ) -> int:
     """
     Follow ``/stream`` for ``topics`` in ``stream_format`` (``json``,
@@ -232,7 +233,9 @@ def follow(
     ``first_delay`` seconds and doubling up to ``max_delay`` while the
     server stays away. The first connection failing is an error
     (``Unreachable``/``ServerError``): there is nothing to resume yet.
-    Returns the number of events seen.
+    A gap notice (the resume point left the history: events may have been
+    missed) goes to ``on_warning`` (``on_notice`` when None), never to
+    ``on_event``. Returns the number of events seen.
     """
     if stream_format not in STREAM_FORMATS:
         raise UsageError(f"the stream format must be one of {', '.join(STREAM_FORMATS)}, not {stream_format!r}")
@@ -283,7 +286,7 @@ def follow(
                         reason = f"the server closed the stream: {event}"
                         continue
                     if kind == "gap":
-                        on_notice(f"warning: {event}")
+                        (on_warning or on_notice)(f"warning: {event}")
                         continue
                     if isinstance(event, dict) and event.get("id") is not None:
                         last_event_id = str(event["id"])

@@ -167,6 +167,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         first_delay=args.reconnect_delay,
         stream_format=args.format,
+        # Events may have been missed: said even with --quiet.
+        on_warning=lambda message: say(f"tail: {message}"),
     )
     return 0
 
