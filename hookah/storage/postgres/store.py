@@ -69,6 +69,13 @@ Work = Callable[[Any], T]
 
 # The database's clock, in the seconds the model uses.
 DB_NOW = "extract(epoch from clock_timestamp())::double precision"
+# The same, read once per statement: clock_timestamp() is volatile, so a
+# ``due_at <= DB_NOW`` condition cannot bound an index scan and is checked
+# against every row of the due index instead (each claim read the whole
+# backlog, future rows included: ~4 ms a claim with 4,000 rows waiting,
+# which held one node to a third of its delivery rate). A scalar subquery is
+# evaluated once, and bounds the scan.
+DB_NOW_ONCE = f"(SELECT {DB_NOW})"
 
 
 def storage_error(error: BaseException) -> Optional[StorageUnavailable]:
@@ -222,7 +229,7 @@ class PostgresStore:
 
     def _now(self, now: float) -> str:
         """The SQL of the claim clock: the database's, or the caller's ``now``."""
-        return DB_NOW if self._database_clock else "%(now)s"
+        return DB_NOW_ONCE if self._database_clock else "%(now)s"
 
     # -- notifications -------------------------------------------------------------
 
@@ -322,7 +329,7 @@ class PostgresStore:
             cur.execute(
                 "UPDATE deliveries SET status = %s, next_attempt_at = " + DB_NOW + ","
                 " claimed_until = NULL, claim_token = NULL"
-                f" WHERE due_at <= {DB_NOW} AND status = %s",
+                f" WHERE due_at <= {DB_NOW_ONCE} AND status = %s",
                 (SCHEDULED, DELIVERING),
             )
             return int(cur.rowcount)
