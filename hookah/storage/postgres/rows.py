@@ -11,11 +11,16 @@ then updated with a fresh claim token.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from hookah.storage.records import (  # noqa: F401 (the stores use them through this module)
+    DELIVERY_COLUMNS,
+    deliveries_from_rows,
+    delivery_values,
+    dump_headers,
+    event_from_row,
+)
 from hookah.model import (
-    DELIVERED,
     DELIVERING,
     FAILED,
     KIND_WEBSUB,
@@ -23,14 +28,8 @@ from hookah.model import (
     Attempt,
     Delivery,
     Event,
-    Headers,
 )
 
-DELIVERY_COLUMNS = (
-    "id, url, body, content_type, headers, status, created_at, next_attempt_at,"
-    " retries, timeout, errback, callback, kind, topic, event_id, parent_id,"
-    " idempotency_key, retry_from, claimed_until, claim_token, deferred"
-)
 EVENT_COLUMNS = "id, topic, body, content_type, headers, created_at, idempotency_key"
 SUBSCRIPTION_COLUMNS = "topic, callback, secret, lease_seconds, created_at, expires_at, hub_url"
 
@@ -60,20 +59,6 @@ CANCEL_DELIVERY = (
 )
 
 
-def dump_headers(headers: Headers) -> str:
-    return json.dumps([[name, value] for name, value in headers])
-
-
-def load_headers(text: str) -> Headers:
-    return tuple((name, value) for name, value in json.loads(text))
-
-
-def _finished_at(d: Delivery) -> Optional[float]:
-    if d.status not in (DELIVERED, FAILED):
-        return None
-    return d.attempts[-1].at if d.attempts else d.created_at
-
-
 def remember_idempotency_keys(cur: Any, records: Sequence[Union[Delivery, Event]]) -> None:
     keyed = [
         (r.idempotency_key, r.id, r.created_at) for r in records if r.idempotency_key is not None
@@ -92,16 +77,7 @@ def insert_deliveries(cur: Any, deliveries: Sequence[Delivery]) -> None:
     cur.executemany(
         f"INSERT INTO deliveries ({DELIVERY_COLUMNS}, finished_at) VALUES"
         " (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        [
-            (
-                d.id, d.url, d.body, d.content_type, dump_headers(d.headers),
-                d.status, d.created_at, d.next_attempt_at, d.retries, d.timeout,
-                d.errback, d.callback, d.kind, d.topic, d.event_id, d.parent_id,
-                d.idempotency_key, d.retry_from, d.claimed_until, d.claim_token,
-                d.deferred, _finished_at(d),
-            )
-            for d in deliveries
-        ],
+        [delivery_values(d) for d in deliveries],
     )
     attempts = [
         (d.id, seq, a.at, a.status_code, a.error, a.duration_ms)
@@ -129,18 +105,7 @@ def load_deliveries(cur: Any, rows: List[Any]) -> List[Delivery]:
         )
         for delivery_id, at, code, error, ms in cur.fetchall():
             attempts.setdefault(delivery_id, []).append(Attempt(at, code, error, ms))
-    return [
-        Delivery(
-            id=row[0], url=row[1], body=bytes(row[2]), content_type=row[3],
-            headers=load_headers(row[4]), status=row[5], created_at=row[6],
-            next_attempt_at=row[7], attempts=tuple(attempts.get(row[0], ())),
-            retries=row[8], timeout=row[9], errback=row[10], callback=row[11],
-            kind=row[12], topic=row[13], event_id=row[14], parent_id=row[15],
-            idempotency_key=row[16], retry_from=row[17], claimed_until=row[18],
-            claim_token=row[19], deferred=row[20],
-        )
-        for row in rows
-    ]
+    return deliveries_from_rows(rows, attempts)
 
 
 def get_delivery(cur: Any, delivery_id: str) -> Optional[Delivery]:
@@ -157,10 +122,3 @@ def cancel_deliveries(cur: Any, topic: str, callback: str, reason: str, at: floa
         cur.executemany(APPEND_ATTEMPT, [(i, i, at, None, reason, 0) for i in ids])
         cur.executemany(CANCEL_DELIVERY, [(FAILED, at, i) for i in ids])
     return len(ids)
-
-
-def event_from_row(row: Any) -> Event:
-    return Event(
-        id=row[0], topic=row[1], body=bytes(row[2]), content_type=row[3],
-        headers=load_headers(row[4]), created_at=row[5], idempotency_key=row[6],
-    )

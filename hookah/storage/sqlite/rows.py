@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import uuid
 import sqlite3
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -21,14 +20,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import attr
 
 from hookah.model import (
-    DELIVERED,
     DELIVERING,
     FAILED,
     SCHEDULED,
     Attempt,
     Delivery,
     Event,
-    Headers,
+)
+from hookah.storage.records import (  # noqa: F401 (the stores use them through this module)
+    DELIVERY_COLUMNS,
+    deliveries_from_rows,
+    delivery_values,
+    dump_headers,
+    event_from_row,
 )
 from hookah.storage.sqlite.schema import (
     APPEND_ATTEMPT,
@@ -36,7 +40,6 @@ from hookah.storage.sqlite.schema import (
     CLAIM_EXPIRED,
     CLAIM_SCHEDULED,
     CLAIM_UNTIMED,
-    DELIVERY_COLUMNS,
     QUEUED_NOTIFICATIONS,
     REMEMBER_IDEMPOTENCY_KEY,
     UNTIMED,
@@ -46,23 +49,8 @@ from hookah.storage.sqlite.schema import (
 _IN_CHUNK = 500
 
 
-def dump_headers(headers: Headers) -> str:
-    return json.dumps([[name, value] for name, value in headers])
-
-
-def load_headers(text: str) -> Headers:
-    return tuple((name, value) for name, value in json.loads(text))
-
-
 def attempt_row(attempt: Attempt) -> Tuple[Any, ...]:
     return (attempt.at, attempt.status_code, attempt.error, attempt.duration_ms)
-
-
-def _finished_at(d: Delivery) -> Optional[float]:
-    """A finished delivery's last activity: its last attempt, else its creation."""
-    if d.status not in (DELIVERED, FAILED):
-        return None
-    return d.attempts[-1].at if d.attempts else d.created_at
 
 
 def cancel_deliveries(
@@ -94,16 +82,7 @@ def insert_deliveries(c: sqlite3.Connection, deliveries: List[Delivery]) -> None
     c.executemany(
         f"INSERT INTO deliveries ({DELIVERY_COLUMNS}, finished_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            (
-                d.id, d.url, d.body, d.content_type, dump_headers(d.headers),
-                d.status, d.created_at, d.next_attempt_at, d.retries, d.timeout,
-                d.errback, d.callback, d.kind, d.topic, d.event_id, d.parent_id,
-                d.idempotency_key, d.retry_from, d.claimed_until, d.deferred, d.claim_token,
-                _finished_at(d),
-            )
-            for d in deliveries
-        ],
+        [delivery_values(d) for d in deliveries],
     )
     c.executemany(
         "INSERT INTO attempts (delivery_id, seq, at, status_code, error, duration_ms)"
@@ -138,18 +117,7 @@ def load_deliveries(c: sqlite3.Connection, rows: List[Any]) -> List[Delivery]:
             chunk,
         ):
             attempts.setdefault(delivery_id, []).append(Attempt(at, code, error, ms))
-    return [
-        Delivery(
-            id=row[0], url=row[1], body=bytes(row[2]), content_type=row[3],
-            headers=load_headers(row[4]), status=row[5], created_at=row[6],
-            next_attempt_at=row[7], attempts=tuple(attempts.get(row[0], ())),
-            retries=row[8], timeout=row[9], errback=row[10], callback=row[11],
-            kind=row[12], topic=row[13], event_id=row[14], parent_id=row[15],
-            idempotency_key=row[16], retry_from=row[17], claimed_until=row[18],
-            deferred=row[19], claim_token=row[20],
-        )
-        for row in rows
-    ]
+    return deliveries_from_rows(rows, attempts)
 
 
 def claim_due(
@@ -178,10 +146,3 @@ def claim_due(
         attr.evolve(d, status=DELIVERING, claimed_until=lease_until, claim_token=tokens[d.id])
         for d in load_deliveries(c, rows)
     ]
-
-
-def event_from_row(row: Any) -> Event:
-    return Event(
-        id=row[0], topic=row[1], body=bytes(row[2]), content_type=row[3],
-        headers=load_headers(row[4]), created_at=row[5], idempotency_key=row[6],
-    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Dict
 
+from hookah.storage.records import DELIVERY_COLUMNS
 from hookah.model import DELIVERED, FAILED, HOST_PAUSED, KIND_WEBSUB, SCHEDULED
 
 SCHEMA_VERSION = 5
@@ -160,11 +161,6 @@ def upgrade(connection: sqlite3.Connection, path: str) -> None:
         )
 
 
-DELIVERY_COLUMNS = (
-    "id, url, body, content_type, headers, status, created_at, next_attempt_at,"
-    " retries, timeout, errback, callback, kind, topic, event_id, parent_id,"
-    " idempotency_key, retry_from, claimed_until, deferred, claim_token"
-)
 EVENT_COLUMNS = "id, topic, body, content_type, headers, created_at, idempotency_key"
 SUBSCRIPTION_COLUMNS = "topic, callback, secret, lease_seconds, created_at, expires_at, hub_url"
 
