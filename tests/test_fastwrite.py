@@ -1,5 +1,5 @@
 """
-The stream fast path (``hookah.web.fastwrite``) over real loopback sockets.
+The stream fast path (``hookah.fastwrite``) over real loopback sockets.
 
 With and without it, a reader receives the same bytes: in each format,
 chunked (HTTP/1.1) or not (HTTP/1.0), through history replay, lone and
@@ -29,8 +29,9 @@ from twisted.trial.unittest import TestCase
 from zope.interface import provider
 
 from hookah.streams.parse import parser_for
-from hookah.web import fastwrite, httpstream
-from hookah.web.fastwrite import FastPath
+from hookah import fastwrite
+from hookah.web import httpstream
+from hookah.fastwrite import FastPath
 from tests.streamsupport import StreamHarness
 from tests.streamwire import ResponseReader
 

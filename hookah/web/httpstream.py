@@ -37,7 +37,7 @@ the thousand:
 Frames are written straight to the HTTP/1.x transport, already chunk-framed
 (``FrameCache``): ``Request.write`` would frame each write anew for each
 reader. On a plain TCP transport with nothing queued, a frame goes to the
-socket at once (``hookah.web.fastwrite``, which holds every private detail
+socket at once (``hookah.fastwrite``, which holds every private detail
 of Twisted this relies on). Other channels (HTTP/2) fall back to
 ``Request.write``. A disconnect is learnt from ``Request.notifyFinish``.
 """
@@ -59,7 +59,7 @@ from hookah.core import EventHistory
 from hookah.model import Event
 from hookah.streams.format import FrameCache, StreamFormat, chunk
 from hookah.streams.registry import ILiveStream, TopicRegistry
-from hookah.web.fastwrite import fast_path
+from hookah.fastwrite import fast_path
 
 __all__ = ["HTTPStream", "HISTORY_PAGE", "CLOSE_GRACE", "EXPECT_TAIL"]
 

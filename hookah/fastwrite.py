@@ -1,7 +1,9 @@
 """
-The stream fast path: a frame goes straight to the socket when Twisted has
+The fast write path: bytes go straight to the socket when Twisted has
 nothing queued for that connection. This is the one module in Hookah that
 reads Twisted's private transport state; everything else uses public API.
+Streams write their frames through it, and any other writer on a plain TCP
+connection may ask it for a write function the same way.
 
 Why it exists: ``FileDescriptor.write`` queues the bytes, registers the
 socket for writability and sends on the next reactor turn. For a thousand
