@@ -21,7 +21,7 @@ from hookah.config import Config, with_backlog
 from hookah.delivery.dispatcher import Dispatcher
 from hookah.websub.distributor import Distributor
 from hookah.websub.publisher import Publisher
-from hookah.outbound.agent import HTTPClient, pooled_agent
+from hookah.outbound.client import guarded_client
 from hookah.delivery.hosts import HostGate
 from hookah.ids import IdGenerator
 from hookah.metrics import Metrics
@@ -131,8 +131,7 @@ class HookahService(MultiService):
         # nodes renew, and the other nodes' news arrive by notification.
         self.shared = ISharedStore.providedBy(self.store)
         self.address_policy = AddressPolicy(config.allow_private_targets, config.allowed_networks)
-        agent, self.pool = pooled_agent(reactor, config.host_concurrency, self.address_policy, resolve=resolve)
-        self.client = HTTPClient(agent, reactor)
+        self.client = guarded_client(reactor, config.host_concurrency, self.address_policy, resolve=resolve)
         self.new_id = IdGenerator(reactor.seconds)
         self.metrics = Metrics()
         # WebSub: verification and leases; it hears of finished deliveries
@@ -287,7 +286,7 @@ class HookahService(MultiService):
             await MultiService.stopService(self)
             await self.streams.close_all()
             await self.site.close_connections()
-            await self.pool.closeCachedConnections()
+            await self.client.close()
             await self.store.close()
 
         return ensureDeferred(stop())

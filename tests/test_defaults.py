@@ -17,7 +17,7 @@ from hookah.config import SETTINGS, Config
 from hookah.core import HookahCore
 from hookah.delivery.dispatcher import Dispatcher
 from hookah.delivery.retention import RetentionService
-from hookah.outbound.agent import HTTPClient
+from hookah.outbound.client import HTTPClient
 from hookah.storage.memory import MemoryStore
 from hookah.delivery.hosts import HostGate
 from hookah.storage.sqlite.store import SQLiteStore

@@ -4,8 +4,8 @@ The dispatcher on a deterministic ``Clock``, each test on every store flavour
 later tick, and SQLite.
 
 Outgoing HTTP is either a ``FakeClient`` whose answers the test controls
-(when and what), or the real ``hookah.outbound.agent.HTTPClient`` over
-``treq.testing.StubTreq`` (which also exercises its timeout, headers and
+(when and what), or the real ``hookah.outbound.client.HTTPClient`` served in memory by a
+twisted.web resource (``tests/outboundsupport.py``: its timeout, headers and
 redirect handling without sockets).
 """
 
@@ -19,7 +19,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attr
 from standardwebhooks.webhooks import Webhook
-from treq.testing import StubTreq
 from twisted.internet import error as neterror
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
@@ -32,7 +31,6 @@ from zope.interface.verify import verifyObject
 from hookah import __version__
 from hookah.delivery.dispatcher import Dispatcher
 from hookah.delivery.hosts import HostGate
-from hookah.outbound.agent import HTTPClient
 from hookah.ids import IdGenerator
 from hookah.model import (
     DELIVERED,
@@ -49,6 +47,7 @@ from hookah.delivery.signing import Signer
 from hookah.storage.interface import IStore, StorageUnavailable
 from hookah.storage.memory import MemoryStore
 from tests.storeflavours import LaterFlavour, LaterStore, MemoryFlavour, SQLiteFlavour, run_on
+from tests.outboundsupport import site_client
 from tests.support import Answer, FakeClient, Sent, submit
 
 T0 = 1_700_000_000.0
@@ -76,7 +75,7 @@ class Seen:
 
 class Target(Resource):
     """
-    Every host and path, for ``StubTreq``. ``respond(seen)`` returns
+    Every host and path, for ``site_client``. ``respond(seen)`` returns
     (code, headers, body), or None to never answer.
     """
 
@@ -146,7 +145,7 @@ class DispatcherTestCase(MemoryFlavour, TestCase):
     def stub(self, respond: Callable[[Seen], Any], clock: Optional[Clock] = None, **kwargs: Any) -> Tuple[Clock, Target, Dispatcher]:
         clock = clock or self.clock()
         target = Target(respond)
-        client = HTTPClient(StubTreq(target)._agent, clock)
+        client, _ = site_client(target, clock)
         return clock, target, self.dispatcher(clock, client, **kwargs)
 
     def delivery(self, id: str, url: str = "http://a.example/hook", clock: Optional[Clock] = None, **kwargs: Any) -> Delivery:
@@ -321,7 +320,7 @@ class OutcomeTests(DispatcherTestCase):
 
 
 class RealClientTests(DispatcherTestCase):
-    """The real ``HTTPClient`` over ``StubTreq``."""
+    """The real ``HTTPClient``, served in memory."""
 
     def test_timeout_per_delivery(self) -> None:
         clock, target, dispatcher = self.stub(lambda seen: None, timeout=30.0)

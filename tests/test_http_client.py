@@ -13,11 +13,11 @@ from twisted.internet.defer import ensureDeferred
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from twisted.web.client import ResponseNeverReceived
 
 from zope.interface import provider
 
-from hookah.outbound.agent import HTTPClient, describe_failure, pooled_agent
+from hookah.outbound.client import guarded_client
+from hookah.outbound.outcome import NoResponse, ResponseBroken, describe_failure
 from hookah.urls import AddressPolicy, wire_url
 from tests.support import http_client, listen_sink, start_hookah
 
@@ -52,9 +52,23 @@ class WireURLTests(TestCase):
 class DescribeFailureTests(TestCase):
     def test_tls_failure_is_named(self) -> None:
         tls = Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))
-        text = describe_failure(Failure(ResponseNeverReceived([tls])), 30.0)
-        self.assertTrue(text.startswith("TLS failed: "), text)
-        self.assertIn("certificate verify failed", text)
+        for wrapper in (NoResponse, ResponseBroken):
+            text = describe_failure(Failure(wrapper(tls)), 30.0)
+            self.assertTrue(text.startswith("TLS failed: "), text)
+            self.assertIn("certificate verify failed", text)
+
+    def test_connection_failures(self) -> None:
+        from twisted.internet import error
+
+        closed = Failure(error.ConnectionDone())
+        for failure, text in [
+            (Failure(NoResponse(closed)), "connection closed before a response"),
+            (Failure(ResponseBroken(Failure(error.ConnectionLost()))), "connection lost while reading the response"),
+            (Failure(error.ConnectionRefusedError()), "connection refused"),
+            (Failure(error.DNSLookupError("x")), "DNS lookup failed"),
+            (Failure(error.TimeoutError()), "timed out after 7s"),
+        ]:
+            self.assertEqual(describe_failure(failure, 7.0), text)
 
 
 class SubmissionTests(TestCase):
@@ -94,14 +108,13 @@ class PoolTests(TestCase):
                 events.append(event)
 
             sink, base = listen_sink(self)
-            agent, pool = pooled_agent(reactor, 4, AddressPolicy(True, ()))
-            client = HTTPClient(agent, reactor)
+            client = guarded_client(reactor, 4, AddressPolicy(True, ()))
             globalLogPublisher.addObserver(observe)
             try:
                 for _ in range(2):
                     response = await client.request("POST", base + "/hook", body=b"{}")
                     self.assertEqual(response.code, 200)
-                await pool.closeCachedConnections()
+                await client.close()
             finally:
                 globalLogPublisher.removeObserver(observe)
             self.assertEqual(len(sink.received), 2)

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import Agent
 from zope.interface.verify import verifyClass, verifyObject
 
 from hookah.delivery.dispatcher import Dispatcher
 from hookah.listeners import IDeliveryOutcomeListener, IDueDeliveryListener, IEventListener
-from hookah.outbound.agent import HTTPClient
+from hookah.outbound.client import HTTPClient
 from hookah.outbound.interface import IHTTPClient
+from hookah.outbound.ssrf import GuardedEndpointFactory
 from hookah.storage.memory import MemoryStore
 from hookah.streams.registry import TopicRegistry
+from hookah.urls import AddressPolicy
 from hookah.websub.subscriptions import WebSubHub
 from tests.support import FakeClient
 from tests.websubsupport import ScriptedClient
@@ -27,7 +28,7 @@ class HTTPClientInterfaceTests(SynchronousTestCase):
     def test_the_real_client(self) -> None:
         clock = Clock()
         self.assertTrue(verifyClass(IHTTPClient, HTTPClient))
-        self.assertTrue(verifyObject(IHTTPClient, HTTPClient(Agent(clock), clock)))  # type: ignore[arg-type]
+        self.assertTrue(verifyObject(IHTTPClient, HTTPClient(clock, GuardedEndpointFactory(clock, AddressPolicy()))))
 
     def test_the_test_doubles(self) -> None:
         self.assertTrue(verifyObject(IHTTPClient, FakeClient(Clock())))

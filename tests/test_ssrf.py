@@ -16,10 +16,9 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 from twisted.internet.protocol import Factory, Protocol
-from twisted.web.client import URI, Agent, HTTPConnectionPool
 
 from hookah.delivery.dispatcher import Dispatcher
-from hookah.outbound.agent import HTTPClient
+from hookah.outbound.client import HTTPClient
 from hookah.ids import IdGenerator
 from hookah.model import DELIVERED, FAILED, Delivery
 from hookah.outbound.ssrf import GuardedEndpointFactory
@@ -127,11 +126,10 @@ class AddressPolicyTests(TestCase):
 
 def guarded_client(testcase: TestCase, clock, policy: AddressPolicy, resolve: FakeResolver) -> HTTPClient:
     """The production shape of the outgoing client, with an injected resolver."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    testcase.addCleanup(pool.closeCachedConnections)
     endpoints = GuardedEndpointFactory(reactor, policy, resolve=resolve, connect_timeout=5)
-    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-    return HTTPClient(agent, clock)
+    client = HTTPClient(clock, endpoints)
+    testcase.addCleanup(client.close)
+    return client
 
 
 async def wait_for_status(store: MemoryStore, delivery_id: str, statuses, timeout: float = 10.0) -> Delivery:
@@ -166,8 +164,8 @@ class ResolvedToPrivateTests(TestCase):
         self.failureResultOf(client.request("POST", "http://127.0.0.1:9/", (), b"", 5), TargetRefused)
         # IPv6 literals, at the endpoint itself (treq cannot encode them into a request).
         endpoints = GuardedEndpointFactory(reactor, AddressPolicy(), resolve=resolve)
-        for url in (b"http://[::1]:9/", b"http://[::ffff:127.0.0.1]:9/", b"https://[fe80::1]:9/", b"http://[fd00::5]/"):
-            endpoint = endpoints.endpointForURI(URI.fromBytes(url))
+        for scheme, host, port in (("http", "::1", 9), ("http", "::ffff:127.0.0.1", 9), ("https", "fe80::1", 9), ("http", "fd00::5", 80)):
+            endpoint = endpoints.endpoint_for(scheme, host, port)
             failure = self.failureResultOf(endpoint.connect(Factory.forProtocol(Protocol)), TargetRefused)
             self.assertIn("SSRF", str(failure.value))
         self.assertEqual(resolve.asked, [])

@@ -3,7 +3,7 @@ Target URLs (``hookah.urls``): hosts in their canonical form, internationalised
 names (UTS 46, non-transitional), spellings of refused addresses refused at
 submission on ``/dispatch`` and ``/hub`` and again at connect time, and the
 property that any URL accepted at submission turns into a connection attempt
-through the real endpoint factory and agent, never an exception.
+through the real endpoint factory and client, never an exception.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import TestCase
-from twisted.web.client import URI, Agent, HTTPConnectionPool
 
 from hookah.app import HookahService
 from hookah.config import Config
-from hookah.outbound.agent import HTTPClient
+from hookah.outbound.client import HTTPClient
 from hookah.outbound.ssrf import GuardedEndpointFactory
 from hookah.urls import AddressPolicy, BadURL, Target, TargetRefused, check_submitted, parse_target, wire_url
 from tests.support import FakeResolver, http_client, listen_sink, start_hookah
@@ -103,7 +102,7 @@ class TCPStringTransport(StringTransport):
 
 class Connector:
     """
-    The production client path (``HTTPClient`` over an ``Agent`` with the
+    The production client path (``HTTPClient`` over the
     guarded endpoint factory) on a ``MemoryReactorClock``: a connection
     attempt is recorded, not made, and can be completed on a
     ``StringTransport`` to see what would be written.
@@ -113,8 +112,7 @@ class Connector:
         self.reactor = MemoryReactorClock()
         self.resolver = FakeResolver(*(addresses or (PUBLIC,)))
         self.endpoints = GuardedEndpointFactory(self.reactor, policy, resolve=self.resolver, connect_timeout=5)
-        pool = HTTPConnectionPool(self.reactor, persistent=False)
-        self.client = HTTPClient(Agent.usingEndpointFactory(self.reactor, self.endpoints, pool=pool), self.reactor)
+        self.client = HTTPClient(self.reactor, self.endpoints, max_idle_per_host=0)
 
     def post(self, url: str) -> Deferred:
         return self.client.request("POST", url, (), b"{}", 30)
@@ -252,12 +250,6 @@ class IDNTests(TestCase):
         return ensureDeferred(go())
 
 
-def raw_uri(scheme: str, host: str, port: int) -> URI:
-    """A parsed URI with ``host`` as written (UTF-8), as an agent that did not use the wire form would pass it."""
-    netloc = f"{host}:{port}".encode()
-    return URI(scheme.encode("ascii"), netloc, host.strip("[]").encode("utf-8"), port, b"/hook", b"", b"", b"")
-
-
 class ConnectTimeTests(TestCase):
     """The guard reads hosts as submission does, whoever built the request, before any lookup."""
 
@@ -270,7 +262,7 @@ class ConnectTimeTests(TestCase):
             self.assertIn(word, str(failure.value), host)
             self.assertIn("SSRF", str(failure.value), host)
             # ...and at the endpoint factory itself, given the host as written.
-            endpoint = connector.endpoints.endpointForURI(raw_uri("http", host, 8080))
+            endpoint = connector.endpoints.endpoint_for("http", host.strip("[]"), 8080)
             failure = self.failureResultOf(endpoint.connect(Factory.forProtocol(Protocol)), TargetRefused)
             self.assertIn(word, str(failure.value), host)
         self.assertEqual(connector.resolver.asked, [])
@@ -291,7 +283,7 @@ class ConnectTimeTests(TestCase):
     def test_unusable_host_fails_the_connection_not_the_factory(self) -> None:
         connector = Connector(AddressPolicy(allow_private=True))
         for scheme, host in (("https", "my_host.example"), ("http", "\u2603.example"), ("http", "1.2.3.256"), ("http", "[::zz]")):
-            endpoint = connector.endpoints.endpointForURI(raw_uri(scheme, host, 443))
+            endpoint = connector.endpoints.endpoint_for(scheme, host.strip("[]"), 443)
             failure = self.failureResultOf(endpoint.connect(Factory.forProtocol(Protocol)), BadURL)
             self.assertIsInstance(failure.value, TargetRefused)  # final: the dispatcher does not retry it
         self.assertEqual(connector.reactor.tcpClients, [])

@@ -3,7 +3,7 @@ The outgoing-HTTP seam: everything Hookah sends (deliveries, WebSub
 verifications and denials, topic fetches) goes through one ``IHTTPClient``.
 
 The dispatcher and the hub depend on this interface, not on
-``hookah.outbound.agent.HTTPClient``, so that tests drive them with a client
+``hookah.outbound.client.HTTPClient``, so that tests drive them with a client
 whose answers they control (``tests/support.FakeClient``), and both are
 held to the same method by ``verifyObject``.
 """
@@ -23,7 +23,7 @@ class IHTTPClient(Interface):
         ``body`` bytes or ``None``. ``timeout`` (seconds) covers the whole
         exchange, response body included.
 
-        Deferred[``hookah.outbound.agent.Response``] with at most the
+        Deferred[``hookah.outbound.outcome.Response``] with at most the
         client's cap of the body (``truncated`` says when more was sent);
         fails with ``TimedOut`` past the timeout, with
         ``hookah.outbound.ssrf.TargetRefused`` for an address the SSRF guard

@@ -22,7 +22,6 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, w
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.web.client import BrowserLikePolicyForHTTPS
-from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from hookah.urls import AddressPolicy, BadURL, TargetRefused, canonical_host
@@ -109,9 +108,13 @@ class GuardedEndpoint:
 _HOW_TO_ALLOW = "allow it with --allow-private-targets or --allowed-networks"
 
 
-@implementer(IAgentEndpointFactory)
 class GuardedEndpointFactory:
-    """Endpoints for ``Agent.usingEndpointFactory`` that enforce an ``AddressPolicy``."""
+    """
+    Endpoints, one per (scheme, host, port), that enforce an
+    ``AddressPolicy``. ``tls_policy`` (an ``IPolicyForHTTPS``; browser-like by
+    default: the system's trust roots, the hostname checked) decides how
+    certificates are verified.
+    """
 
     def __init__(
         self,
@@ -119,26 +122,26 @@ class GuardedEndpointFactory:
         policy: AddressPolicy,
         resolve: Optional[Resolver] = None,
         connect_timeout: float = 10.0,
+        tls_policy: Any = None,
     ) -> None:
         self._reactor = reactor
         self._policy = policy
         self._resolve = resolve or threaded_resolver(reactor)
-        self._tls_policy = BrowserLikePolicyForHTTPS()
+        self._tls_policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
         self._connect_timeout = connect_timeout
 
-    def endpointForURI(self, uri: Any) -> GuardedEndpoint:
+    def endpoint_for(self, scheme: str, host: str, port: int) -> GuardedEndpoint:
         """
         Never raises: the host is read when connecting, so a host that
         cannot be used fails that connection (``BadURL``) like any other.
         """
-        host = uri.host.decode("utf-8", "replace") if isinstance(uri.host, bytes) else str(uri.host)
         return GuardedEndpoint(
             self._reactor,
             self._policy,
             self._resolve,
-            uri.scheme,
+            scheme.encode("ascii"),
             host,
-            uri.port,
+            port,
             self._tls_policy,
             self._connect_timeout,
         )
