@@ -34,11 +34,12 @@ MAX_HEAD = 64 * 1024
 # A chunk-size line (size and extensions).
 _MAX_CHUNK_LINE = 4096
 
-_STATUS = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?\Z")
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_DIGITS = re.compile(rb"[0-9]+\Z")
+_STATUS = re.compile(r"HTTP/1\.([01]) ([0-9]{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
+# A header line: a token, a colon, a value without controls other than tab.
+_FIELD = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([^\x00-\x08\x0a-\x1f\x7f]*)\Z")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_DIGITS = re.compile(r"[0-9]+\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 # States.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _UNTIL_CLOSE, _DONE = range(8)
@@ -151,7 +152,8 @@ class ResponseParser:
             return b""
         if end > MAX_HEAD:
             raise MalformedResponse(f"response head larger than {MAX_HEAD // 1024} KiB")
-        lines = buffer[:end].split(b"\r\n")
+        # Latin-1 maps every byte to one character: the head is read as text once.
+        lines = buffer[:end].decode("latin-1").split("\r\n")
         rest = buffer[end + 4 :]
         status = _STATUS.match(lines[0])
         if status is None:
@@ -165,21 +167,21 @@ class ResponseParser:
                 raise MalformedResponse("101 Switching Protocols, which was not asked for")
             return rest  # interim: the final response follows
         self.code = code
-        self.headers = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in headers)
-        keep = minor == b"1"
+        self.headers = headers
+        keep = minor == "1"
         chunked = False
         length: Optional[int] = None
         transfer_encoding = False
         for name, value in headers:
             lowered = name.lower()
-            if lowered == b"content-length":
+            if lowered == "content-length":
                 length = _content_length(value, length)
-            elif lowered == b"transfer-encoding":
+            elif lowered == "transfer-encoding":
                 transfer_encoding = True
-                codings = [c.strip().lower() for c in value.split(b",")]
-                chunked = codings[-1] == b"chunked"
-            elif lowered == b"connection":
-                if b"close" in [t.strip().lower() for t in value.split(b",")]:
+                codings = [c.strip().lower() for c in value.split(",")]
+                chunked = codings[-1] == "chunked"
+            elif lowered == "connection":
+                if "close" in [t.strip().lower() for t in value.split(",")]:
                     keep = False
         self._close = not keep
         if self._head_request or code in (204, 304):
@@ -263,7 +265,7 @@ class ResponseParser:
             return b""
         # Trailer fields are checked like headers, then dropped: nothing
         # Hookah reports reads them.
-        _headers([b""] + buffer[:end].split(b"\r\n"))
+        _headers([""] + buffer[:end].decode("latin-1").split("\r\n"))
         self._finish(reusable=True)
         return buffer[end + 4 :]
 
@@ -286,30 +288,33 @@ class ResponseParser:
         self.reusable = reusable and not self._close
 
 
-def _headers(lines: List[bytes]) -> List[Tuple[bytes, bytes]]:
+def _headers(lines: List[str]) -> Headers:
     """The header fields of a head's lines (the first, the status line, skipped)."""
     headers = []
+    match = _FIELD.match
     for line in lines[1:]:
-        colon = line.find(b":")
-        if colon <= 0:
-            if line[:1] in (b" ", b"\t"):
-                raise MalformedResponse("obsolete line folding in a header")
-            raise MalformedResponse(f"bad header line {_show(line)}")
-        name = line[:colon]
-        if not _TOKEN.match(name):
-            if line[:1] in (b" ", b"\t"):
-                raise MalformedResponse("obsolete line folding in a header")
-            raise MalformedResponse(f"bad header name {_show(name)}")
-        value = line[colon + 1 :].strip(b" \t")
-        if _BAD_VALUE.search(value):
-            raise MalformedResponse(f"control character in header {_show(name)}")
-        headers.append((name, value))
-    return headers
+        field = match(line)
+        if field is None:
+            raise MalformedResponse(_why(line))
+        headers.append((field.group(1), field.group(2).strip(" \t")))
+    return tuple(headers)
 
 
-def _content_length(value: bytes, previous: Optional[int]) -> int:
+def _why(line: str) -> str:
+    """What is wrong with a header line ``_FIELD`` refused."""
+    if line[:1] in (" ", "\t"):
+        return "obsolete line folding in a header"
+    name, colon, _ = line.partition(":")
+    if not colon or not name:
+        return f"bad header line {_show(line)}"
+    if not _TOKEN.match(name):
+        return f"bad header name {_show(name)}"
+    return f"control character in header {_show(name)}"
+
+
+def _content_length(value: str, previous: Optional[int]) -> int:
     """One Content-Length (a list of equal values is one); differing or non-numeric ones are malformed."""
-    lengths = {v.strip(b" \t") for v in value.split(b",")}
+    lengths = {v.strip(" \t") for v in value.split(",")}
     if len(lengths) != 1:
         raise MalformedResponse("conflicting Content-Length values")
     text = lengths.pop()
@@ -321,5 +326,6 @@ def _content_length(value: bytes, previous: Optional[int]) -> int:
     return length
 
 
-def _show(data: bytes) -> str:
-    return repr(data[:60].decode("latin-1")) + ("..." if len(data) > 60 else "")
+def _show(data: bytes | str) -> str:
+    text = data.decode("latin-1") if isinstance(data, bytes) else data
+    return repr(text[:60]) + ("..." if len(text) > 60 else "")
