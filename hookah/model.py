@@ -9,7 +9,8 @@ the web layer is the same value everywhere; a change is a new record
 from __future__ import annotations
 
 from enum import Enum
-from typing import Optional, Tuple
+from operator import attrgetter
+from typing import Any, Optional, Tuple
 
 import attr
 
@@ -165,6 +166,20 @@ class Delivery:
     deferred: Optional[Deferral] = attr.ib(default=None, converter=deferral)
     claim_token: Optional[str] = attr.ib(default=None, eq=False)
 
+    def replace(self, **changes: Any) -> Delivery:
+        """
+        This record with ``changes``: ``attr.evolve``'s result at about half
+        its cost (the dispatcher makes two per webhook), reading every field
+        in one ``attrgetter`` call and passing them by position.
+        """
+        values = list(_delivery_values(self))
+        try:
+            for name, value in changes.items():
+                values[_DELIVERY_INDEX[name]] = value
+        except KeyError:
+            raise TypeError(f"Delivery has no field {name!r}") from None
+        return Delivery(*values)
+
     @property
     def current_attempts(self) -> Tuple[Attempt, ...]:
         """The attempts that count against the current retry budget."""
@@ -188,6 +203,11 @@ class Delivery:
             "event_id": self.event_id,
             "parent_id": self.parent_id,
         }
+
+
+_DELIVERY_FIELDS = tuple(a.name for a in attr.fields(Delivery))
+_delivery_values = attrgetter(*_DELIVERY_FIELDS)
+_DELIVERY_INDEX = {name: i for i, name in enumerate(_DELIVERY_FIELDS)}
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)

@@ -17,7 +17,6 @@ import uuid
 import sqlite3
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import attr
 
 from hookah.model import (
     DELIVERING,
@@ -143,6 +142,6 @@ def claim_due(
         [(DELIVERING, lease_until, tokens[row[0]], row[0]) for row in rows],
     )
     return [
-        attr.evolve(d, status=DELIVERING, claimed_until=lease_until, claim_token=tokens[d.id])
+        d.replace(status=DELIVERING, claimed_until=lease_until, claim_token=tokens[d.id])
         for d in load_deliveries(c, rows)
     ]
