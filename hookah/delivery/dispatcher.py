@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
-import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attr
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -148,7 +148,10 @@ class Dispatcher(Service):
         # with it, so a claim another node took over is never overwritten.
         self._tokens: Dict[str, Optional[str]] = {}
         self._in_flight: Dict[str, Deferred] = {}
-        self._counters: Dict[Any, Any] = {}
+        # Metric children by label value (attempts by status code, finished
+        # deliveries by status), looked up once each.
+        self._attempt_counters: Dict[Optional[int], Any] = {}
+        self._outcome_counters: Dict[str, Any] = {}
         self._timer: Optional[IDelayedCall] = None
         self._polling = False
         self._poll_again = False
@@ -231,8 +234,8 @@ class Dispatcher(Service):
                 host = host_key(delivery.url)
                 left = host_room[host] if host in host_room else self.hosts.room(host)
                 if left > 0:
-                    delivery = attr.evolve(
-                        delivery, status=DELIVERING, claimed_until=self._lease(delivery), claim_token=uuid.uuid4().hex
+                    delivery = delivery.replace(
+                        status=DELIVERING, claimed_until=self._lease(delivery), claim_token=os.urandom(16).hex()
                     )
                     start_now.append(delivery)
                     room -= 1
@@ -241,7 +244,7 @@ class Dispatcher(Service):
                     # Its host is busy or paused: stored already pushed back,
                     # rather than claimed now only to be put back at once.
                     at, why = self._deferral(host)
-                    delivery = attr.evolve(delivery, next_attempt_at=at, deferred=why)
+                    delivery = delivery.replace(next_attempt_at=at, deferred=why)
                     host_room[host] = 0
             stored.append(delivery)
         return Intake(stored, self, [(d, self._reserve(d.id)) for d in start_now])
@@ -448,13 +451,43 @@ class Dispatcher(Service):
         headers.extend(delivery.headers)
         if self.signer is not None and delivery.kind == KIND_DISPATCH:
             headers.extend(self.signer.headers(delivery.id, started, delivery.body))
-        # maybeDeferred: a client that raises instead of failing its Deferred
-        # must still end the attempt and free the slot and host counter.
-        d = maybeDeferred(self.client.request, "POST", delivery.url, headers, delivery.body, timeout)
-        d.addBoth(self._host_finished, host, started)
-        d.addBoth(self._attempted, delivery, started, timeout)
-        d.addErrback(lambda f: log_store_failure(log, f, "recording an attempt of {id} failed", id=delivery.id))
-        d.addBoth(lambda _: self._release(delivery.id, slot))
+        # A client that raises instead of failing its Deferred must still
+        # end the attempt and free the slot and host counter.
+        try:
+            d = self.client.request("POST", delivery.url, headers, delivery.body, timeout)
+        except Exception:
+            d = fail()
+        # One callback for the whole outcome (rather than a chain of four):
+        # this runs once per webhook.
+        d.addBoth(self._outcome, delivery, slot, host, started, timeout)
+
+    def _outcome(self, outcome: Any, delivery: Delivery, slot: Deferred, host: str, started: float, timeout: float) -> None:
+        """
+        An attempt came back: free its host's slot, record the outcome,
+        then free the dispatcher's slot once the record is written (or
+        failed). A bug in tallying the host makes the attempt a failure,
+        as a failed request would be.
+        """
+        try:
+            self._host_finished(outcome, host, started)
+        except Exception:
+            outcome = Failure()
+        try:
+            recorded = self._attempted(outcome, delivery, started, timeout)
+        except Exception:
+            self._not_recorded(Failure(), delivery, slot)
+            return None
+        recorded.addCallbacks(self._recorded, self._not_recorded, callbackArgs=(delivery, slot), errbackArgs=(delivery, slot))
+        return None
+
+    def _recorded(self, _: object, delivery: Delivery, slot: Deferred) -> None:
+        self._release(delivery.id, slot)
+
+    def _not_recorded(self, failure: Failure, delivery: Delivery, slot: Deferred) -> None:
+        try:
+            log_store_failure(log, failure, "recording an attempt of {id} failed", id=delivery.id)
+        finally:
+            self._release(delivery.id, slot)
 
     def _host_finished(self, outcome: Any, host: str, started: float) -> Any:
         if isinstance(outcome, Failure):
@@ -490,17 +523,28 @@ class Dispatcher(Service):
         retries = delivery.retries if delivery.retries is not None else len(self.schedule)
         decision = Decision(FAILED, reason=attempt.error or "") if refused else decide(
             status_code=attempt.status_code,
-            retry_after=response.header("Retry-After") if response is not None else None,
+            # Only a 429 or a 503 reads it: no header scan per success.
+            retry_after=response.header("Retry-After") if response is not None and response.code in (429, 503) else None,
             attempts_made=len(delivery.current_attempts) + 1,
             retries=retries,
             schedule=self.schedule,
             now=now,
             rand=self.rand,
         )
-        self._counter(self.metrics.attempts, result_class(attempt.status_code)).inc()
+        # prometheus_client's labels() hashes and locks on every call; the
+        # few label values there are are looked up once.
+        attempts = self._attempt_counters.get(attempt.status_code)
+        if attempts is None:
+            attempts = self._attempt_counters[attempt.status_code] = self.metrics.attempts.labels(
+                result_class(attempt.status_code)
+            )
+        attempts.inc()
         self.metrics.attempt_seconds.observe(now - started)
         if decision.final:
-            self._counter(self.metrics.deliveries, decision.status).inc()
+            finished_counter = self._outcome_counters.get(decision.status)
+            if finished_counter is None:
+                finished_counter = self._outcome_counters[decision.status] = self.metrics.deliveries.labels(decision.status)
+            finished_counter.inc()
         if decision.status != DELIVERED:
             # Successes are counted in the metrics and kept in storage; a log
             # line each would cost more than the rest of the bookkeeping.
@@ -512,7 +556,7 @@ class Dispatcher(Service):
                 ms=duration_ms,
                 status=decision.status,
             )
-        finished = attr.evolve(delivery, attempts=delivery.attempts + (attempt,), status=decision.status, deferred=None)
+        finished = delivery.replace(attempts=delivery.attempts + (attempt,), status=decision.status, deferred=None)
         follow_ups: List[Delivery] = []
         if decision.status == DELIVERED and delivery.callback and response is not None:
             follow_ups.append(self._callback_delivery(finished, response))
@@ -548,15 +592,6 @@ class Dispatcher(Service):
             "attempt of {id} to {url} was a duplicate: its claim was taken over (lease ran out)",
             id=delivery.id, url=delivery.url,
         )
-
-    def _counter(self, metric: Any, label: str) -> Any:
-        # prometheus_client's labels() hashes and locks on every call; the
-        # few label values there are are looked up once.
-        key = (id(metric), label)
-        child = self._counters.get(key)
-        if child is None:
-            child = self._counters[key] = metric.labels(label)
-        return child
 
     # -- reports: errback and callback -----------------------------------------
 
