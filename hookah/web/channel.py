@@ -19,6 +19,15 @@ adds, through the channel's public methods:
   ``max_body`` (never a ``100 Continue`` first), or as soon as a chunked body
   passes it.
 
+A whole answer written by ``HookahRequest.respond`` (its status line,
+headers and body, the last chunk included) leaves in one send, through
+``hookah.fastwrite`` on a plain TCP connection: the channel gathers what
+twisted.web writes for it (``gather``/``send_gathered``) instead of handing
+the transport three writes, each of which costs a selector registration
+and a reactor turn. The bytes are the same; a request that ends the
+response also ends the gathering (``requestDone``), so a close or the next
+pipelined answer always comes after it.
+
 Every such refusal is a short JSON body (``{"error", "message"}``) with
 ``Connection: close``, after which the connection stops reading requests:
 its write side is closed once the answer is out, what the client still
@@ -37,7 +46,7 @@ override is simply not called and Twisted's own ``400`` and close remain
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import attr
 from twisted.internet.interfaces import IDelayedCall
@@ -45,8 +54,9 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http_headers import Headers
 
-from hookah import defaults
+from hookah import defaults, fastwrite
 
 __all__ = [
     "HookahChannel", "SocketLimits", "Refuser", "refusal", "MAX_HEAD", "BODY_WINDOW", "DRAIN_GRACE",
@@ -127,6 +137,10 @@ class HookahChannel(HTTPChannel):
     _head_lines = 0
     _window_bytes = 0
     _tail = b""
+    # The answer being gathered for one send (``gather``), and the
+    # connection's write function for it (``hookah.fastwrite``).
+    _gathered: Optional[List[bytes]] = None
+    _send: Optional[Callable[[bytes], Any]] = None
 
     # -- settings, from the site --------------------------------------------------
 
@@ -234,6 +248,8 @@ class HookahChannel(HTTPChannel):
         super().rawDataReceived(data)
 
     def requestDone(self, request: Any) -> None:
+        # The answer ends here: out before a close or the next request's.
+        self.send_gathered()
         if self._refused:
             return
         self._awaiting_head = True
@@ -253,6 +269,53 @@ class HookahChannel(HTTPChannel):
         self._refuse(
             413, "body_too_large", f"The request body is larger than {self._max_body()} bytes.", "body_too_large"
         )
+
+    # -- one send per answer ---------------------------------------------------------------
+
+    def gather(self) -> bool:
+        """
+        Hold what twisted.web writes for the current answer until
+        ``send_gathered`` (or the request's end). False, and nothing held,
+        when already gathering or not connected.
+        """
+        if self._gathered is not None or self.transport is None or self._refused:
+            return False
+        self._gathered = []
+        return True
+
+    def send_gathered(self) -> None:
+        """Send what was gathered, in one write; stop gathering."""
+        parts, self._gathered = self._gathered, None
+        if not parts or self.transport is None:
+            return
+        send = self._send
+        if send is None:
+            send = self._send = fastwrite.fast_path.writer(self.transport)
+        send(b"".join(parts))
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        parts = self._gathered
+        if parts is None or not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        # HTTPChannel.writeHeaders' bytes, held rather than written.
+        parts += (version, b" ", code, b" ", reason, b"\r\n")
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+
+    def write(self, data: bytes) -> None:
+        if self._gathered is not None:
+            self._gathered.append(data)
+        else:
+            super().write(data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        if self._gathered is not None:
+            self._gathered.extend(iovec)
+        else:
+            super().writeSequence(iovec)
 
     # -- Twisted's parse errors --------------------------------------------------------------
 

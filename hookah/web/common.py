@@ -68,6 +68,9 @@ def finish_unless_gone(request: server.Request, body: bytes, gone: Callable[[], 
     """Write ``body`` and end the response, unless it ended or its client left meanwhile."""
     if gone() or request.finished:
         return
+    if isinstance(request, HookahRequest):
+        request.respond(body)
+        return
     request.write(body)
     request.finish()
 
@@ -230,6 +233,22 @@ class HookahRequest(server.Request):
             return
         super().handleContentChunk(data)
 
+    def respond(self, body: bytes) -> None:
+        """
+        Write ``body`` and end the response, the whole answer in one send
+        where the channel can gather it (``HookahChannel.gather``).
+        """
+        channel = self.channel
+        if not isinstance(channel, HookahChannel) or not channel.gather():
+            self.write(body)
+            self.finish()
+            return
+        try:
+            self.write(body)
+            self.finish()
+        finally:
+            channel.send_gathered()
+
     def render(self, resrc: Any) -> None:
         # Twisted names itself and its exact version in Server.
         self.responseHeaders.setRawHeaders(b"Server", [b"hookah"])
@@ -247,8 +266,7 @@ class HookahRequest(server.Request):
                 self,
                 ApiError(413, "body_too_large", f"The request body is larger than {self._limit()} bytes."),
             )
-            self.write(body)
-            self.finish()
+            self.respond(body)
             return
         super().process()
 
