@@ -194,7 +194,7 @@ class HookahCore:
         )
         accepted = Accepted(delivery.id, f"/dispatch/{delivery.id}")
         intake = self.dispatcher.intake([delivery])
-        return intake.when_stored(self.store.add_deliveries(intake.deliveries)).addCallback(lambda _: accepted)
+        return intake.when_stored(self.store.add_deliveries(intake.deliveries), accepted)
 
     async def _publish(self, request: DispatchRequest, now: float) -> Accepted:
         event = Event(

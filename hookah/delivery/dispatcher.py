@@ -54,6 +54,8 @@ from hookah.storage.interface import ClaimLost, IStore
 log = Logger()
 
 _NEVER = float("inf")
+# Intake.when_stored's default result: the deliveries stored.
+_DELIVERIES = object()
 
 
 def _tell(_: object, listener: IDeliveryOutcomeListener, delivery: Delivery) -> Any:
@@ -77,17 +79,19 @@ class Intake:
     _dispatcher: Dispatcher
     _claimed: List[Tuple[Delivery, Deferred]]
 
-    def when_stored(self, write: Deferred) -> Deferred:
+    def when_stored(self, write: Deferred, result: Any = _DELIVERIES) -> Deferred:
         """
         Once ``write`` succeeds, send the claimed deliveries at once (no
         round trip through the due-queue); if it fails, free their slots
-        and pass the failure on. Deferred[List[Delivery]]: ``deliveries``.
+        and pass the failure on. Deferred[List[Delivery]]: ``deliveries``,
+        or ``result`` when given (a caller's answer, without a callback of
+        its own to make it).
         """
-        return write.addCallbacks(self._stored, self._not_stored)
+        return write.addCallbacks(self._stored, self._not_stored, callbackArgs=(result,))
 
-    def _stored(self, _: object) -> List[Delivery]:
+    def _stored(self, _: object, result: Any) -> Any:
         self._dispatcher._stored(self._claimed, self.deliveries)
-        return self.deliveries
+        return self.deliveries if result is _DELIVERIES else result
 
     def _not_stored(self, failure: Failure) -> Failure:
         self._dispatcher._not_stored(self._claimed)
