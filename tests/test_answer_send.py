@@ -18,7 +18,10 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from twisted.web.http import datetimeToString
+
 from hookah import fastwrite
+from hookah.web.common import HttpDate
 from tests.support import listen_sink, start_hookah
 
 # What differs between two runs whatever the write path: the Date header,
@@ -126,3 +129,33 @@ class AnswerSendTestCase(TestCase):
         self.assertTrue(data.startswith(b"HTTP/1.1 413 "), data)
         statuses: List[bytes] = re.findall(rb"HTTP/1.1 (\d+) ", data)
         self.assertEqual(statuses, [b"413"])
+
+
+class HttpDateTestCase(TestCase):
+    def test_formatted_once_per_second_as_twisted_formats_it(self) -> None:
+        now = [1700000000.25]
+        date = HttpDate(lambda: now[0])
+        first = date()
+        self.assertEqual(first, datetimeToString(1700000000))
+        self.assertEqual(first, b"Tue, 14 Nov 2023 22:13:20 GMT")
+        now[0] = 1700000000.99
+        self.assertIs(date(), first)
+        now[0] = 1700000001.0
+        self.assertEqual(date(), b"Tue, 14 Nov 2023 22:13:21 GMT")
+
+    async def test_every_answer_has_a_date_and_names_hookah(self) -> None:
+        service, base = await start_hookah(self)
+        port = int(base.rsplit(":", 1)[1])
+        request = (
+            b"GET /dispatch/01NOSUCHDELIVERY0000000000 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        data = await AnswerSendTestCase.exchange(self, port, request)  # type: ignore[arg-type]
+        heads = [part.split(b"\r\n\r\n", 1)[0] for part in data.split(b"HTTP/1.1 ")[1:]]
+        self.assertEqual(len(heads), 3, data)
+        for head in heads:
+            self.assertRegex(head, rb"\r\nDate: [A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT\r\n")
+        # OPTIONS * is Twisted's own answer, Server header included.
+        for head in (heads[0], heads[2]):
+            self.assertIn(b"\r\nServer: hookah\r\n", head)
