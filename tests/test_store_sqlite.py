@@ -17,6 +17,7 @@ import textwrap
 import threading
 from typing import Any, Generator, List
 
+import attr
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks
 from twisted.trial.unittest import TestCase
@@ -221,6 +222,34 @@ class SQLiteStoreTests(TestCase):
         self.assertEqual([ok for ok, _ in outcomes], [True, False, True])
         outcomes[1][1].trap(sqlite3.IntegrityError)
         # The blocker's transaction, then one for all three.
+        self.assertEqual(store.transactions - before, 2)
+        self.assertEqual((yield store.get_delivery(good1.id)), good1)
+        self.assertEqual((yield store.get_delivery(good2.id)), good2)
+        self.assertEqual((yield store.get_delivery(existing.id)), existing)
+        self.assertEqual(len((yield store.list_deliveries(None, 100, None))), 3)
+
+    @inlineCallbacks
+    def test_failing_single_insert_errbacks_alone(self) -> _Gen:
+        # One delivery, no attempts, no key: one INSERT without a savepoint.
+        store = yield self.openStore()
+        existing = self.delivery()
+        yield store.add_deliveries([existing])
+
+        release = self.blockWorker(store)
+        good1, good2 = self.delivery(), self.delivery()
+        before = store.transactions
+        results = DeferredList(
+            [
+                store.add_deliveries([good1]),
+                store.add_deliveries([attr.evolve(existing, url="https://other.example/")]),
+                store.add_deliveries([good2]),
+            ],
+            consumeErrors=True,
+        )
+        release.set()
+        outcomes: List[Any] = yield results
+        self.assertEqual([ok for ok, _ in outcomes], [True, False, True])
+        outcomes[1][1].trap(sqlite3.IntegrityError)
         self.assertEqual(store.transactions - before, 2)
         self.assertEqual((yield store.get_delivery(good1.id)), good1)
         self.assertEqual((yield store.get_delivery(good2.id)), good2)

@@ -77,22 +77,38 @@ def remember_idempotency_keys(
         c.executemany(REMEMBER_IDEMPOTENCY_KEY, keyed)
 
 
+INSERT_DELIVERY = (
+    f"INSERT INTO deliveries ({DELIVERY_COLUMNS}, finished_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+INSERT_ATTEMPT = (
+    "INSERT INTO attempts (delivery_id, seq, at, status_code, error, duration_ms)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
 def insert_deliveries(c: sqlite3.Connection, deliveries: List[Delivery]) -> None:
-    c.executemany(
-        f"INSERT INTO deliveries ({DELIVERY_COLUMNS}, finished_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [delivery_values(d) for d in deliveries],
-    )
-    c.executemany(
-        "INSERT INTO attempts (delivery_id, seq, at, status_code, error, duration_ms)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        [
-            (d.id, seq, *attempt_row(a))
-            for d in deliveries
-            for seq, a in enumerate(d.attempts)
-        ],
-    )
+    if len(deliveries) == 1:
+        c.execute(INSERT_DELIVERY, delivery_values(deliveries[0]))
+    else:
+        c.executemany(INSERT_DELIVERY, [delivery_values(d) for d in deliveries])
+    attempts = [
+        (d.id, seq, *attempt_row(a))
+        for d in deliveries
+        for seq, a in enumerate(d.attempts)
+    ]
+    if attempts:
+        c.executemany(INSERT_ATTEMPT, attempts)
     remember_idempotency_keys(c, deliveries)
+
+
+def one_statement(deliveries: Sequence[Delivery]) -> bool:
+    """
+    Whether ``insert_deliveries`` writes ``deliveries`` in a single
+    statement (one row, no attempts, no idempotency key), which SQLite
+    applies whole or not at all.
+    """
+    return len(deliveries) == 1 and not deliveries[0].attempts and deliveries[0].idempotency_key is None
 
 
 def get_delivery(c: sqlite3.Connection, delivery_id: str) -> Optional[Delivery]:

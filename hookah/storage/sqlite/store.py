@@ -74,6 +74,7 @@ from hookah.storage.sqlite.rows import (
     event_from_row,
     get_delivery,
     insert_deliveries,
+    one_statement,
     load_deliveries,
     remember_idempotency_keys,
 )
@@ -116,6 +117,14 @@ from hookah.storage.sqlite.schema import (  # noqa: F401
 from hookah.storage.sqlite.worker import StoreClosed  # noqa: F401
 
 log = Logger()
+
+
+# An attempt's outcome; with a claim token, only while that claim holds.
+_FINISH = (
+    "UPDATE deliveries SET status = ?, next_attempt_at = ?,"
+    " claimed_until = NULL, claim_token = NULL, finished_at = ?, deferred = NULL WHERE id = ?"
+)
+_FINISH_CLAIMED = _FINISH + " AND status = ? AND claim_token = ?"
 
 
 @implementer(IStore)
@@ -218,6 +227,10 @@ class SQLiteStore:
 
     def add_deliveries(self, deliveries: Iterable[Delivery]) -> Deferred[None]:
         deliveries = list(deliveries)
+        if one_statement(deliveries):
+            # One INSERT (a /dispatch): SQLite undoes a failed statement by
+            # itself, so it needs no savepoint of its own.
+            return self._worker.submit(lambda c: insert_deliveries(c, deliveries), write=True, atomic=True)
         return self._write(lambda c: insert_deliveries(c, deliveries))
 
     def get_delivery(self, delivery_id: str) -> Deferred[Optional[Delivery]]:
@@ -257,14 +270,12 @@ class SQLiteStore:
         claim_token: Optional[str] = None,
     ) -> Deferred[None]:
         finished_at = attempt.at if status in (DELIVERED, FAILED) else None
-        sql = (
-            "UPDATE deliveries SET status = ?, next_attempt_at = ?,"
-            " claimed_until = NULL, claim_token = NULL, finished_at = ?, deferred = NULL WHERE id = ?"
-        )
-        args: Tuple[Any, ...] = (status, next_attempt_at, finished_at, delivery_id)
         if claim_token is not None:
-            sql += " AND status = ? AND claim_token = ?"
-            args += (DELIVERING, claim_token)
+            sql = _FINISH_CLAIMED
+            args: Tuple[Any, ...] = (status, next_attempt_at, finished_at, delivery_id, DELIVERING, claim_token)
+        else:
+            sql = _FINISH
+            args = (status, next_attempt_at, finished_at, delivery_id)
 
         def work(c: sqlite3.Connection) -> None:
             updated = c.execute(sql, args).rowcount

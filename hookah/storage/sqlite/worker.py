@@ -46,16 +46,21 @@ class _Operation:
     cannot fail half-way skip it, which saves two statements per operation
     on the hottest paths. Such a write may fail alone only with a
     ``LookupError`` raised before it changed anything; any other error
-    fails and rolls back its whole batch.
+    fails and rolls back its whole batch. An ``atomic`` write is a single
+    statement, which SQLite applies whole or undoes by itself: it skips
+    the savepoint and any error of it fails it alone.
     """
 
-    __slots__ = ("deferred", "work", "write", "isolated")
+    __slots__ = ("deferred", "work", "write", "isolated", "atomic")
 
-    def __init__(self, deferred: Deferred[Any], work: Work, write: bool, isolated: bool = True) -> None:
+    def __init__(
+        self, deferred: Deferred[Any], work: Work, write: bool, isolated: bool = True, atomic: bool = False
+    ) -> None:
         self.deferred = deferred
         self.work = work
         self.write = write
-        self.isolated = isolated
+        self.isolated = isolated and not atomic
+        self.atomic = atomic
 
 
 def _fire(outcomes: Sequence[_Outcome]) -> None:
@@ -128,12 +133,12 @@ class SQLWorker:
         self._closeWaiters.append(waiter)
         return waiter
 
-    def submit(self, work: Work, write: bool, isolated: bool = True) -> Deferred[Any]:
-        """Queue ``work``; the Deferred fires with its result once committed."""
+    def submit(self, work: Work, write: bool, isolated: bool = True, atomic: bool = False) -> Deferred[Any]:
+        """Queue ``work`` (``_Operation`` says what ``isolated`` and ``atomic`` mean); the Deferred fires with its result once committed."""
         if not self._accepting:
             return fail(StoreClosed(self._path))
         d: Deferred[Any] = Deferred()
-        self._pending.put(_Operation(d, work, write, isolated))
+        self._pending.put(_Operation(d, work, write, isolated, atomic))
         return d
 
     def _take_pending(self) -> List[_Operation]:
@@ -235,9 +240,10 @@ class SQLWorker:
                         # alone: "no such row", raised before any change.
                         outcomes.append((op.deferred, False, Failure()))
                     except Exception:
-                        if op.write:
+                        if op.write and not (op.atomic and connection.in_transaction):
                             # Anything else may have left part of it done,
-                            # with no savepoint to undo just that part: the
+                            # with no savepoint to undo just that part (or
+                            # SQLite rolled the whole transaction back): the
                             # whole batch fails and rolls back.
                             raise
                         outcomes.append((op.deferred, False, Failure()))
