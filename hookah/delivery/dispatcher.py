@@ -77,7 +77,8 @@ class Intake:
 
     deliveries: List[Delivery]
     _dispatcher: Dispatcher
-    _claimed: List[Tuple[Delivery, Deferred]]
+    # (delivery, its slot, its host) for each claimed one.
+    _claimed: List[Tuple[Delivery, Deferred, str]]
 
     def when_stored(self, write: Deferred, result: Any = _DELIVERIES) -> Deferred:
         """
@@ -231,7 +232,7 @@ class Dispatcher(Service):
         room = self.concurrency - len(self._in_flight) if self.running else 0
         host_room: Dict[str, int] = {}
         stored: List[Delivery] = []
-        start_now: List[Delivery] = []
+        start_now: List[Tuple[Delivery, str]] = []
         for delivery in deliveries:
             due = delivery.next_attempt_at is None or delivery.next_attempt_at <= now
             if due and room > 0 and delivery.status == SCHEDULED:
@@ -241,7 +242,7 @@ class Dispatcher(Service):
                     delivery = delivery.replace(
                         status=DELIVERING, claimed_until=self._lease(delivery), claim_token=os.urandom(16).hex()
                     )
-                    start_now.append(delivery)
+                    start_now.append((delivery, host))
                     room -= 1
                     host_room[host] = left - 1
                 else:
@@ -251,20 +252,20 @@ class Dispatcher(Service):
                     delivery = delivery.replace(next_attempt_at=at, deferred=why)
                     host_room[host] = 0
             stored.append(delivery)
-        return Intake(stored, self, [(d, self._reserve(d.id)) for d in start_now])
+        return Intake(stored, self, [(d, self._reserve(d.id), host) for d, host in start_now])
 
-    def _stored(self, claimed: List[Tuple[Delivery, Deferred]], deliveries: List[Delivery]) -> None:
-        for delivery, slot in claimed:
-            self._dispatch(delivery, slot)
+    def _stored(self, claimed: List[Tuple[Delivery, Deferred, str]], deliveries: List[Delivery]) -> None:
+        for delivery, slot, host in claimed:
+            self._dispatch(delivery, slot, host)
         if len(claimed) < len(deliveries):
-            started = {d.id for d, _ in claimed}
+            started = {d.id for d, _, _ in claimed}
             now = self.clock.seconds()
             self._note_due(min(
                 now if d.next_attempt_at is None else d.next_attempt_at for d in deliveries if d.id not in started
             ))
 
-    def _not_stored(self, claimed: List[Tuple[Delivery, Deferred]]) -> None:
-        for delivery, slot in claimed:
+    def _not_stored(self, claimed: List[Tuple[Delivery, Deferred, str]]) -> None:
+        for delivery, slot, _ in claimed:
             self._release(delivery.id, slot)
 
     def deliveries_due(self) -> None:
@@ -391,10 +392,11 @@ class Dispatcher(Service):
 
     # -- one attempt -----------------------------------------------------------
 
-    def _dispatch(self, delivery: Delivery, slot: Deferred) -> str:
-        """Send now, hold for a free slot to its host, or push back in storage."""
+    def _dispatch(self, delivery: Delivery, slot: Deferred, host: Optional[str] = None) -> str:
+        """Send now, hold for a free slot to its host (``host_key``, when not given), or push back in storage."""
         self._tokens[delivery.id] = delivery.claim_token
-        host = host_key(delivery.url)
+        if host is None:
+            host = host_key(delivery.url)
         if delivery.deferred == PAUSED:
             # Held by a pause, perhaps one from before a restart: a host
             # this process has not seen yet is probed before the rest go.
