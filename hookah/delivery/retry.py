@@ -72,6 +72,10 @@ class Decision:
         return self.status != SCHEDULED
 
 
+# Frozen, so every success shares it (one per webhook otherwise).
+_DELIVERED = Decision(DELIVERED, reason="delivered")
+
+
 def decide(
     *,
     status_code: Optional[int],
@@ -91,7 +95,7 @@ def decide(
     timed out, reset).
     """
     if status_code is not None and 200 <= status_code < 300:
-        return Decision(DELIVERED, reason="delivered")
+        return _DELIVERED
     if status_code == 410:
         return Decision(FAILED, reason="410 Gone: permanent failure")
     if attempts_made > retries:
