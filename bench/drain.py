@@ -13,7 +13,9 @@ due (``next_attempt_at = 0``, as after an outage), and that database is the
 template of one fresh copy per run (``CREATE DATABASE ... TEMPLATE``). Each
 run starts ``twistd -n hookah --workers N`` on its copy and measures until
 the sink has every delivery: drained/s from the server's start (start-up
-included) and from its first delivery.
+included) and from its first delivery, and the CPU time per delivery of
+Hookah's processes (the master and its workers) and, on a throwaway
+cluster, of PostgreSQL's (its backends included).
 
 Without ``--storage`` a throwaway PostgreSQL cluster is made with the test
 suite's helper (``tests/pgsupport.py``: Debian's ``postgresql`` package,
@@ -40,16 +42,63 @@ from benchlib import TWISTD, Child, free_port  # noqa: E402
 from dispatch import run_count_load, sink_count, sink_time_of  # noqa: E402
 
 
+def _stat(pid: int) -> List[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def descendants(pid: int) -> List[int]:
+    """``pid`` and its live descendants (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
+        except OSError:
+            continue  # it ended meanwhile
+    return found
+
+
+def tree_cpu_seconds(pid: int, ended: bool = False) -> float:
+    """
+    User and system CPU time of ``pid`` and its live descendants; with
+    ``ended``, also of the descendants that ended and were waited for (a
+    postmaster's backends of closed connections).
+    """
+    ticks = 0
+    for member in descendants(pid):
+        try:
+            fields = _stat(member)
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+        if ended and member == pid:
+            ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds(cluster: Any) -> Optional[float]:
+    """The CPU time a throwaway cluster's server has used so far (None: another server)."""
+    if cluster is None:
+        return None
+    with open(os.path.join(cluster.data, "postmaster.pid")) as f:
+        return tree_cpu_seconds(int(f.readline()), ended=True)
+
+
 class Databases:
     """A throwaway cluster (tests/pgsupport.py), or databases next to the one given."""
 
     def __init__(self, storage: Optional[str]) -> None:
         self.given = storage
         self.made: List[str] = []
+        self.cluster: Any = None
         if storage is None:
             from tests import pgsupport
 
-            self.cluster: Any = pgsupport.cluster()
+            self.cluster = pgsupport.cluster()
 
     def admin(self, sql: str, database: str = "postgres") -> None:
         import psycopg
@@ -127,6 +176,7 @@ def main() -> None:
         for n in counts:
             copy = databases.create(f"{template}_{n}", template=template)
             baseline = sink_count(sink)
+            pg_before = postgres_cpu_seconds(databases.cluster)
             t0 = time.monotonic()
             server, _ = hookah(work, args.twistd, copy, n, args.hookah_option)
             try:
@@ -134,7 +184,8 @@ def main() -> None:
                 first = sink_time_of(sink, baseline + 1)
                 last = sink_time_of(sink, baseline + args.count)
                 assert first is not None and last is not None
-                cpu = server.cpu_seconds()
+                cpu = tree_cpu_seconds(server.proc.pid)
+                pg_after = postgres_cpu_seconds(databases.cluster)
             finally:
                 server.stop()
             figures = {
@@ -142,23 +193,28 @@ def main() -> None:
                 "from_first": args.count / (last - first),
                 "seconds": last - t0,
                 "extra": sink_count(sink) - baseline - args.count,
+                "cpu_ms": cpu * 1000 / args.count,
+                "pg_ms": (pg_after - pg_before) * 1000 / args.count if pg_before is not None and pg_after is not None else None,
             }
             results.append((n, figures))
+            pg = f", PostgreSQL {figures['pg_ms']:.2f} ms" if figures["pg_ms"] is not None else ""
             print(f"{n} worker(s): {args.count:,} drained in {figures['seconds']:.2f} s = {figures['from_start']:,.0f}/s "
                   f"from start-up, {figures['from_first']:,.0f}/s from the first delivery; "
-                  f"{figures['extra']} more than the backlog arrived; master CPU {cpu:.1f} s; "
-                  f"load average now {os.getloadavg()[0]:.1f}", flush=True)
+                  f"{figures['extra']} more than the backlog arrived; CPU per delivery: Hookah {figures['cpu_ms']:.2f} ms"
+                  f"{pg}; load average now {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         sink.stop()
         databases.drop_all()
         shutil.rmtree(work, ignore_errors=True)
     print()
-    print("| workers | drained/s (from start-up) | drained/s (from the first delivery) | vs 1 worker |")
-    print("|---:|---:|---:|---:|")
+    print("| workers | drained/s (from start-up) | drained/s (from the first delivery) | vs 1 worker "
+          "| Hookah CPU per delivery | PostgreSQL CPU per delivery |")
+    print("|---:|---:|---:|---:|---:|---:|")
     one = next((f["from_first"] for n, f in results if n == 1), None)
     for n, f in results:
         ratio = f"{f['from_first'] / one:.2f}×" if one else ""
-        print(f"| {n} | {f['from_start']:,.0f} | {f['from_first']:,.0f} | {ratio} |")
+        pg = f"{f['pg_ms']:.2f} ms" if f["pg_ms"] is not None else "n/a"
+        print(f"| {n} | {f['from_start']:,.0f} | {f['from_first']:,.0f} | {ratio} | {f['cpu_ms']:.2f} ms | {pg} |")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ sys.path.insert(1, os.path.dirname(HERE))  # tests.pgsupport, for a throwaway cl
 import benchlib  # noqa: E402
 from benchlib import TWISTD, Child, free_port, shares  # noqa: E402
 from dispatch import run_count_load, sink_count, sink_time_of  # noqa: E402
+from drain import postgres_cpu_seconds  # noqa: E402
 
 LAYOUTS = "sqlite:1,postgresql:1,postgresql:2"
 WARMUP = 200
@@ -160,7 +161,9 @@ def layout(work: str, args: argparse.Namespace, storage: Storage, sink: Child, k
         warm = spread_load(ports, path, args.connections, WARMUP * nodes, nodes)
         wait_for(sink, before + warm["requests"], deadline, "the warm-up")
         baseline = wait_quiet(sink, deadline, 0.5)
+        cluster = storage.cluster if kind == "postgresql" else None
         cpu_before = [s.cpu_seconds() for s in servers]
+        pg_before = postgres_cpu_seconds(cluster)
         load = spread_load(ports, path, args.connections, args.count, args.processes)
         if load["statuses"] != {"202": args.count}:
             raise SystemExit(f"{kind} x{nodes}: not every dispatch accepted: {load['statuses']}")
@@ -168,6 +171,7 @@ def layout(work: str, args: argparse.Namespace, storage: Storage, sink: Child, k
         last = sink_time_of(sink, baseline + args.count)
         assert last is not None
         cpu = sum(s.cpu_seconds() - b for s, b in zip(servers, cpu_before))
+        pg_after = postgres_cpu_seconds(cluster)
         seconds = last - load["started"]
         settled = wait_quiet(sink, deadline)
         return {
@@ -178,6 +182,7 @@ def layout(work: str, args: argparse.Namespace, storage: Storage, sink: Child, k
             "seconds": seconds,
             "cpu": cpu / seconds,
             "cpu_ms": cpu * 1000 / args.count,
+            "pg_ms": (pg_after - pg_before) * 1000 / args.count if pg_before is not None and pg_after is not None else None,
             "duplicated": settled - baseline - args.count,
             "warmup": warm["statuses"],
         }
@@ -187,13 +192,15 @@ def layout(work: str, args: argparse.Namespace, storage: Storage, sink: Child, k
 
 
 def table(rows: List[Dict[str, Any]]) -> List[str]:
-    lines = ["| storage | nodes | delivered/s | vs SQLite | accepted/s | servers' CPU (cores) | CPU per webhook | duplicated |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| storage | nodes | delivered/s | vs SQLite | accepted/s | servers' CPU (cores) | CPU per webhook "
+             "| PostgreSQL CPU per webhook | duplicated |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     sqlite = next((r["delivered_rate"] for r in rows if r["kind"] == "sqlite"), None)
     for r in rows:
         ratio = f"{r['delivered_rate'] / sqlite:.2f}×" if sqlite else ""
+        pg = f"{r['pg_ms']:.2f} ms" if r.get("pg_ms") is not None else "n/a"
         lines.append(f"| {'SQLite' if r['kind'] == 'sqlite' else 'PostgreSQL'} | {r['nodes']} | {r['delivered_rate']:,.0f} | "
-                     f"{ratio} | {r['accepted_rate']:,.0f} | {r['cpu']:.2f} | {r['cpu_ms']:.2f} ms | {r['duplicated']} |")
+                     f"{ratio} | {r['accepted_rate']:,.0f} | {r['cpu']:.2f} | {r['cpu_ms']:.2f} ms | {pg} | {r['duplicated']} |")
     return lines
 
 
@@ -216,7 +223,8 @@ def section(info: Dict[str, str], args: argparse.Namespace, rows: List[Dict[str,
         *table(rows),
         "",
         "Servers' CPU: the nodes' CPU time (user and system) over the delivery time, in cores; CPU per webhook: "
-        "the same over the count. Duplicated: deliveries beyond the count once the sink was quiet (nothing is killed "
+        "the same over the count; PostgreSQL CPU per webhook: the throwaway cluster's server processes (backends "
+        "included) over the count (n/a: SQLite, or a server given with `--storage`). Duplicated: deliveries beyond the count once the sink was quiet (nothing is killed "
         "here, so 0 is expected). Two nodes share the durable queue through `FOR UPDATE SKIP LOCKED` claims; here "
         "the database, the sink and the load share the nodes' cores, so run it where they have cores of their own "
         "to see how far more nodes go. Worker processes of one node (`--workers N`) are measured by `bench/drain.py`.",
@@ -259,7 +267,9 @@ def main() -> None:
             rows.append(figures)
             print(f"{kind} x{nodes}: {args.count:,} delivered in {figures['seconds']:.2f} s = "
                   f"{figures['delivered_rate']:,.0f}/s (accepted {figures['accepted_rate']:,.0f}/s, servers' CPU "
-                  f"{figures['cpu']:.2f} cores, {figures['cpu_ms']:.2f} ms per webhook, {figures['duplicated']} duplicated); "
+                  f"{figures['cpu']:.2f} cores, {figures['cpu_ms']:.2f} ms per webhook"
+                  + (f", PostgreSQL {figures['pg_ms']:.2f} ms" if figures["pg_ms"] is not None else "")
+                  + f", {figures['duplicated']} duplicated); "
                   f"load average now {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         sink.stop()

@@ -10,7 +10,10 @@ asyncio reactor installed before anything imports ``twisted.internet.reactor``,
 which a twistd plugin cannot promise, and it would tie every store operation
 to asyncio's loop; the blocking API on a bounded pool of threads keeps the
 reactor free with any reactor, and each operation is one short transaction
-(never one held across an HTTP attempt).
+(never one held across an HTTP attempt). The hot writes (new deliveries,
+outcomes, claims, hand-backs, ``NOTIFY``) are grouped: those queued while a
+transaction is in flight share the next one, one statement per kind
+(``hookah.storage.postgres.batch``, ``writes``).
 
 Decisions where ``IStore`` leaves room (and what only a shared store does):
 
@@ -58,24 +61,16 @@ from hookah.model import (
 )
 from hookah import defaults
 from hookah.storage.interface import ClaimLost, ISharedStore, IStore, StorageUnavailable
-from hookah.storage.postgres import rows
+from hookah.storage.postgres import rows, writes
+from hookah.storage.postgres.batch import Batcher, Operation, Outcome, transact
 from hookah.storage.postgres.listener import Listener
+from hookah.storage.postgres.rows import DB_NOW, DB_NOW_ONCE
 from hookah.storage.postgres.schema import EVENTS_CHANNEL, REAPER_LOCK, WORK_CHANNEL, upgrade
 
 log = Logger()
 
 T = TypeVar("T")
 Work = Callable[[Any], T]
-
-# The database's clock, in the seconds the model uses.
-DB_NOW = "extract(epoch from clock_timestamp())::double precision"
-# The same, read once per statement: clock_timestamp() is volatile, so a
-# ``due_at <= DB_NOW`` condition cannot bound an index scan and is checked
-# against every row of the due index instead (each claim read the whole
-# backlog, future rows included: ~4 ms a claim with 4,000 rows waiting,
-# which held one node to a third of its delivery rate). A scalar subquery is
-# evaluated once, and bounds the scan.
-DB_NOW_ONCE = f"(SELECT {DB_NOW})"
 
 
 def storage_error(error: BaseException) -> Optional[StorageUnavailable]:
@@ -104,6 +99,8 @@ class PostgresStore:
         notify_interval: float = 0.1,
         reap_interval: float = 5.0,
         listen: bool = True,
+        batch_limit: int = 500,
+        batch_concurrency: int = 2,
     ) -> None:
         if clock not in ("database", "caller"):
             raise ValueError(f"clock must be 'database' or 'caller', not {clock!r}")
@@ -117,6 +114,13 @@ class PostgresStore:
         self._threads = ThreadPool(minthreads=0, maxthreads=pool_size, name="hookah-postgres")
         self._pool: Any = None
         self._open = False
+        # The hot writes: those queued while a transaction is in flight
+        # share the next one (hookah.storage.postgres.batch).
+        self._batcher = Batcher(
+            reactor, self._threads, self._transact, limit=batch_limit,
+            closed=lambda: StorageUnavailable("the PostgreSQL store is closed"),
+            concurrency=batch_concurrency,
+        )
         self.node = uuid.uuid4().hex[:12]
         # Called (in the reactor thread) when another node announced due
         # work, and after the listening connection came back (catch up).
@@ -192,13 +196,16 @@ class PostgresStore:
         if self._notify_timer is not None and self._notify_timer.active():
             self._notify_timer.cancel()
         self._notify_timer = None
-        stopping: Deferred[Any] = self.listener.stop() if self.listener is not None else succeed(None)
+        writes = self._batcher.stop()
+
+        def listener(_: object) -> Deferred[Any]:
+            return self.listener.stop() if self.listener is not None else succeed(None)
 
         def finish(_: object) -> None:
             # ThreadPool.stop joins its threads after their queued work.
             self._close_now()
 
-        return stopping.addCallback(finish)
+        return writes.addCallback(listener).addCallback(finish)
 
     # -- running work ------------------------------------------------------------
 
@@ -226,6 +233,36 @@ class PostgresStore:
         if notify is not None:
             d.addCallback(self._announce, notify)
         return d
+
+    def _transact(self, batch: List[Operation]) -> List[Outcome]:
+        """Run a batch of writes in one transaction (on a pool thread)."""
+        pool = self._pool
+        if pool is None:
+            raise StorageUnavailable("the PostgreSQL store is closed")
+        try:
+            with pool.connection() as connection:
+                return transact(connection, batch)
+        except BaseException as e:
+            error = storage_error(e)
+            if error is not None:
+                pool.check()
+                raise error from e
+            raise
+
+    def _write(self, op: Operation, notify: Optional[str] = None) -> Deferred[Any]:
+        """Queue ``op`` for the next batch of writes."""
+        if self._pool is None:
+            from twisted.internet.defer import fail
+
+            return fail(StorageUnavailable("the PostgreSQL store is closed"))
+        d = self._batcher.submit(op)
+        if notify is not None:
+            d.addCallback(self._announce, notify)
+        return d
+
+    def _shift(self) -> Optional[float]:
+        """How claims inserted now move to the database's clock (``rows.INSERT_DELIVERIES``)."""
+        return self._reactor.seconds() if self._database_clock else None
 
     def _now(self, now: float) -> str:
         """The SQL of the claim clock: the database's, or the caller's ``now``."""
@@ -259,11 +296,8 @@ class PostgresStore:
                     message = f"{self.node} {seq} {topic}"
                     messages.append((channel, message if len(message.encode()) < 7000 else f"{self.node} 0 "))
 
-        def work(cur: Any) -> None:
-            for channel, payload in messages:
-                cur.execute("SELECT pg_notify(%s, %s)", (channel, payload))
-
-        d = self._run(work)
+        # With the writes in flight, if any: in their transaction.
+        d = self._write(writes.Notify(messages))
         d.addErrback(lambda f: log.warn("NOTIFY failed: {error}", error=f.getErrorMessage()))
 
     def _notified(self, channel: str, payload: str) -> None:
@@ -357,29 +391,11 @@ class PostgresStore:
     # -- deliveries ------------------------------------------------------------------
 
     def add_deliveries(self, deliveries: Iterable[Delivery]) -> Deferred[None]:
+        # Deliveries inserted already claimed (the dispatcher's fast path)
+        # get their lease on the database's clock, as claims do.
         deliveries = list(deliveries)
-        skew = self._reactor.seconds()
-
-        def work(cur: Any) -> None:
-            rows.insert_deliveries(cur, self._on_db_clock(cur, deliveries, skew))
-
-        return self._run(work, notify=WORK_CHANNEL if self._has_scheduled(deliveries) else None)
-
-    def _on_db_clock(self, cur: Any, deliveries: List[Delivery], caller_now: float) -> List[Delivery]:
-        """
-        Deliveries inserted already claimed (the dispatcher's fast path) get
-        their lease on the database's clock, as claims do.
-        """
-        if not self._database_clock or not any(d.claimed_until is not None for d in deliveries):
-            return deliveries
-        import attr
-
-        cur.execute(f"SELECT {DB_NOW}")
-        offset = cur.fetchone()[0] - caller_now
-        return [
-            attr.evolve(d, claimed_until=d.claimed_until + offset) if d.claimed_until is not None else d
-            for d in deliveries
-        ]
+        op = writes.AddDeliveries(deliveries, self._shift())
+        return self._write(op, notify=WORK_CHANNEL if self._has_scheduled(deliveries) else None)
 
     @staticmethod
     def _has_scheduled(deliveries: Sequence[Delivery]) -> bool:
@@ -413,12 +429,9 @@ class PostgresStore:
         sql = rows.CLAIM.format(now=clock, lease=f"{clock} + %(lease)s")
         params = {"now": now, "limit": limit, "lease": lease_until - now}
 
-        def work(cur: Any) -> List[Delivery]:
-            cur.execute(sql, params)
-            claimed = sorted(cur.fetchall(), key=lambda row: (row[0], row[1]))
-            return rows.load_deliveries(cur, [row[1:] for row in claimed])
-
-        return self._run(work)
+        # In the batch of writes: the claim after an attempt's outcome
+        # shares its transaction.
+        return self._write(writes.Claim(sql, params))
 
     def finish_attempt(
         self,
@@ -429,9 +442,13 @@ class PostgresStore:
         follow_ups: Sequence[Delivery] = (),
         claim_token: Optional[str] = None,
     ) -> Deferred[None]:
-        finished_at = attempt.at if status in (DELIVERED, FAILED) else None
         follow_ups = list(follow_ups)
-        skew = self._reactor.seconds()
+        notify = WORK_CHANNEL if status == SCHEDULED or self._has_scheduled(follow_ups) else None
+        if not follow_ups:
+            op: Operation = writes.FinishAttempt(delivery_id, attempt, status, next_attempt_at, claim_token)
+            return self._write(op, notify=notify).addErrback(self._lost)
+        finished_at = attempt.at if status in (DELIVERED, FAILED) else None
+        shift = self._shift()
 
         def work(cur: Any) -> None:
             sql = (
@@ -452,16 +469,14 @@ class PostgresStore:
                 rows.APPEND_ATTEMPT,
                 (delivery_id, delivery_id, attempt.at, attempt.status_code, attempt.error, attempt.duration_ms),
             )
-            if follow_ups:
-                rows.insert_deliveries(cur, self._on_db_clock(cur, follow_ups, skew))
+            rows.insert_deliveries(cur, follow_ups, shift)
 
-        def lost(failure: Any) -> Any:
-            if failure.check(ClaimLost):
-                self.claims_lost += 1
-            return failure
+        return self._write(writes.Work(work), notify=notify).addErrback(self._lost)
 
-        notify = WORK_CHANNEL if status == SCHEDULED or self._has_scheduled(follow_ups) else None
-        return self._run(work, notify=notify).addErrback(lost)
+    def _lost(self, failure: Any) -> Any:
+        if failure.check(ClaimLost):
+            self.claims_lost += 1
+        return failure
 
     def renew_claims(
         self, claims: Sequence[Tuple[str, str]], now: float, lease_until: float
@@ -527,18 +542,8 @@ class PostgresStore:
         self, delivery_id: str, next_attempt_at: float, deferred: Optional[str] = None,
         claim_token: Optional[str] = None,
     ) -> Deferred[None]:
-        def work(cur: Any) -> None:
-            sql = (
-                "UPDATE deliveries SET status = %s, next_attempt_at = %s,"
-                " claimed_until = NULL, claim_token = NULL, deferred = %s WHERE id = %s AND status = %s"
-            )
-            args: Tuple[Any, ...] = (SCHEDULED, next_attempt_at, deferred, delivery_id, DELIVERING)
-            if claim_token is not None:
-                sql += " AND claim_token = %s"
-                args += (claim_token,)
-            cur.execute(sql, args)
-
-        return self._run(work, notify=WORK_CHANNEL)
+        op = writes.Reschedule(delivery_id, next_attempt_at, deferred, claim_token)
+        return self._write(op, notify=WORK_CHANNEL)
 
     def requeue(self, delivery_id: str, now: float) -> Deferred[Optional[Delivery]]:
         def work(cur: Any) -> Optional[Delivery]:
@@ -626,7 +631,7 @@ class PostgresStore:
         keep_after: Optional[float],
     ) -> Deferred[None]:
         deliveries = list(deliveries)
-        skew = self._reactor.seconds()
+        shift = self._shift()
 
         def work(cur: Any) -> int:
             # The topic's row stays locked until commit: sequence numbers
@@ -646,7 +651,7 @@ class PostgresStore:
                 ),
             )
             rows.remember_idempotency_keys(cur, [event])
-            rows.insert_deliveries(cur, self._on_db_clock(cur, deliveries, skew))
+            rows.insert_deliveries(cur, deliveries, shift)
             if keep_count is not None:
                 cur.execute(
                     "DELETE FROM events WHERE topic = %s AND seq <= %s", (event.topic, seq - keep_count)
