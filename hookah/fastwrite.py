@@ -81,7 +81,7 @@ class FastPath:
             return plain
         kind = type(transport).__name__
         if not isinstance(transport, tcp.Connection):
-            self._once(kind, "stream fast path not used on {kind} transports: frames go through transport.write", kind=kind)
+            self._once(kind, "fast write path not used on {kind} transports: writes go through transport.write", kind=kind)
             return plain
         if type(transport) not in self._checked:
             self._checked.add(type(transport))
@@ -90,7 +90,7 @@ class FastPath:
                 self.disable(problem)
                 return plain
         if transport.TLS:
-            self._once("TLS", "stream fast path not used on TLS connections: frames go through transport.write")
+            self._once("TLS", "fast write path not used on TLS connections: writes go through transport.write")
             return plain
         return self._direct(transport)
 
@@ -99,7 +99,7 @@ class FastPath:
         if self.enabled:
             self.enabled = False
             log.warn(
-                "stream fast path off ({reason}, Twisted {version}): frames go through transport.write",
+                "fast write path off ({reason}, Twisted {version}): writes go through transport.write",
                 reason=reason,
                 version=twisted.__version__,
             )

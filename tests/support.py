@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from hookah.app import HookahService
 from hookah.config import Config
-from hookah.outbound.agent import Response
+from hookah.outbound.outcome import Response
 from hookah.outbound.interface import IHTTPClient
 from hookah.web.common import HookahSite
 

@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from hookah.app import HookahService
-from hookah.outbound.agent import Response
+from hookah.outbound.outcome import Response
 from hookah.outbound.interface import IHTTPClient
 from tests.support import Received, http_client, listen_sink, poll, start_hookah
 

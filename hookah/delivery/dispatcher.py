@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from hookah import defaults
 from hookah.listeners import IDeliveryOutcomeListener, IDueDeliveryListener
-from hookah.outbound.agent import Response, describe_failure
+from hookah.outbound.outcome import Response, describe_failure
 from hookah.outbound.interface import IHTTPClient
 from hookah.metrics import Metrics, result_class
 from hookah.model import (

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from hookah import defaults
 from hookah.model import Event
-from hookah.outbound.agent import describe_failure
+from hookah.outbound.outcome import describe_failure
 from hookah.outbound.interface import IHTTPClient
 from hookah.websub.subscriptions import BackgroundTasks, HubBusy
 

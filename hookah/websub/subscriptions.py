@@ -57,7 +57,7 @@ from zope.interface import implementer
 from hookah import defaults
 from hookah.listeners import IDeliveryOutcomeListener
 from hookah.delivery.lease import lease_seconds
-from hookah.outbound.agent import describe_failure
+from hookah.outbound.outcome import describe_failure
 from hookah.outbound.interface import IHTTPClient
 from hookah.urls import AddressPolicy
 from hookah.metrics import Metrics
