@@ -173,6 +173,24 @@ class PostgresBatchTests(TestCase):
         self.assertEqual((yield store.find_idempotency_key("report-1", None)), report.id)
 
     @inlineCallbacks
+    def test_a_duplicate_among_concurrent_dispatches_fails_alone(self) -> _Gen:
+        store = yield self.openStore()
+        existing = self.delivery()
+        yield store.add_deliveries([existing])
+        fresh = [self.delivery(idempotency_key=f"k{i}") for i in range(3)]
+        results = yield outcomes([
+            store.add_deliveries([fresh[0]]),
+            store.add_deliveries([fresh[1], attr.evolve(existing, url="https://other/")]),
+            store.add_deliveries([fresh[2]]),
+        ])
+        self.assertEqual([ok for ok, _ in results], [True, False, True])
+        self.assertIsNotNone((yield store.get_delivery(fresh[0].id)))
+        self.assertIsNone((yield store.get_delivery(fresh[1].id)))
+        self.assertIsNone((yield store.find_idempotency_key("k1", None)))
+        self.assertEqual((yield store.find_idempotency_key("k2", None)), fresh[2].id)
+        self.assertEqual((yield store.get_delivery(existing.id)), existing)
+
+    @inlineCallbacks
     def test_writes_to_one_delivery_in_one_batch_apply_in_the_order_queued(self) -> _Gen:
         store = yield self.openStore()
         (d,) = yield self.claimed(store, 1)

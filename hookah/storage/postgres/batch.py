@@ -13,7 +13,9 @@ dispatcher's claim loop waiting a whole transaction behind the one in
 flight), and the operations queued meanwhile (at most ``limit``) run together
 in the next, each kind as one statement for all of its operations (arrays
 ``unnest``-ed into an ``INSERT`` or an ``UPDATE ... FROM``), sent in one
-pipeline, then one ``COMMIT``. Operations of one kind that touch the same
+pipeline with its ``BEGIN`` and ``COMMIT``: one round trip (each costs the
+database thread the GIL back from a busy reactor thread, up to the
+interpreter's switch interval). Operations of one kind that touch the same
 delivery go into successive statements, in the order they were queued;
 operations of different kinds run in a fixed order (inserts, outcomes,
 hand-backs, claims). Concurrent operations were never ordered (each ran on
@@ -132,25 +134,34 @@ def transact(connection: Any, ops: Sequence[Operation]) -> List[Outcome]:
     try:
         results: Dict[int, Outcome] = {}
         if together:
-            # BEGIN (implicit) and the statements in one round trip; the
-            # transaction stays open after the pipeline.
             cursors = []
-            with connection.pipeline():
-                for s in together:
-                    cur = connection.cursor()
-                    cur.execute(*type(s[0]).statement(s))
-                    cursors.append((cur, s))
+            try:
+                # BEGIN (implicit), the statements and, unless work of its
+                # own follows, COMMIT: one round trip.
+                with connection.pipeline():
+                    for s in together:
+                        cur = connection.cursor()
+                        cur.execute(*type(s[0]).statement(s))
+                        cursors.append((cur, s))
+                    if not singles:
+                        connection.cursor().execute("COMMIT")
+            except psycopg.Error:
+                # Every statement done: the COMMIT is what failed.
+                committing = not singles and all(_done(cur) for cur, _ in cursors)
+                raise
             for cur, s in cursors:
                 for op, outcome in zip(s, type(s[0]).outcomes(cur, s)):
                     results[id(op)] = outcome
                 cur.close()
-        # Work that reads its own results as it goes, outside the pipeline:
-        # each in a savepoint (in a transaction of its own if alone).
-        with connection.transaction() if not together else nullcontext():
-            for op in singles:
-                results[id(op)] = _alone(connection, op)
-            committing = True
-        connection.commit()
+        if singles:
+            # Work that reads its own results as it goes, outside the
+            # pipeline: each in a savepoint (in a transaction of its own if
+            # alone).
+            with connection.transaction() if not together else nullcontext():
+                for op in singles:
+                    results[id(op)] = _alone(connection, op)
+                committing = True
+            connection.commit()
         return [results[id(op)] for op in ops]
     except psycopg.OperationalError:
         raise
@@ -161,6 +172,14 @@ def transact(connection: Any, ops: Sequence[Operation]) -> List[Outcome]:
     with connection.transaction():
         results = {id(op): _alone(connection, op) for s in statements for op in s}
     return [results[id(op)] for op in ops]
+
+
+def _done(cur: Any) -> bool:
+    """Whether the statement of ``cur`` ran to its end (in a pipeline that then failed)."""
+    from psycopg import pq
+
+    result = cur.pgresult
+    return result is not None and result.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
 
 
 def _alone(connection: Any, op: Operation) -> Outcome:
