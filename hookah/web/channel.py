@@ -141,6 +141,11 @@ class HookahChannel(HTTPChannel):
     # connection's write function for it (``hookah.fastwrite``).
     _gathered: Optional[List[bytes]] = None
     _send: Optional[Callable[[bytes], Any]] = None
+    # The connection's two addresses, asked of the transport once: every
+    # request reads both (``Request.__init__``), and a TCP transport builds
+    # new address objects, with a ``getsockname`` call, each time it is asked.
+    _peer: Any = None
+    _host: Any = None
 
     # -- settings, from the site --------------------------------------------------
 
@@ -170,6 +175,18 @@ class HookahChannel(HTTPChannel):
             self._drain_call.cancel()
         self._drain_call = None
         super().connectionLost(reason)
+
+    def getPeer(self) -> Any:
+        peer = self._peer
+        if peer is None and self.transport is not None:
+            peer = self._peer = self.transport.getPeer()
+        return peer
+
+    def getHost(self) -> Any:
+        host = self._host
+        if host is None and self.transport is not None:
+            host = self._host = self.transport.getHost()
+        return host
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import time
 from urllib.parse import unquote_to_bytes
 from typing import Any, Callable, Coroutine, Dict, List, Optional, Set, Union
@@ -17,7 +18,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import datetimeToString
+from twisted.web.http import datetimeToString, parse_qs
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -257,7 +258,27 @@ class HookahRequest(server.Request):
             # that waits for it learns sooner, and sends less, for nothing.
             self.requestHeaders.removeHeader(b"expect")
             return
-        super().gotLength(length)
+        # twisted.web's choice (memory under 100 kB, else a temporary file),
+        # without its look for a Site.getContentFile that HookahSite has not.
+        self.content = io.BytesIO() if length is not None and length < 100000 else tempfile.TemporaryFile()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """
+        ``http.Request.requestReceived`` for a site that leaves bodies to
+        the resources (``parsePOSTFormSubmission=False``, as ``make_site``
+        makes it): the same ``method``, ``uri``, ``path``, ``args`` and
+        ``clientproto`` (the query parsed by Twisted's ``parse_qs``), without
+        the ``Content-Type`` look-up that only serves form parsing.
+        """
+        if self._parsePOSTFormSubmission:
+            super().requestReceived(command, path, version)
+            return
+        self.content.seek(0, 0)  # type: ignore[union-attr] # gotLength set it
+        self.method, self.uri, self.clientproto = command, path, version
+        base, mark, query = path.partition(b"?")
+        self.path = base
+        self.args = parse_qs(query, 1) if mark else {}
+        self.process()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.too_large:
