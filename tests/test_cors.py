@@ -28,6 +28,7 @@ from twisted.trial.unittest import TestCase
 
 from hookah.config import ConfigError, build_config
 from hookah.web.auth import Tokens
+from hookah.web.channel import BODY_WINDOW
 from hookah.web.cors import normalise_origin
 from hookah.web.streamtokens import MAX_TTL, StreamTokens, TokenError, stream_mount
 from tests.browsersupport import start_browser
@@ -419,6 +420,9 @@ class StreamTokenClockTests(TestCase):
         conn = h.connect(f"topic=t&access_token={token}")
         conn.read()
         self.assertEqual(conn.response.status, 200)
+        # The connection's deadline timer (none running while a stream is
+        # open) lapses at its next look, within BODY_WINDOW.
+        h.clock.advance(BODY_WINDOW)
         self.assertEqual(len(h.clock.getDelayedCalls()), 2)  # the keep-alive and the end
         conn.drop()
         self.assertEqual([c for c in h.clock.getDelayedCalls() if c.active()], [])

@@ -162,6 +162,60 @@ class DeadlineTests(TestCase):
         self.assertEqual(parse(second)[0], 400)
         self.assertTrue(conn.closing)
 
+    def test_idle_keep_alive_times_out_after_twisteds_idle_timeout(self) -> None:
+        conn = self.connect()
+        conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(parse(conn.answer())[0], 200)
+        idle = conn.channel.timeOut
+        self.assertTrue(idle)
+        self.clock.advance(idle - 0.5)
+        self.assertFalse(conn.closing)
+        conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # a request restarts the idle time
+        self.assertEqual(parse(conn.answer())[0], 200)
+        self.clock.advance(idle - 0.5)
+        self.assertFalse(conn.closing)
+        self.clock.advance(1)
+        self.assertTrue(conn.closing)
+        self.assertEqual(conn.answer(), b"")
+
+    def test_a_shorter_idle_timeout_set_later_is_kept(self) -> None:
+        conn = self.connect()
+        conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(parse(conn.answer())[0], 200)
+        conn.channel.setTimeout(1)
+        self.clock.advance(0.9)
+        self.assertFalse(conn.closing)
+        self.clock.advance(0.2)
+        self.assertTrue(conn.closing)
+
+    def test_a_busy_connection_keeps_one_timer_and_every_deadline(self) -> None:
+        # Deadlines that begin and end with every request (head, body rate,
+        # idle) share one DelayedCall: 200 requests over 20 s schedule a
+        # handful, not three per request.
+        scheduled = []
+        call_later = self.clock.callLater
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            scheduled.append(args[0])
+            return call_later(*args, **kwargs)
+
+        self.clock.callLater = counting  # type: ignore[method-assign]
+        conn = self.connect()
+        for _ in range(200):
+            conn.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab")
+            self.assertEqual(parse(conn.answer())[0], 200)
+            self.assertLessEqual(len(self.clock.getDelayedCalls()), 1)
+            self.clock.advance(0.1)
+        self.assertFalse(conn.closing)
+        self.assertLessEqual(len(scheduled), 10)
+        # The next head, trickled, still gets its 408 at its own deadline.
+        conn.send(b"GET / HTTP/1.1\r\n")
+        self.clock.advance(9.9)
+        self.assertEqual(conn.answer(), b"")
+        self.clock.advance(0.2)
+        self.assertEqual(parse(conn.answer())[0], 408)
+        self.assertEqual(self.refused, ["head_timeout"])
+
     def test_the_private_hook_for_parse_errors_still_exists(self) -> None:
         # hookah.web.channel overrides it to answer 400s with a body and
         # Connection: close; a Twisted that renamed it would silently fall

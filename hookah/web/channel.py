@@ -109,6 +109,21 @@ def refusal(status: int, error: str, message: str, extra: Sequence[Tuple[bytes, 
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
+def _seconds_of(channel: HTTPChannel) -> Callable[[], float]:
+    """
+    The clock ``channel.callLater`` schedules on: its site's reactor (which
+    ``HTTPFactory.buildProtocol`` takes ``callLater`` from; a test's
+    ``Clock``), else the reactor ``callLater`` is bound to.
+    """
+    for owner in (getattr(getattr(channel, "site", None), "reactor", None), getattr(channel.callLater, "__self__", None)):
+        seconds = getattr(owner, "seconds", None)
+        if callable(seconds):
+            return seconds  # type: ignore[no-any-return]
+    from twisted.internet import reactor
+
+    return reactor.seconds  # type: ignore[attr-defined,no-any-return]
+
+
 def _close_after(transport: Any, call_later: Callable[..., IDelayedCall]) -> Optional[IDelayedCall]:
     """
     Close ``transport`` once its buffer is out, reading (and dropping)
@@ -130,8 +145,13 @@ class HookahChannel(HTTPChannel):
 
     _awaiting_head = True
     _refused = False
-    _head_call: Optional[IDelayedCall] = None
-    _body_call: Optional[IDelayedCall] = None
+    # Every deadline of the connection shares one DelayedCall (``_timer``,
+    # see "deadlines" below): when each began, None when not running.
+    _head_from: Optional[float] = None
+    _window_from: Optional[float] = None
+    _idle_from: Optional[float] = None
+    _timer: Optional[IDelayedCall] = None
+    _step = BODY_WINDOW
     _drain_call: Optional[IDelayedCall] = None
     _head_bytes = 0
     _head_lines = 0
@@ -164,6 +184,11 @@ class HookahChannel(HTTPChannel):
     # -- the connection -----------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        limits = self.limits
+        periods = [float(p) for p in (limits.head_timeout, self.timeOut) if p]
+        if limits.min_body_rate > 0:
+            periods.append(BODY_WINDOW)
+        self._step = min(periods) if periods else BODY_WINDOW
         super().connectionMade()
         # A new connection owes its first request head within the deadline,
         # whether or not it has sent a byte.
@@ -171,6 +196,11 @@ class HookahChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timers()
+        self._idle_from = None
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
         if self._drain_call is not None and self._drain_call.active():
             self._drain_call.cancel()
         self._drain_call = None
@@ -192,13 +222,13 @@ class HookahChannel(HTTPChannel):
         if self._refused:
             return
         if self._awaiting_head:
-            if self._head_call is None:
+            if self._head_from is None:
                 self._start_head_deadline()
             if (b"\n" in data or b"\r" in data) and self._bare_lf(data):
                 self._refuse(400, "bad_request", "Lines of a request head end with CRLF, not a bare LF or CR.", "bad_request")
                 return
             self._tail = (self._tail + data)[-3:]
-        elif self._body_call is not None:
+        elif self._window_from is not None:
             self._window_bytes += len(data)
         super().dataReceived(data)
 
@@ -243,7 +273,7 @@ class HookahChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._awaiting_head = False
-        self._cancel_head_deadline()
+        self._head_from = None
         super().allHeadersReceived()
         request = self.requests[-1] if self.requests else None
         if getattr(request, "too_large", False):
@@ -251,12 +281,13 @@ class HookahChannel(HTTPChannel):
             return
         if self.length != 0 and self.limits.min_body_rate > 0:
             self._window_bytes = 0
-            self._body_call = self.callLater(BODY_WINDOW, self._check_body_rate)
+            self._window_from = now = self._seconds()
+            self._arm(now, BODY_WINDOW)
 
     def allContentReceived(self) -> None:
         if self._refused:
             return
-        self._cancel_body_deadline()
+        self._window_from = None
         super().allContentReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -340,14 +371,78 @@ class HookahChannel(HTTPChannel):
         self._refuse(400, "bad_request", "The request is not valid HTTP/1.1.", "bad_request")
 
     # -- deadlines -------------------------------------------------------------------------------
+    #
+    # The head deadline, the body's rate windows and Twisted's idle timeout
+    # (``TimeoutMixin.setTimeout``/``resetTimeout``, overridden here) each
+    # note when they began; one DelayedCall per connection (``_tick``) looks
+    # at them. Starting, ending or restarting a deadline is a clock reading,
+    # not a DelayedCall made and cancelled (three of each per request
+    # otherwise). The timer never waits longer than ``_step``, the shortest
+    # period a deadline can start with, so a deadline that begins while it
+    # waits is never late; one that would be (a shorter idle timeout set
+    # later) moves the timer sooner. A busy connection's timer wakes once
+    # per ``_step`` and finds nothing due; an idle one's stops until a
+    # deadline begins again.
+
+    def _seconds(self) -> float:
+        """The channel's clock: its ``callLater``'s (the site's reactor, or a test's ``Clock``)."""
+        self._seconds = _seconds_of(self)  # type: ignore[method-assign]
+        return self._seconds()
+
+    def _arm(self, now: float, period: float) -> None:
+        """Make sure ``_tick`` runs no later than ``now + period``."""
+        timer = self._timer
+        if timer is None:
+            if self.transport is not None:
+                self._timer = self.callLater(min(period, self._step), self._tick)
+        elif period < self._step and timer.getTime() > now + period:
+            timer.reset(period)
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = self._seconds()
+        if self._head_from is not None and now >= self._head_from + self.limits.head_timeout:
+            self._head_from = None
+            self._head_timed_out()
+        if self._window_from is not None and now >= self._window_from + BODY_WINDOW:
+            self._check_body_rate(now)
+        timeout = self.timeOut
+        if self._idle_from is not None and timeout is not None and now >= self._idle_from + timeout:
+            self._idle_from = None
+            self.timeoutConnection()
+        due = []
+        if self._head_from is not None:
+            due.append(self._head_from + self.limits.head_timeout)
+        if self._window_from is not None:
+            due.append(self._window_from + BODY_WINDOW)
+        if self._idle_from is not None and timeout is not None:
+            due.append(self._idle_from + timeout)
+        if due and self.transport is not None:
+            self._timer = self.callLater(max(0.0, min(min(due) - now, self._step)), self._tick)
+
+    def setTimeout(self, period: Optional[float]) -> Optional[float]:
+        """``TimeoutMixin.setTimeout``: the idle timeout, on the connection's one timer."""
+        previous = self.timeOut
+        self.timeOut = period  # type: ignore[assignment]
+        if period is None:
+            self._idle_from = None
+        else:
+            self._idle_from = now = self._seconds()
+            self._arm(now, period)
+        return previous
+
+    def resetTimeout(self) -> None:
+        """``TimeoutMixin.resetTimeout``: the idle timeout starts again (unless off or spent)."""
+        if self._idle_from is not None and self.timeOut is not None:
+            self._idle_from = self._seconds()
 
     def _start_head_deadline(self) -> None:
         timeout = self.limits.head_timeout
-        if timeout > 0 and self._head_call is None and self.transport is not None:
-            self._head_call = self.callLater(timeout, self._head_timed_out)
+        if timeout > 0 and self._head_from is None and self.transport is not None:
+            self._head_from = now = self._seconds()
+            self._arm(now, timeout)
 
     def _head_timed_out(self) -> None:
-        self._head_call = None
         if not self._awaiting_head or self._refused:
             return
         if not self._tail and not self._head_bytes:
@@ -365,8 +460,8 @@ class HookahChannel(HTTPChannel):
             f"The request head did not arrive within {self.limits.head_timeout:g} seconds.", "head_timeout",
         )
 
-    def _check_body_rate(self) -> None:
-        self._body_call = None
+    def _check_body_rate(self, now: float) -> None:
+        self._window_from = None
         rate = self.limits.min_body_rate
         if self._window_bytes < rate * BODY_WINDOW:
             self._refuse(
@@ -375,21 +470,11 @@ class HookahChannel(HTTPChannel):
             )
             return
         self._window_bytes = 0
-        self._body_call = self.callLater(BODY_WINDOW, self._check_body_rate)
-
-    def _cancel_head_deadline(self) -> None:
-        if self._head_call is not None and self._head_call.active():
-            self._head_call.cancel()
-        self._head_call = None
-
-    def _cancel_body_deadline(self) -> None:
-        if self._body_call is not None and self._body_call.active():
-            self._body_call.cancel()
-        self._body_call = None
+        self._window_from = now
 
     def _cancel_timers(self) -> None:
-        self._cancel_head_deadline()
-        self._cancel_body_deadline()
+        self._head_from = None
+        self._window_from = None
 
     # -- refusing ------------------------------------------------------------------------------------
 
