@@ -38,6 +38,10 @@ class Describe(Resource):
             "postpath": [p.decode("latin-1") for p in request.postpath],
             "peer": [peer.type, peer.host, peer.port == self.client_port],
             "host": [host.type, host.host, host.port == self.server_port],
+            "headers": sorted(
+                (name.decode("latin-1"), [v.decode("latin-1") for v in values])
+                for name, values in request.requestHeaders.getAllRawHeaders()
+            ),
             "body": len(body),
             "body_head": body[:20].decode("latin-1"),
         }
@@ -97,7 +101,8 @@ class SameAsTwistedTests(TestCase):
         big = b"y" * 150000  # over 100 kB: a temporary file rather than memory
         request = (
             b"POST /a/b%2Fc?_url=http%3A%2F%2Fexample.com%2Fh%3Fx%3D1&x=1&x=2;y=a+b&flag&=v&e= HTTP/1.1\r\n"
-            b"Host: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 7\r\n\r\nz=1&w=2"
+            b"Host: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 7\r\n"
+            b"x-lower: a \t\r\nX-Twice: 1\r\nx-twice: 2\r\nX-Empty:\r\nAccept:  */*  \r\n\r\nz=1&w=2"
             b"GET /?%zz=%41%4&a=%2B+ HTTP/1.1\r\nHost: x\r\n\r\n"
             b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n"
             b"PUT /q? HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"

@@ -35,6 +35,11 @@ sends is read and dropped (closing with unread bytes would reset the
 connection and could destroy the answer before the client reads it), and it
 is aborted ``DRAIN_GRACE`` seconds later whatever the client does.
 
+A whole plain request head that arrives in one piece is read in one go by
+``hookah.web.fasthead`` (the one module reading Twisted's private parser
+state, checking it on first use); every other head, and every refusal, goes
+through Twisted's line-by-line parser and the checks here.
+
 One private Twisted hook is used, and only here: ``HTTPChannel`` answers
 its parse errors through ``_respondToBadRequestAndDisconnect``, a bare
 ``400`` without ``Connection: close`` or body. ``HookahChannel`` overrides
@@ -57,6 +62,7 @@ from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 
 from hookah import defaults, fastwrite
+from hookah.web.fasthead import fast_head
 
 __all__ = [
     "HookahChannel", "SocketLimits", "Refuser", "refusal", "MAX_HEAD", "BODY_WINDOW", "DRAIN_GRACE",
@@ -222,12 +228,15 @@ class HookahChannel(HTTPChannel):
         if self._refused:
             return
         if self._awaiting_head:
+            first = not self._tail and not self._head_bytes
             if self._head_from is None:
                 self._start_head_deadline()
             if (b"\n" in data or b"\r" in data) and self._bare_lf(data):
                 self._refuse(400, "bad_request", "Lines of a request head end with CRLF, not a bare LF or CR.", "bad_request")
                 return
             self._tail = (self._tail + data)[-3:]
+            if first and fast_head.read(self, data, MAX_HEAD):
+                return  # a whole plain head, read in one go (hookah.web.fasthead)
         elif self._window_from is not None:
             self._window_bytes += len(data)
         super().dataReceived(data)
