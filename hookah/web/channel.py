@@ -159,6 +159,7 @@ class HookahChannel(HTTPChannel):
     _timer: Optional[IDelayedCall] = None
     _step = BODY_WINDOW
     _drain_call: Optional[IDelayedCall] = None
+    _limits: Optional[SocketLimits] = None
     _head_bytes = 0
     _head_lines = 0
     _window_bytes = 0
@@ -177,7 +178,14 @@ class HookahChannel(HTTPChannel):
 
     @property
     def limits(self) -> SocketLimits:
-        return getattr(getattr(self, "site", None), "limits", None) or SocketLimits()
+        """The site's limits, looked up once per connection (a site sets them when it is made)."""
+        limits = self._limits
+        if limits is None:
+            limits = getattr(getattr(self, "site", None), "limits", None)
+            if limits is None:
+                return SocketLimits()
+            self._limits = limits
+        return limits
 
     def _max_body(self) -> int:
         return int(getattr(getattr(self, "site", None), "max_body", defaults.MAX_BODY))

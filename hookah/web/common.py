@@ -246,9 +246,13 @@ class HookahRequest(server.Request):
 
     too_large = False
     _received = 0
+    _max_body: Optional[int] = None
 
     def _limit(self) -> int:
-        return int(getattr(getattr(self.channel, "site", None), "max_body", defaults.MAX_BODY))
+        limit = self._max_body
+        if limit is None:
+            limit = self._max_body = int(getattr(getattr(self.channel, "site", None), "max_body", defaults.MAX_BODY))
+        return limit
 
     def gotLength(self, length: Optional[int]) -> None:
         if length is not None and length > self._limit():

@@ -43,7 +43,7 @@ Twisted's parser.
 from __future__ import annotations
 
 import re
-from typing import Any, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import twisted
 from twisted.logger import Logger
@@ -142,6 +142,9 @@ class FastHead:
         # Heads read here rather than line by line.
         self.heads = 0
         self._checked: Set[type] = set()
+        # Whether a request factory takes the queue position (Twisted's
+        # INonQueuedRequestFactory test, made once per factory).
+        self._queued: Dict[Any, bool] = {}
 
     def disable(self, reason: str) -> None:
         """Turn the fast path off for the life of the process."""
@@ -223,7 +226,10 @@ class FastHead:
         try:
             channel._receivedHeaderSize = end - 2 * len(headers)  # the lines without their CRLFs
             factory = channel.requestFactory
-            if INonQueuedRequestFactory.providedBy(factory):
+            queued = self._queued.get(factory)
+            if queued is None:
+                queued = self._queued[factory] = not INonQueuedRequestFactory.providedBy(factory)
+            if not queued:
                 request = factory(channel)
             else:
                 request = factory(channel, len(channel.requests))
