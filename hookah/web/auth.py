@@ -264,15 +264,19 @@ class Guard(Resource):
         return None if error is None else _Refusal(error, self.denied)
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> IResource:
-        refusal = self._refusal(request, [path] + list(request.postpath or []))
-        if refusal is not None:
-            return refusal
+        tokens = self.tokens
+        if tokens.publisher or tokens.admin:  # else authentication is off: no path to build
+            refusal = self._refusal(request, [path] + list(request.postpath or []))
+            if refusal is not None:
+                return refusal
         return self.wrapped.getChildWithDefault(path, request)
 
     def render(self, request: server.Request) -> object:
-        refusal = self._refusal(request, list(request.postpath or []) if self.isLeaf else [])
-        if refusal is not None:
-            return refusal.render(request)
+        tokens = self.tokens
+        if tokens.publisher or tokens.admin:
+            refusal = self._refusal(request, list(request.postpath or []) if self.isLeaf else [])
+            if refusal is not None:
+                return refusal.render(request)
         return self.wrapped.render(request)
 
 
