@@ -230,33 +230,34 @@ class Dispatcher(Service):
         """
         now = self.clock.seconds()
         room = self.concurrency - len(self._in_flight) if self.running else 0
-        host_room: Dict[str, int] = {}
         stored: List[Delivery] = []
         start_now: List[Tuple[Delivery, str]] = []
         for delivery in deliveries:
             due = delivery.next_attempt_at is None or delivery.next_attempt_at <= now
             if due and room > 0 and delivery.status == SCHEDULED:
                 host = host_key(delivery.url)
-                left = host_room[host] if host in host_room else self.hosts.room(host)
-                if left > 0:
+                if self.hosts.room(host) > 0:
+                    # Its place at the host is held from now until the write
+                    # commits and it starts (or waits): the intakes of a burst
+                    # that are still being written count against the host's
+                    # room, so none is claimed only to find the host full.
+                    self.hosts.reserve(host)
                     delivery = delivery.replace(
                         status=DELIVERING, claimed_until=self._lease(delivery), claim_token=os.urandom(16).hex()
                     )
                     start_now.append((delivery, host))
                     room -= 1
-                    host_room[host] = left - 1
                 else:
                     # Its host is busy or paused: stored already pushed back,
                     # rather than claimed now only to be put back at once.
                     at, why = self._deferral(host)
                     delivery = delivery.replace(next_attempt_at=at, deferred=why)
-                    host_room[host] = 0
             stored.append(delivery)
         return Intake(stored, self, [(d, self._reserve(d.id), host) for d, host in start_now])
 
     def _stored(self, claimed: List[Tuple[Delivery, Deferred, str]], deliveries: List[Delivery]) -> None:
         for delivery, slot, host in claimed:
-            self._dispatch(delivery, slot, host)
+            self._dispatch(delivery, slot, host, reserved=True)
         if len(claimed) < len(deliveries):
             started = {d.id for d, _, _ in claimed}
             now = self.clock.seconds()
@@ -265,7 +266,8 @@ class Dispatcher(Service):
             ))
 
     def _not_stored(self, claimed: List[Tuple[Delivery, Deferred, str]]) -> None:
-        for delivery, slot, _ in claimed:
+        for delivery, slot, host in claimed:
+            self.hosts.unreserve(host)
             self._release(delivery.id, slot)
 
     def deliveries_due(self) -> None:
@@ -392,8 +394,12 @@ class Dispatcher(Service):
 
     # -- one attempt -----------------------------------------------------------
 
-    def _dispatch(self, delivery: Delivery, slot: Deferred, host: Optional[str] = None) -> str:
-        """Send now, hold for a free slot to its host (``host_key``, when not given), or push back in storage."""
+    def _dispatch(self, delivery: Delivery, slot: Deferred, host: Optional[str] = None, reserved: bool = False) -> str:
+        """
+        Send now, hold for a free slot to its host (``host_key``, when not
+        given), or push back in storage. ``reserved``: claimed at intake,
+        with a place at its host held since (``HostGate.reserve``).
+        """
         self._tokens[delivery.id] = delivery.claim_token
         if host is None:
             host = host_key(delivery.url)
@@ -401,7 +407,7 @@ class Dispatcher(Service):
             # Held by a pause, perhaps one from before a restart: a host
             # this process has not seen yet is probed before the rest go.
             self.hosts.resume(host)
-        verdict = self.hosts.admit(host)
+        verdict = self.hosts.admit(host, reserved)
         if verdict == GO:
             self._send(delivery, slot, host)
         elif verdict == WAIT:

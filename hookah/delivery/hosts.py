@@ -68,13 +68,17 @@ INITIAL_DURATION = 0.002
 
 class HostState:
     __slots__ = (
-        "in_flight", "waiting", "failures", "failing_since", "last_failure", "paused_until", "probing",
+        "in_flight", "waiting", "reserved", "failures", "failing_since", "last_failure", "paused_until", "probing",
         "probe_started", "pause", "avg_duration", "cursor", "progress_at",
     )
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.waiting: Deque[Any] = deque()
+        # Deliveries claimed at intake whose write has not committed yet
+        # (``HostGate.reserve``): they hold a place in the host's room, so
+        # the intakes of a burst claim no more than the host can take.
+        self.reserved = 0
         # The failing streak: how many failures, since when (the start of its
         # earliest attempt), and when its latest failure ended.
         self.failures = 0
@@ -97,7 +101,7 @@ class HostState:
 
     def idle(self, now: float) -> bool:
         paused = self.paused_until is not None and self.paused_until > now
-        return self.in_flight == 0 and not self.waiting and not paused
+        return self.in_flight == 0 and not self.waiting and not self.reserved and not paused
 
 
 class HostGate:
@@ -178,9 +182,19 @@ class HostGate:
             state = self.state(host)
             state.paused_until = self.clock.seconds()
 
-    def admit(self, host: str) -> Verdict:
-        """``GO`` (the caller must then call ``started``), ``WAIT`` or ``DEFER``."""
+    def admit(self, host: str, reserved: bool = False) -> Verdict:
+        """
+        ``GO`` (the caller must then call ``started``), ``WAIT`` or ``DEFER``.
+        ``reserved``: the delivery holds a place taken by ``reserve``, which
+        this uses up; others are let in only while places are left over after
+        every reservation, so a reserved delivery is never pushed back for a
+        busy host (only for a pause).
+        """
         state = self.state(host)
+        if reserved:
+            state.reserved = max(0, state.reserved - 1)
+        elif state.paused_until is None and state.reserved and self._room(state) <= 0:
+            return DEFER
         if state.paused_until is not None:
             now = self.clock.seconds()
             if now < state.paused_until or state.probing:
@@ -196,14 +210,34 @@ class HostGate:
         return DEFER
 
     def room(self, host: str) -> int:
-        """How many more deliveries ``admit`` would now let go or wait (no side effects)."""
+        """
+        How many more deliveries ``admit`` would now let go or wait, places
+        already reserved left out (no side effects).
+        """
         state = self._hosts.get(host)
         if state is None:
             return self.limit + self.max_waiting
+        return self._room(state)
+
+    def _room(self, state: HostState) -> int:
         if state.paused_until is not None:
             ready = self.clock.seconds() >= state.paused_until and not state.probing
-            return 1 if ready else 0
-        return max(0, self.limit - state.in_flight) + max(0, self.max_waiting - len(state.waiting))
+            return 1 if ready and not state.reserved else 0
+        free = max(0, self.limit - state.in_flight) + max(0, self.max_waiting - len(state.waiting))
+        return max(0, free - state.reserved)
+
+    def reserve(self, host: str) -> None:
+        """
+        Hold one place of ``room`` for a delivery claimed now but started
+        only once its write commits: ``admit(host, reserved=True)`` uses the
+        place up, ``unreserve`` gives it back (the write failed).
+        """
+        self.state(host).reserved += 1
+
+    def unreserve(self, host: str) -> None:
+        state = self._hosts.get(host)
+        if state is not None:
+            state.reserved = max(0, state.reserved - 1)
 
     def retry_at(self, host: str) -> float:
         """
