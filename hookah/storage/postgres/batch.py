@@ -32,6 +32,14 @@ so the failure stays with the operation that caused it. A failed ``COMMIT``
 fails every operation of the batch: nothing is reported durable that is
 not. A lost connection fails them all with ``StorageUnavailable`` (by the
 store's translation of the driver's error).
+
+With two transactions in flight, a claim in one can take a delivery the
+other handed back (an outcome, a hand-back) as soon as that one commits,
+and its thread may report first. Its caller must not hear of the claim
+before the hand-back: a dispatcher still holding the delivery until then
+takes the claim for its own, drops it, and the delivery waits out the
+lease. So a batch whose claims returned a delivery that a batch still in
+flight writes (``Operation.keys``) reports after that one.
 """
 
 from __future__ import annotations
@@ -67,6 +75,10 @@ class Operation:
 
     def keys(self) -> Sequence[str]:
         """The deliveries this operation changes, which no other in its statement may."""
+        return ()
+
+    def claimed(self, result: Any) -> Sequence[str]:
+        """The deliveries a successful ``result`` hands to the caller (a claim's)."""
         return ()
 
     @classmethod
@@ -228,6 +240,10 @@ class Batcher:
         self._starting: Any = None
         self._stopping = False
         self._idle: List[Deferred[None]] = []
+        # The batches in flight, and those finished but waiting to report
+        # after some of them (a claim's, after the hand-backs it took).
+        self._running: List[_Batch] = []
+        self._held: List[_Batch] = []
         self.transactions = 0
         """How many batches have committed."""
 
@@ -244,7 +260,7 @@ class Batcher:
     def stop(self) -> Deferred[None]:
         """Refuse new operations; fires once the queued ones have run."""
         self._stopping = True
-        if not self._in_flight and not self._queue:
+        if not self._in_flight and not self._queue and not self._held:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._idle.append(waiter)
@@ -257,27 +273,66 @@ class Batcher:
         count = min(len(self._queue), self._limit)
         batch = [self._queue.popleft() for _ in range(count)]
         self._in_flight += 1
+        running = _Batch(batch)
+        self._running.append(running)
         d = deferToThreadPool(self._reactor, self._threads, self._run, batch)
-        d.addBoth(self._finished, batch)
+        d.addBoth(self._finished, running)
 
-    def _finished(self, result: Any, batch: List[Operation]) -> None:
+    def _finished(self, result: Any, batch: _Batch) -> None:
         self._in_flight -= 1
+        self._running.remove(batch)
         if isinstance(result, Failure):
-            outcomes: List[Outcome] = [(False, result)] * len(batch)
+            batch.outcomes = [(False, result)] * len(batch.ops)
         else:
             self.transactions += 1
-            outcomes = result
+            batch.outcomes = result
+            claimed = {
+                key for op, (ok, value) in zip(batch.ops, result) if ok for key in op.claimed(value)
+            }
+            if claimed:
+                # Only batches still in flight: they finish after this one,
+                # so no two batches ever wait for each other.
+                batch.after = [
+                    other for other in self._running if any(k in claimed for op in other.ops for k in op.keys())
+                ]
+        if batch.after:
+            self._held.append(batch)
+        else:
+            self._report(batch)
+        if self._queue:
+            self._start()
+        elif self._idle and not self._in_flight and not self._held:
+            waiters, self._idle = self._idle, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def _report(self, batch: _Batch) -> None:
+        """Fire ``batch``'s operations, then those of the batches held for it."""
         # The next batch starts after these fire: what their callbacks
         # queue (the claim after an outcome, say) goes with it.
-        for op, (ok, value) in zip(batch, outcomes):
+        for op, (ok, value) in zip(batch.ops, batch.outcomes):
             if ok:
                 op.deferred.callback(value)
             else:
                 op.deferred.errback(value)
-        if self._queue:
-            self._start()
-        elif self._idle and not self._in_flight:
-            waiters, self._idle = self._idle, []
-            for waiter in waiters:
-                waiter.callback(None)
+        ready = []
+        for held in self._held:
+            if batch in held.after:
+                held.after.remove(batch)
+                if not held.after:
+                    ready.append(held)
+        for held in ready:
+            self._held.remove(held)
+            self._report(held)
+
+
+class _Batch:
+    """The operations of one transaction, its outcomes once it finished, and the batches it reports after."""
+
+    __slots__ = ("ops", "outcomes", "after")
+
+    def __init__(self, ops: List[Operation]) -> None:
+        self.ops = ops
+        self.outcomes: List[Outcome] = []
+        self.after: List[_Batch] = []
 

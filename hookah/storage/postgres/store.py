@@ -471,7 +471,7 @@ class PostgresStore:
             )
             rows.insert_deliveries(cur, follow_ups, shift)
 
-        return self._write(writes.Work(work), notify=notify).addErrback(self._lost)
+        return self._write(writes.Work(work, (delivery_id,)), notify=notify).addErrback(self._lost)
 
     def _lost(self, failure: Any) -> Any:
         if failure.check(ClaimLost):

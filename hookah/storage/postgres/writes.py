@@ -137,6 +137,9 @@ class Claim(Operation):
     def outcomes(cls, cur: Any, ops: Sequence[Claim]) -> List[Outcome]:
         return [(True, rows.claimed_deliveries(cur.fetchall()))]
 
+    def claimed(self, result: List[Delivery]) -> Sequence[str]:
+        return [d.id for d in result]
+
 
 class Notify(Operation):
     """Messages for other nodes (``pg_notify``), sent when the batch commits."""
@@ -159,11 +162,16 @@ class Work(Operation):
 
     order = 25
     together = False
-    __slots__ = ("work",)
+    __slots__ = ("work", "touches")
 
-    def __init__(self, work: Any) -> None:
+    def __init__(self, work: Any, keys: Sequence[str] = ()) -> None:
         super().__init__()
         self.work = work
+        self.touches = keys
+
+    def keys(self) -> Sequence[str]:
+        """The deliveries it hands back (an outcome's), for the claims that take them (``Batcher``)."""
+        return self.touches
 
     def run(self, cur: Any) -> Any:
         return self.work(cur)
