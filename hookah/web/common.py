@@ -305,15 +305,13 @@ class HookahRequest(server.Request):
         where the channel can gather it (``HookahChannel.gather``).
         """
         channel = self.channel
-        if not isinstance(channel, HookahChannel) or not channel.gather():
-            self.write(body)
-            self.finish()
-            return
+        gathering = channel if isinstance(channel, HookahChannel) and channel.gather() else None
         try:
             self.write(body)
             self.finish()
         finally:
-            channel.send_gathered()
+            if gathering is not None:
+                gathering.send_gathered()
 
     def render(self, resrc: Any) -> None:
         # Twisted names itself and its exact version in Server.
@@ -327,8 +325,9 @@ class HookahRequest(server.Request):
     def process(self) -> None:
         """
         ``server.Request.process`` with the ``Date`` value of the current
-        second (``http_date``) instead of one formatted per request, and
-        ``Server: hookah`` from the start. Hookah serves no
+        second (``http_date``) instead of one formatted per request
+        (``Server: hookah`` is set by ``render`` and ``processingFailed``,
+        whichever answers). Hookah serves no
         ``EncodingResourceWrapper`` (nothing it answers is compressed), so
         the encoder lookup Twisted makes is left out; ``*`` (``OPTIONS *``)
         keeps Twisted's own handling.
@@ -345,9 +344,7 @@ class HookahRequest(server.Request):
         if self.path == b"*":
             super().process()
             return
-        headers = self.responseHeaders
-        headers.setRawHeaders(b"Server", _SERVER)
-        headers.setRawHeaders(b"Date", [http_date()])
+        self.responseHeaders.setRawHeaders(b"Date", [http_date()])
         self.prepath = []
         self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
         try:
