@@ -268,3 +268,42 @@ def submit(dispatcher: Any, deliveries: Sequence[Any]) -> Deferred:
     """
     intake = dispatcher.intake(list(deliveries))
     return intake.when_stored(dispatcher.store.add_deliveries(intake.deliveries))
+
+
+def self_signed_tls(hostname: str) -> Tuple[Any, Any]:
+    """
+    Server TLS options with a throwaway self-signed certificate for
+    ``hostname`` (a DNS name or an IP address, also its subject alternative
+    name), and that certificate, for a client to trust.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from twisted.internet import ssl
+
+    try:
+        alternative: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(hostname))
+    except ValueError:
+        alternative = x509.DNSName(hostname)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([alternative]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()) + cert_pem
+    return ssl.PrivateCertificate.loadPEM(pem).options(), ssl.Certificate.loadPEM(cert_pem)

@@ -15,7 +15,6 @@ only the bytes travel through the kernel.
 
 from __future__ import annotations
 
-import datetime
 import re
 import socket
 from typing import Any, Dict, List, Optional, Tuple
@@ -34,6 +33,7 @@ from hookah.web import httpstream
 from hookah.fastwrite import FastPath
 from tests.streamsupport import StreamHarness
 from tests.streamwire import ResponseReader
+from tests.support import self_signed_tls
 
 QUERIES = {"json": b"format=json", "sse": b"format=sse", "length": b"delimited=length"}
 # Large enough that a reader catching up never makes a stream give up.
@@ -108,32 +108,6 @@ class _Once(ClientFactory):
 def without_date(data: bytes) -> bytes:
     """The response with its ``Date`` header's value blanked (it is the wall clock's)."""
     return re.sub(rb"\r\nDate: [^\r]*", b"\r\nDate: -", data, count=1)
-
-
-def self_signed_tls() -> Any:
-    """Server TLS options with a throwaway certificate for 127.0.0.1."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ) + certificate.public_bytes(serialization.Encoding.PEM)
-    return ssl.PrivateCertificate.loadPEM(pem).options()
 
 
 class WireTestCase(TestCase):
@@ -314,7 +288,7 @@ class SelfCheckTests(WireTestCase):
             self.patch(httpstream, "fast_path", fresh)
             logged = self.logged()
             h = StreamHarness()
-            tls = self_signed_tls()
+            tls, _ = self_signed_tls("127.0.0.1")
             clients = [self.open(h, "json", tls=tls) for _ in range(2)]
             for client in clients:
                 await client.received(0)

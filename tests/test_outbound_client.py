@@ -7,10 +7,9 @@ byte for byte, and which counts the connections it was given.
 
 from __future__ import annotations
 
-import datetime
 from typing import Any, Callable, List, Optional
 
-from twisted.internet import reactor, ssl
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock, deferLater
@@ -23,7 +22,7 @@ from hookah.outbound.outcome import MalformedResponse, NoResponse, TimedOut, des
 from hookah.outbound.ssrf import GuardedEndpointFactory
 from hookah.urls import AddressPolicy
 from tests.outboundsupport import Pipe
-from tests.support import FakeResolver
+from tests.support import FakeResolver, self_signed_tls
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -371,33 +370,6 @@ class DeadlineTests(TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
-def _tls_pair() -> Any:
-    """(server options, the certificate) for ``hooks.example.test``, self-signed."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hooks.example.test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("hooks.example.test")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()) + cert_pem
-    return ssl.PrivateCertificate.loadPEM(pem).options(), ssl.Certificate.loadPEM(cert_pem)
-
-
 class TLSTests(SocketTestCase):
     def tls_client(self, tls_policy: Any = None) -> HTTPClient:
         endpoints = GuardedEndpointFactory(
@@ -409,7 +381,7 @@ class TLSTests(SocketTestCase):
 
     def test_https_with_a_trusted_certificate_keeps_its_connection(self) -> None:
         async def go() -> None:
-            options, certificate = _tls_pair()
+            options, certificate = self_signed_tls("hooks.example.test")
             server = RawServer()
             port = self.serve(server, tls=options)
             client = self.tls_client(BrowserLikePolicyForHTTPS(trustRoot=certificate))
@@ -423,7 +395,7 @@ class TLSTests(SocketTestCase):
 
     def test_an_untrusted_certificate_fails_the_request_as_tls(self) -> None:
         async def go() -> None:
-            options, _ = _tls_pair()
+            options, _ = self_signed_tls("hooks.example.test")
             server = RawServer()
             port = self.serve(server, tls=options)
             try:

@@ -13,14 +13,11 @@ from typing import Any, Generator, List, Tuple
 import attr
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
-from twisted.trial.unittest import TestCase
 
-from hookah.ids import IdGenerator
 from hookah.model import DELIVERED, DELIVERING, FAILED, KIND_ERRBACK, SCHEDULED, Attempt, Delivery
 from hookah.storage.interface import ClaimLost
 from hookah.storage.postgres.store import PostgresStore
-from tests import pgsupport
-from tests.pgsupport import fresh_database
+from tests.pgstoresupport import PostgresStoreCase
 from tests.storecontract import T0
 
 _Gen = Generator[Deferred[Any], Any, None]
@@ -44,35 +41,10 @@ class SkewedReactor:
         return getattr(reactor, name)
 
 
-class PostgresBatchTests(TestCase):
-    def setUp(self) -> None:
-        self.url = fresh_database(self)
-        self.newId = IdGenerator(lambda: T0)
-
-    @inlineCallbacks
-    def openStore(self, **options: Any) -> Generator[Deferred[Any], Any, PostgresStore]:
-        options.setdefault("clock", "caller")
-        options.setdefault("listen", False)
-        options.setdefault("reap_interval", 0)
-        store = PostgresStore(self.url, options.pop("reactor", reactor), **options)
-        yield store.open()
-        self.addCleanup(store.close)
-        return store
-
-    def delivery(self, **fields: Any) -> Delivery:
-        fields.setdefault("id", self.newId())
-        fields.setdefault("url", "https://example.com/")
-        fields.setdefault("body", b"x")
-        fields.setdefault("created_at", T0)
-        fields.setdefault("next_attempt_at", T0)
-        return Delivery(**fields)
-
+class PostgresBatchTests(PostgresStoreCase):
     def transactions(self, table: str, column: str, ids: List[str]) -> set:
         """The transactions that last wrote these rows (their ``xmin``)."""
-        found = pgsupport.cluster().admin(
-            f"SELECT xmin::text FROM {table} WHERE {column} IN ({', '.join(repr(i) for i in ids)})",
-            self.url.split("/")[3].split("?")[0],
-        )
+        found = self.admin(f"SELECT xmin::text FROM {table} WHERE {column} IN ({', '.join(repr(i) for i in ids)})")
         self.assertTrue(found)
         return {row[0] for row in found}
 
@@ -120,12 +92,11 @@ class PostgresBatchTests(TestCase):
         a, b = yield self.claimed(store, 2)
         # A check the database makes at COMMIT only: an attempt whose error
         # says "poison" cannot commit, nor can anything sharing its transaction.
-        pgsupport.cluster().admin(
+        self.admin(
             "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
             " IF NEW.error = 'poison' THEN RAISE EXCEPTION 'poisoned attempt'; END IF; RETURN NEW; END $$;"
             " CREATE CONSTRAINT TRIGGER refuse_poison AFTER INSERT ON attempts"
-            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
-            self.url.split("/")[3].split("?")[0],
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_poison()"
         )
         fresh = self.delivery()
         ok = Attempt(at=T0 + 1, status_code=200)

@@ -12,42 +12,18 @@ from typing import Any, Dict, Generator, List, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
-from twisted.trial.unittest import TestCase
 
-from hookah.ids import IdGenerator
 from hookah.model import DELIVERED, Attempt, Delivery
-from hookah.storage.postgres.store import PostgresStore
-from tests import pgsupport
-from tests.pgsupport import fresh_database
+from tests.pgstoresupport import PostgresStoreCase
 from tests.storecontract import T0
 
 _Gen = Generator[Deferred[Any], Any, None]
 
 
-class PostgresClaimTests(TestCase):
-    def setUp(self) -> None:
-        self.url = fresh_database(self)
-        self.newId = IdGenerator(lambda: T0)
-
-    @inlineCallbacks
-    def openStore(self, **options: Any) -> Generator[Deferred[Any], Any, PostgresStore]:
-        options.setdefault("clock", "caller")
-        options.setdefault("listen", False)
-        options.setdefault("reap_interval", 0)
-        store = PostgresStore(self.url, options.pop("reactor", reactor), **options)
-        yield store.open()
-        self.addCleanup(store.close)
-        return store
-
-    def delivery(self) -> Delivery:
-        return Delivery(id=self.newId(), url="https://example.com/", body=b"x", created_at=T0, next_attempt_at=T0)
-
+class PostgresClaimTests(PostgresStoreCase):
     def claimedInDatabase(self) -> Dict[str, str]:
         """Every row the database shows as claimed: id -> claim token."""
-        found = pgsupport.cluster().admin(
-            "SELECT id, claim_token FROM deliveries WHERE status = 'delivering'",
-            self.url.split("/")[3].split("?")[0],
-        )
+        found = self.admin("SELECT id, claim_token FROM deliveries WHERE status = 'delivering'")
         return {row[0]: row[1] for row in found}
 
     @inlineCallbacks
