@@ -38,54 +38,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # benchlib and dispatch, beside this file
 sys.path.insert(1, os.path.dirname(HERE))  # tests.pgsupport, for a throwaway cluster
 import benchlib  # noqa: E402
-from benchlib import TWISTD, Child, free_port  # noqa: E402
+from benchlib import TWISTD, Child, free_port, postgres_cpu_seconds, tree_cpu_seconds  # noqa: E402
 from dispatch import run_count_load, sink_count, sink_time_of  # noqa: E402
-
-
-def _stat(pid: int) -> List[str]:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def descendants(pid: int) -> List[int]:
-    """``pid`` and its live descendants (Linux /proc)."""
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        try:
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as f:
-                    todo.extend(int(child) for child in f.read().split())
-        except OSError:
-            continue  # it ended meanwhile
-    return found
-
-
-def tree_cpu_seconds(pid: int, ended: bool = False) -> float:
-    """
-    User and system CPU time of ``pid`` and its live descendants; with
-    ``ended``, also of the descendants that ended and were waited for (a
-    postmaster's backends of closed connections).
-    """
-    ticks = 0
-    for member in descendants(pid):
-        try:
-            fields = _stat(member)
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])
-        if ended and member == pid:
-            ticks += int(fields[13]) + int(fields[14])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def postgres_cpu_seconds(cluster: Any) -> Optional[float]:
-    """The CPU time a throwaway cluster's server has used so far (None: another server)."""
-    if cluster is None:
-        return None
-    with open(os.path.join(cluster.data, "postmaster.pid")) as f:
-        return tree_cpu_seconds(int(f.readline()), ended=True)
 
 
 class Databases:

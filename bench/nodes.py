@@ -42,7 +42,7 @@ sys.path.insert(1, os.path.dirname(HERE))  # tests.pgsupport, for a throwaway cl
 import benchlib  # noqa: E402
 from benchlib import TWISTD, Child, free_port, shares  # noqa: E402
 from dispatch import run_count_load, sink_count, sink_time_of  # noqa: E402
-from drain import postgres_cpu_seconds  # noqa: E402
+from benchlib import postgres_cpu_seconds  # noqa: E402
 
 LAYOUTS = "sqlite:1,postgresql:1,postgresql:2"
 WARMUP = 200
