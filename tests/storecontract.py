@@ -25,6 +25,7 @@ from hookah.model import (
     DELIVERED,
     DELIVERING,
     FAILED,
+    HOST_BUSY,
     KIND_ERRBACK,
     KIND_WEBSUB,
     SCHEDULED,
@@ -470,6 +471,27 @@ class StoreContractMixin(_Base):
         yield self.assertFailure(
             self.store.finish_attempt(d.id, ok, DELIVERED, None, claim_token=new.claim_token), ClaimLost
         )
+
+    @inlineCallbacks
+    def test_reschedule_hands_back_only_the_claim_it_names(self) -> _Gen:
+        # The dispatcher hands back the newest claim it holds on a delivery
+        # (hookah.delivery.dispatcher._adopt): the older token's hand-back
+        # is a no-op, the newer one's puts the delivery back, as asked.
+        d = self.delivery(next_attempt_at=T0)
+        yield self.store.add_deliveries([d])
+        (old,) = yield self.store.claim_due(T0, 10, T0 + 60)
+        (new,) = yield self.store.claim_due(T0 + 60, 10, T0 + 120)
+        yield self.store.reschedule(d.id, T0 + 300, HOST_BUSY, claim_token=old.claim_token)
+        got = yield self.store.get_delivery(d.id)
+        self.assertEqual((got.status, got.claim_token, got.deferred), (DELIVERING, new.claim_token, None))
+        yield self.store.reschedule(d.id, T0 + 300, HOST_BUSY, claim_token=new.claim_token)
+        got = yield self.store.get_delivery(d.id)
+        self.assertEqual(
+            (got.status, got.next_attempt_at, got.claimed_until, got.claim_token, got.deferred),
+            (SCHEDULED, T0 + 300, None, None, HOST_BUSY),
+        )
+        self.assertEqual((yield self.store.claim_due(T0 + 299, 10, T0 + 400)), [])
+        self.assertEqual([c.id for c in (yield self.store.claim_due(T0 + 300, 10, T0 + 400))], [d.id])
 
     @inlineCallbacks
     def test_renew_claims_extends_held_leases_only(self) -> _Gen:

@@ -924,6 +924,163 @@ class LeaseTests(DispatcherTestCase):
         self.assertGreaterEqual(held.claimed_until, T0 + 70 + 30)
 
 
+class HoldingStore(MemoryStore):
+    """
+    A MemoryStore whose reschedules and outcomes can be held back, as a
+    store that commits writes in groups may order its answers: done at once
+    and answered only on ``release`` (``late_answers``), or done only then
+    (``late_writes``: a write queued behind a slow commit).
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.late_answers: set = set()
+        self.late_writes: set = set()
+        self._held: List[Tuple[Callable[[], Deferred], Deferred]] = []
+
+    def _hold(self, name: str, write: Callable[[], Deferred]) -> Deferred:
+        if name in self.late_writes:
+            later: Deferred = Deferred()
+            self._held.append((write, later))
+            return later
+        done = write()
+        if name in self.late_answers:
+            answer: Deferred = Deferred()
+            self._held.append((lambda: done, answer))
+            return answer
+        return done
+
+    def held(self) -> int:
+        return len(self._held)
+
+    def release(self) -> None:
+        """Do and answer what was held; hold nothing more."""
+        self.late_answers.clear()
+        self.late_writes.clear()
+        held, self._held = self._held, []
+        for write, answer in held:
+            write().chainDeferred(answer)
+
+    def finish_attempt(
+        self, delivery_id: str, attempt: Any, status: str, next_attempt_at: Optional[float],
+        follow_ups: Sequence[Delivery] = (), claim_token: Optional[str] = None,
+    ) -> Deferred:
+        base = super().finish_attempt
+        return self._hold("finish_attempt", lambda: base(delivery_id, attempt, status, next_attempt_at, follow_ups, claim_token))
+
+    def reschedule(
+        self, delivery_id: str, next_attempt_at: float, deferred: Optional[str] = None, claim_token: Optional[str] = None
+    ) -> Deferred:
+        base = super().reschedule
+        return self._hold("reschedule", lambda: base(delivery_id, next_attempt_at, deferred, claim_token))
+
+
+class ClaimedAgainTests(DispatcherTestCase):
+    """
+    The store hands this dispatcher a new claim on a delivery it still holds
+    (its lease ran out mid-attempt, or the answer to its hand-back arrived
+    after the next claim): the delivery is attempted once, its outcome is
+    recorded at once, and it is not left claimed with nobody attempting it.
+    """
+
+    LEASE = 30.0 + 60.0  # hookah.delivery.lease: the timeout plus the margin
+
+    def test_attempts_that_outlive_their_claim_are_recorded_under_the_new_one(self) -> None:
+        clock = self.clock()
+        # One on the wire, one held for the host's only slot; neither
+        # answered until both claims have run out and been claimed again.
+        clock, client, dispatcher = self.fake(
+            lambda sent: None, clock=clock, hosts=HostGate(clock, limit=1, max_waiting=4), timeout=30.0
+        )
+        self.submit(dispatcher, self.delivery("WIRE"), self.delivery("HELD"))
+        self.assertEqual([s.url for s in client.sent], ["http://a.example/hook"])
+        stale = {i: self.get(dispatcher, i).claim_token for i in ("WIRE", "HELD")}
+        clock.pump([5.0] * 20)  # 100 s: past both leases, a poll every 5 s
+        for delivery_id in ("WIRE", "HELD"):
+            again = self.get(dispatcher, delivery_id)
+            self.assertEqual(again.status, DELIVERING)
+            self.assertNotEqual(again.claim_token, stale[delivery_id])  # claimed again, by this dispatcher
+        self.assertEqual(len(client.sent), 1)
+        client.sent[0].respond(200)
+        self.settle()
+        self.assertEqual(self.get(dispatcher, "WIRE").status, DELIVERED)
+        self.assertEqual(len(client.sent), 2)
+        client.sent[1].respond(200)
+        self.settle()
+        self.assertEqual(self.get(dispatcher, "HELD").status, DELIVERED)
+        clock.pump([5.0] * 60)  # five minutes more: nothing is sent again
+        self.assertEqual(len(client.sent), 2)
+        for delivery_id in ("WIRE", "HELD"):
+            self.assertEqual(len(self.get(dispatcher, delivery_id).attempts), 1)
+        self.assertEqual((dispatcher.in_flight, dispatcher.claims(), dispatcher.metrics.registry.get_sample_value("hookah_claims_lost_total")), (0, [], 0.0))
+
+    def test_a_hand_back_answered_after_the_next_claim(self) -> None:
+        clock = self.clock()
+        store = HoldingStore(clock)
+        clock, client, dispatcher = self.fake(
+            lambda sent: None if sent.url.endswith("/first") else (200, (), b""),
+            clock=clock, store=self.make_store(clock, store), hosts=HostGate(clock, limit=1, max_waiting=0),
+        )
+        self.submit(dispatcher, self.delivery("FIRST", url="http://a.example/first"))
+        # The host is busy: the second is put back (BUSY), and the answer
+        # to that hand-back is held while the store claims it again.
+        store.late_answers.add("reschedule")
+        self.submit(dispatcher, self.delivery("SECOND", url="http://a.example/second"))
+        clock.pump([0.1] * 10)
+        self.assertGreaterEqual(store.held(), 1)
+        client.sent[0].respond(200)
+        clock.pump([0.1] * 10)
+        self.assertEqual(self.get(dispatcher, "SECOND").status, DELIVERING)  # claimed again meanwhile
+        store.release()
+        clock.pump([0.1] * 10)
+        second = self.get(dispatcher, "SECOND")
+        self.assertEqual((second.status, len(second.attempts)), (DELIVERED, 1))
+        clock.pump([5.0] * 60)
+        self.assertEqual([s.url for s in client.sent], ["http://a.example/first", "http://a.example/second"])
+        self.assertEqual((dispatcher.in_flight, dispatcher.claims()), (0, []))
+
+    def test_an_outcome_written_after_the_claim_was_taken_again(self) -> None:
+        clock = self.clock()
+        store = HoldingStore(clock)
+        clock, client, dispatcher = self.fake(always(200), clock=clock, store=self.make_store(clock, store), timeout=30.0)
+        # The outcome's write waits behind a commit slower than the lease.
+        store.late_writes.add("finish_attempt")
+        self.submit(dispatcher, self.delivery("SLOW"))
+        self.assertEqual(len(client.sent), 1)
+        clock.pump([5.0] * 20)  # 100 s: the claim ran out and was taken again
+        self.assertEqual(self.get(dispatcher, "SLOW").attempts, ())
+        store.release()
+        self.settle()
+        slow = self.get(dispatcher, "SLOW")
+        self.assertEqual((slow.status, len(slow.attempts)), (DELIVERED, 1))
+        clock.pump([5.0] * 60)
+        self.assertEqual(len(client.sent), 1)
+        self.assertEqual((dispatcher.in_flight, dispatcher.claims(), dispatcher.metrics.registry.get_sample_value("hookah_claims_lost_total")), (0, [], 0.0))
+
+    def test_an_outcome_answered_after_the_next_claim(self) -> None:
+        clock = self.clock()
+        store = HoldingStore(clock)
+        answers = iter([500, 200])
+        # A retry due at once (a zero back-off), claimed again by the next
+        # poll before the answer to the outcome's write arrives.
+        clock, client, dispatcher = self.fake(
+            lambda sent: (next(answers), (), b""), clock=clock, store=self.make_store(clock, store), schedule=(0.0,)
+        )
+        store.late_answers.add("finish_attempt")
+        self.submit(dispatcher, self.delivery("RETRY"))
+        clock.pump([5.0] * 2)  # a poll
+        retry = self.get(dispatcher, "RETRY")
+        self.assertEqual((retry.status, len(retry.attempts)), (DELIVERING, 1))
+        self.assertEqual(len(client.sent), 1)
+        store.release()
+        clock.pump([0.1] * 10)
+        retry = self.get(dispatcher, "RETRY")
+        self.assertEqual([a.status_code for a in retry.attempts], [500, 200])
+        self.assertEqual(retry.status, DELIVERED)
+        self.assertEqual(len(client.sent), 2)
+        self.assertEqual((dispatcher.in_flight, dispatcher.claims()), (0, []))
+
+
 class SigningTests(DispatcherTestCase):
     def test_dispatch_deliveries_are_signed(self) -> None:
         now = float(int(time.time()))  # the reference verifier checks the timestamp against real time

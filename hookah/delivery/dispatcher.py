@@ -151,6 +151,7 @@ class Dispatcher(Service):
         self.lease = lease
         # The claim token of each delivery in flight: outcomes are written
         # with it, so a claim another node took over is never overwritten.
+        # The newest claim this dispatcher was handed on it (``_adopt``).
         self._tokens: Dict[str, Optional[str]] = {}
         self._in_flight: Dict[str, Deferred] = {}
         # Metric children by label value (attempts by status code, finished
@@ -354,18 +355,20 @@ class Dispatcher(Service):
         d.addBoth(self._polled)
 
     def _claimed(self, deliveries: List[Delivery], room: int) -> Deferred:
+        fresh = []
+        for delivery in deliveries:
+            if delivery.id in self._in_flight:
+                self._adopt(delivery)
+            else:
+                fresh.append(delivery)
         if not self.running:
             # Stopped while claiming: hand the claims back, start nothing.
             now = self.clock.seconds()
             return DeferredList(
-                [self.store.reschedule(d.id, now, claim_token=d.claim_token) for d in deliveries if d.id not in self._in_flight],
+                [self.store.reschedule(d.id, now, claim_token=d.claim_token) for d in fresh],
                 consumeErrors=True,
             )
-        for delivery in deliveries:
-            if delivery.id in self._in_flight:
-                # Our own claim expired while we still hold it: an attempt
-                # that outlived its lease; let the running one finish.
-                continue
+        for delivery in fresh:
             if self._dispatch(delivery, self._reserve(delivery.id)) == DEFER:
                 # Rows of a busy or paused host came first: claim the next
                 # ones at once rather than leave other hosts' rows waiting
@@ -376,6 +379,33 @@ class Dispatcher(Service):
             self._due_at = None
             return succeed(None)
         return self.store.next_due().addCallback(self._sleep_until)
+
+    def _adopt(self, claimed: Delivery) -> None:
+        """
+        The store handed us a new claim on a delivery we still hold: our
+        claim ran out while its attempt was in flight (or held for its
+        host), or the answer to our hand-back arrived after the claim that
+        followed it. The store now knows only the new claim, and it is ours:
+        the old token's writes are refused (``finish_attempt`` fails with
+        ``ClaimLost``, ``reschedule`` does nothing, in every store), and no
+        one else will attempt the delivery before the new lease runs out.
+
+        So the work in flight carries on under the new claim rather than
+        starting a second attempt or handing the claim back: handed back,
+        it would be claimed again at once (a spin for as long as the attempt
+        lasts), the attempt's outcome would be refused, and the delivery
+        sent twice. Each write reads the token when it is made (``_finish``,
+        ``_reschedule``); one made under the old token before this claim
+        arrived is made again under the new one if the store refused it, or
+        the new claim is handed back if the old write was stored first (its
+        row came due again and was claimed after it).
+        """
+        self._tokens[claimed.id] = claimed.claim_token
+        log.warn(
+            "{id} was claimed again while its attempt was in flight (its claim ran out):"
+            " the attempt carries on under the new claim",
+            id=claimed.id,
+        )
 
     def _sleep_until(self, due: Optional[float]) -> None:
         self._due_at = min(_NEVER if due is None else due, self._due_during_poll)
@@ -400,7 +430,8 @@ class Dispatcher(Service):
         given), or push back in storage. ``reserved``: claimed at intake,
         with a place at its host held since (``HostGate.reserve``).
         """
-        self._tokens[delivery.id] = delivery.claim_token
+        # A newer claim adopted while its intake was being written stands.
+        self._tokens.setdefault(delivery.id, delivery.claim_token)
         if host is None:
             host = host_key(delivery.url)
         if delivery.deferred == PAUSED:
@@ -422,10 +453,67 @@ class Dispatcher(Service):
         does not wake the claim loop: the rows due next are likely the same
         busy host's, and claiming them only to put them back would spin.
         """
-        d = self.store.reschedule(delivery.id, at, why, claim_token=delivery.claim_token)
+        d = self._reschedule(delivery.id, at, why)
         d.addCallback(lambda _: self._note_due(at))
         d.addErrback(lambda f: log_store_failure(log, f, "deferring {id} failed", id=delivery.id))
         d.addBoth(lambda _: self._release(delivery.id, slot, wake=False))
+
+    def _reschedule(self, delivery_id: str, at: float, why: Optional[str]) -> Deferred:
+        """
+        Hand back the claim held on a delivery in flight, until ``at``. A
+        newer claim adopted while the store wrote it (``_adopt``) is handed
+        back the same way: the old token's hand-back either did nothing
+        (the new claim came first) or was stored before the row was claimed
+        again; either way the store holds the newer claim now.
+        """
+        token = self._tokens.get(delivery_id)
+        d = self.store.reschedule(delivery_id, at, why, claim_token=token)
+        d.addCallback(self._rescheduled, delivery_id, at, why, token)
+        return d
+
+    def _rescheduled(self, _: object, delivery_id: str, at: float, why: Optional[str], token: Optional[str]) -> Any:
+        if self._tokens.get(delivery_id, token) != token:
+            return self._reschedule(delivery_id, at, why)
+        return None
+
+    def _finish(
+        self, delivery_id: str, attempt: Attempt, status: str, next_attempt_at: Optional[float], follow_ups: Sequence[Delivery]
+    ) -> Deferred:
+        """
+        Write an attempt's outcome under the claim held on its delivery. If
+        a newer claim was adopted while the store wrote it (``_adopt``): an
+        outcome refused as the old claim's is written again under the new
+        one; one stored first (so the row came due again and was claimed
+        after it) leaves the new claim to hand back, due now.
+        """
+        token = self._tokens.get(delivery_id)
+        d = self.store.finish_attempt(delivery_id, attempt, status, next_attempt_at, follow_ups, claim_token=token)
+        d.addCallbacks(
+            self._finished, self._finish_refused,
+            callbackArgs=(delivery_id, token),
+            errbackArgs=(delivery_id, attempt, status, next_attempt_at, follow_ups, token),
+        )
+        return d
+
+    def _finished(self, _: object, delivery_id: str, token: Optional[str]) -> Optional[Deferred]:
+        if self._tokens.get(delivery_id, token) == token:
+            return None
+        now = self.clock.seconds()
+        d = self._reschedule(delivery_id, now, None)
+        d.addCallback(lambda _: self._note_due(now))
+        # The outcome is stored: a failed hand-back is logged as such (the
+        # claim then runs out), not as a failed outcome. The slot is held
+        # until the hand-back is written, so a stop waits for it.
+        d.addErrback(lambda f: log_store_failure(log, f, "handing back {id} failed", id=delivery_id))
+        return d
+
+    def _finish_refused(
+        self, failure: Failure, delivery_id: str, attempt: Attempt, status: str, next_attempt_at: Optional[float],
+        follow_ups: Sequence[Delivery], token: Optional[str],
+    ) -> Any:
+        if failure.check(ClaimLost) and self._tokens.get(delivery_id, token) != token:
+            return self._finish(delivery_id, attempt, status, next_attempt_at, follow_ups)
+        return failure
 
     def _deferral(self, host: str) -> Tuple[float, str]:
         """
@@ -580,15 +668,10 @@ class Dispatcher(Service):
             # queued. It is sent at once, like any new delivery.
             intake = self.intake(follow_ups)
             d: Deferred = intake.when_stored(
-                self.store.finish_attempt(
-                    delivery.id, attempt, decision.status, decision.next_attempt_at, intake.deliveries,
-                    claim_token=delivery.claim_token,
-                )
+                self._finish(delivery.id, attempt, decision.status, decision.next_attempt_at, intake.deliveries)
             )
         else:
-            d = self.store.finish_attempt(
-                delivery.id, attempt, decision.status, decision.next_attempt_at, claim_token=delivery.claim_token
-            )
+            d = self._finish(delivery.id, attempt, decision.status, decision.next_attempt_at, ())
         if decision.next_attempt_at is not None:
             d.addCallback(self._stored_for, decision.next_attempt_at)
         for listener in self.outcome_listeners if decision.final else ():
