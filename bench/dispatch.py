@@ -378,13 +378,19 @@ def sink_time_of(sink: Child, n: int) -> Optional[float]:
 
 
 class Profiler:
-    """py-spy recording a process's stacks (collapsed format) until ``stop``."""
+    """
+    py-spy recording a process's stacks (collapsed format) until ``stop``,
+    with ``--gil``: only the thread holding the GIL is sampled, so the
+    shares are of the Python work that one core runs (a thread waiting on a
+    commit or a socket outside the GIL is left out), as bench/README.md's
+    profiles were taken.
+    """
 
     def __init__(self, pid: int, output: str) -> None:
         py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
         self.proc: Optional[subprocess.Popen] = subprocess.Popen(
             [py_spy if os.path.exists(py_spy) else "py-spy", "record", "--pid", str(pid), "--format", "raw",
-             "--rate", "250", "--output", output, "--nonblocking"],
+             "--gil", "--rate", "250", "--output", output, "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         time.sleep(1.0)  # let py-spy attach before the load starts
@@ -693,7 +699,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              "(repeatable in the --webhooks mode: each in turn, back to back) [next to this Python]")
     parser.add_argument("--webhooks", help="instead of the timed runs: deliver this many webhooks (comma-separated counts, "
                                            "e.g. 5000,50000) with each --twistd, a fresh server each, and report delivered/s")
-    parser.add_argument("--profile", help="record the server with py-spy during the measured run into this file (collapsed stacks)")
+    parser.add_argument("--profile", help="record the server with py-spy (--gil --rate 250) during the measured run into this file (collapsed stacks)")
     parser.add_argument("--readme", help="write the figures into this Markdown file's Dispatch section")
     args = parser.parse_args(argv)
     if args.webhooks:
