@@ -235,6 +235,9 @@ class HttpDate:
 # The server's Date header values (one wall clock for every request).
 http_date = HttpDate()
 _SERVER = [b"hookah"]
+# What ``OPTIONS *`` answers in Allow: every method some resource of
+# Hookah's serves, and OPTIONS itself (on ``*``).
+SERVER_METHODS = b"GET, HEAD, OPTIONS, POST"
 
 
 class HookahRequest(server.Request):
@@ -330,7 +333,7 @@ class HookahRequest(server.Request):
         whichever answers). Hookah serves no
         ``EncodingResourceWrapper`` (nothing it answers is compressed), so
         the encoder lookup Twisted makes is left out; ``*`` (``OPTIONS *``)
-        keeps Twisted's own handling.
+        is answered by ``_server_wide``.
         """
         self.site = getattr(self.channel, "site")  # noqa: B009 - Site.buildProtocol sets it; HTTPChannel does not declare it
         if self.too_large:
@@ -341,16 +344,36 @@ class HookahRequest(server.Request):
             )
             self.respond(body)
             return
-        if self.path == b"*":
-            super().process()
-            return
         self.responseHeaders.setRawHeaders(b"Date", [http_date()])
+        if self.path == b"*":
+            self._server_wide()
+            return
         self.prepath = []
         self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
         try:
             self.render(self.site.getResourceFor(self))
         except BaseException:
             self.processingFailed(Failure())
+
+    def _server_wide(self) -> None:
+        """
+        A request whose target is ``*``, which only ``OPTIONS`` may use (RFC
+        9112 3.2.4): a question about the server as a whole, a cheap probe
+        that it is up. Answered like the rest of Hookah (its ``Server``, not
+        Twisted's name and version as Twisted's own answer would give):
+        ``200`` with ``Allow`` naming the methods Hookah serves (RFC 9110
+        9.3.7) and no content, so ``Content-Length: 0`` (RFC 9110 8.6);
+        another method on ``*`` is Hookah's JSON ``405`` allowing OPTIONS.
+        """
+        self.responseHeaders.setRawHeaders(b"Server", _SERVER)
+        if self.method == b"OPTIONS":
+            self.setHeader(b"Allow", SERVER_METHODS)
+            body = b""
+        else:
+            body = method_not_allowed(self, [b"OPTIONS"])
+        # Framed as ``render`` frames what a resource returns.
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.respond(body)
 
 
 class _Channel(HookahChannel):
