@@ -8,6 +8,7 @@ connection and stream caps, immediate ``413``, ``414``/``431``, parse-level
 from __future__ import annotations
 
 import json
+import re
 import socket
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -141,6 +142,32 @@ class DeadlineTests(TestCase):
         self.assertEqual(status, 408)
         self.assertIn("bytes per second", json.loads(body)["message"])
         self.assertEqual(self.refused, ["body_too_slow"])
+
+    def test_a_chunk_size_over_max_body_is_413_without_waiting(self) -> None:
+        # The size line says it all: refused before any of its data, with
+        # no time passing (not the body-rate 408 of a client that waits).
+        conn = self.connect()
+        conn.send(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        conn.send(b"fffffffffffffffffffff\r\nabc")
+        status, headers, body = parse(conn.answer())
+        self.assertEqual((status, headers["connection"], json.loads(body)["error"]), (413, "close", "body_too_large"))
+        self.assertEqual(self.refused, ["body_too_large"])
+
+    def test_chunked_bodies_within_max_body_and_what_follows_them_are_read(self) -> None:
+        # Sizes adding up to max_body exactly pass; after the last chunk the
+        # next pipelined request is a request, not chunk sizes (its body
+        # line would declare 0xfffff).
+        conn = self.connect()
+        conn.send(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"1f4\r\n" + b"a" * 500 + b"\r\n1F4;ext=1\r\n" + b"b" * 500 + b"\r\n0\r\nX-Trailer: 1\r\n\r\n"
+            + b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\nfffff\r\n"
+        )
+        answer = conn.answer()
+        self.assertEqual(re.findall(rb"HTTP/1.1 (\d+) ", answer), [b"200", b"200"])
+        self.assertIn(b"got 1000", answer)
+        self.assertTrue(answer.endswith(b"got 7"), answer)
+        self.assertEqual(self.refused, [])
 
     def test_body_at_the_minimum_rate_is_read(self) -> None:
         site = make_site(Echo(), 100000, reactor=self.clock, limits=SocketLimits(head_timeout=10, min_body_rate=1000))
@@ -289,6 +316,34 @@ class SocketTests(TestCase):
             status, headers, body = await self.ask(port, head + b"800\r\n" + b"x" * 2048 + b"\r\n")
             self.assertEqual(status, 413)
             self.assertEqual(headers["connection"], "close")
+
+        return ensureDeferred(go())
+
+    def test_chunk_sizes_over_max_body_are_413_at_the_size_line(self) -> None:
+        async def go() -> None:
+            port = await self.start(max_body=1000)
+            head = (
+                b"POST /dispatch?_url=http%3A%2F%2F127.0.0.1%3A9%2F HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            # The client sends a size line and waits (it was a 408 once the
+            # body-rate window ran out); sizes adding up past the limit are
+            # refused before the chunk that passes it.
+            for body in (
+                b"fffffffffffffffffffff\r\nabc\r\n",
+                b"3e9\r\n",
+                b"1f4\r\n" + b"x" * 500 + b"\r\n1f5\r\n",
+            ):
+                status, headers, answer = await self.ask(port, head + body)
+                self.assertEqual((status, headers["connection"]), (413, "close"), body[:30])
+                self.assertEqual(headers["server"], "hookah")
+                self.assertEqual(json.loads(answer)["error"], "body_too_large")
+            # Up to the limit exactly, it is accepted.
+            within = b"1f4\r\n" + b"x" * 500 + b"\r\n1f4\r\n" + b"y" * 500 + b"\r\n0\r\n\r\n"
+            status, _, _ = await self.ask(port, head.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nConnection: close\r\n", 1) + within)
+            self.assertEqual(status, 202)
+            counts = await self.service.store.count_deliveries()
+            self.assertEqual(sum(counts.values()), 1)
 
         return ensureDeferred(go())
 

@@ -16,8 +16,9 @@ adds, through the channel's public methods:
   ``MAX_HEAD`` bytes, ``400`` at once for a head whose lines end in a bare
   LF or a bare CR;
 - ``413`` as soon as ``Content-Length`` says the body is over the site's
-  ``max_body`` (never a ``100 Continue`` first), or as soon as a chunked body
-  passes it.
+  ``max_body`` (never a ``100 Continue`` first), or as soon as the chunk
+  sizes of a chunked body add up to more (``hookah.web.chunksizes``: at the
+  size line, before the chunk's data) or its bytes pass it.
 
 A whole answer written by ``HookahRequest.respond`` (its status line,
 headers and body, the last chunk included) leaves in one send, through
@@ -62,6 +63,7 @@ from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 
 from hookah import defaults, fastwrite
+from hookah.web.chunksizes import ChunkSizes
 from hookah.web.fasthead import fast_head
 
 __all__ = [
@@ -164,6 +166,8 @@ class HookahChannel(HTTPChannel):
     _head_lines = 0
     _window_bytes = 0
     _tail = b""
+    # The framing of the chunked body being read (None for any other).
+    _chunks: Optional[ChunkSizes] = None
     # The answer being gathered for one send (``gather``), and the
     # connection's write function for it (``hookah.fastwrite``).
     _gathered: Optional[List[bytes]] = None
@@ -296,6 +300,9 @@ class HookahChannel(HTTPChannel):
         if getattr(request, "too_large", False):
             self.body_too_large()
             return
+        if self.length is None:
+            # Twisted chose its chunked decoder (it sets no length for one).
+            self._chunks = ChunkSizes()
         if self.length != 0 and self.limits.min_body_rate > 0:
             self._window_bytes = 0
             self._window_from = now = self._seconds()
@@ -305,11 +312,19 @@ class HookahChannel(HTTPChannel):
         if self._refused:
             return
         self._window_from = None
+        self._chunks = None
         super().allContentReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._refused:
             return
+        chunks = self._chunks
+        if chunks is not None:
+            if chunks.feed(data) > self._max_body():
+                self.body_too_large()
+                return
+            if not chunks.following:
+                self._chunks = None
         super().rawDataReceived(data)
 
     def requestDone(self, request: Any) -> None:
