@@ -93,6 +93,9 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         pool = WorkerPool(options.config, twistd_argv(options.given_args), reactor, options.config.workers)
         configure_logging(options.config.log_format, pool)
         return pool
+    from hookah import fastpoll
+
+    fastpoll.install(reactor)
     service = HookahService(options.config, reactor, exit_on_failure=True)
     configure_logging(options.config.log_format, service)
     return service

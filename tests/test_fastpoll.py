@@ -1,0 +1,136 @@
+"""
+The poll step without the legacy log context (``hookah.fastpoll``), on a
+reactor of its own (not the one the suite runs on) driven turn by turn over
+real loopback sockets.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Callable, List
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.selectreactor import SelectReactor
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from hookah import fastpoll
+
+
+class Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data.upper())
+
+
+class Grumpy(Protocol):
+    """Its connectionLost raises: the one way an exception leaves ``_doReadOrWrite``."""
+
+    lost: List[bool] = []
+
+    def connectionLost(self, reason: Any) -> None:
+        Grumpy.lost.append(True)
+        raise RuntimeError("grumpy")
+
+
+def turn_until(reactor: Any, done: Callable[[], bool], turns: int = 200) -> None:
+    for _ in range(turns):
+        if done():
+            return
+        reactor.runUntilCurrent()
+        reactor.doIteration(0.05)
+    raise AssertionError("the reactor did not get there")
+
+
+class FastPollTests(SynchronousTestCase):
+    def reactor(self) -> EPollReactor:
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        self.addCleanup(reactor.removeAll)
+        return reactor
+
+    def listen(self, reactor: EPollReactor, protocol: type) -> Any:
+        port = reactor.listenTCP(0, Factory.forProtocol(protocol), interface="127.0.0.1")
+
+        def stop() -> None:
+            stopped = port.stopListening()
+            turn_until(reactor, lambda: stopped.called)
+
+        self.addCleanup(stop)
+        return port
+
+    def test_installed_on_an_epoll_reactor_and_serves_sockets(self) -> None:
+        reactor = self.reactor()
+        self.assertTrue(fastpoll.install(reactor))
+        self.assertIn("doIteration", vars(reactor))
+        port = self.listen(reactor, Echo)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        client.setblocking(False)
+        client.sendall(b"hello")
+        answer = bytearray()
+
+        def answered() -> bool:
+            try:
+                answer.extend(client.recv(100))
+            except BlockingIOError:
+                pass
+            return bytes(answer) == b"HELLO"
+
+        turn_until(reactor, answered)
+        self.assertEqual(bytes(answer), b"HELLO")
+
+    def test_an_escaping_exception_is_logged_and_the_loop_goes_on(self) -> None:
+        reactor = self.reactor()
+        self.assertTrue(fastpoll.install(reactor))
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        Grumpy.lost = []
+        grumpy = self.listen(reactor, Grumpy)
+        echo = self.listen(reactor, Echo)
+        first = socket.create_connection(("127.0.0.1", grumpy.getHost().port))
+        turn_until(reactor, lambda: len(reactor.getReaders()) >= 3)  # two ports and the accepted connection
+        first.close()  # the server side reads EOF, and Grumpy.connectionLost raises
+        turn_until(reactor, lambda: bool(Grumpy.lost))
+        failures = [e for e in events if e.get("log_failure") is not None and "grumpy" in str(e["log_failure"].value)]
+        self.assertEqual([e.get("log_format") for e in failures], ["unhandled error in {prefix}"])
+        self.assertEqual(failures[0]["prefix"], "Grumpy,0,127.0.0.1")
+        self.flushLoggedErrors(RuntimeError)
+        # The loop still serves other sockets.
+        second = socket.create_connection(("127.0.0.1", echo.getHost().port))
+        self.addCleanup(second.close)
+        second.setblocking(False)
+        second.sendall(b"still")
+        answer = bytearray()
+
+        def answered() -> bool:
+            try:
+                answer.extend(second.recv(100))
+            except BlockingIOError:
+                pass
+            return bytes(answer) == b"STILL"
+
+        turn_until(reactor, answered)
+
+    def test_another_reactor_keeps_its_own_poll_step(self) -> None:
+        reactor = SelectReactor()
+        self.addCleanup(reactor.removeAll)
+        self.assertIn("SelectReactor", fastpoll.check(reactor) or "")
+        self.assertFalse(fastpoll.install(reactor))
+        self.assertNotIn("doIteration", vars(reactor))
+
+    def test_a_reactor_that_is_not_as_expected_keeps_its_own(self) -> None:
+        reactor = self.reactor()
+        reactor._doReadOrWrite = None  # type: ignore[assignment]
+        self.assertIn("_doReadOrWrite", fastpoll.check(reactor) or "")
+        self.assertFalse(fastpoll.install(reactor))
+
+    def test_uninstall_gives_back_the_class_poll_step(self) -> None:
+        reactor = self.reactor()
+        fastpoll.install(reactor)
+        self.assertIn("doIteration", vars(reactor))
+        self.assertIsNotNone(fastpoll.check(reactor), "installed twice would stack")
+        fastpoll.uninstall(reactor)
+        self.assertNotIn("doIteration", vars(reactor))
+        self.assertIsNone(fastpoll.check(reactor))
