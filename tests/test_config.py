@@ -6,6 +6,8 @@ clear ``ConfigError`` naming the option for every kind of bad value.
 
 from __future__ import annotations
 
+import gc
+
 import io
 import os
 import re
@@ -513,9 +515,15 @@ class OptionsTests(TestCase):
 
         options = tap.Options()
         options.parseOptions(["--storage", "memory:", "--port", "0", "--interface", "127.0.0.1"])
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+        self.addCleanup(gc.unfreeze)
         service = tap.makeService(options, MemoryReactorClock())
         self.assertTrue(IService.providedBy(service))
         self.assertEqual(service.config, options.config)
+        # The server's process collects its young generation rarely, with
+        # what start-up built frozen out of collections.
+        self.assertEqual(gc.get_threshold()[0], tap.YOUNG_COLLECTION_THRESHOLD)
+        self.assertGreater(gc.get_freeze_count(), 0)
 
 
 class EdgeCaseTests(TestCase):
