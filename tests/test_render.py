@@ -1,7 +1,8 @@
 """
 ``render_async``: an asynchronous answer to a client that is still there is
 written and finished; to one that left meanwhile it is dropped quietly (no
-write to a lost connection, nothing logged), as ``notifyFinish`` tells.
+write to a lost connection, nothing logged), as the request learns from
+its channel's ``connectionLost``.
 """
 
 from __future__ import annotations

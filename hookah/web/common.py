@@ -56,8 +56,11 @@ def client_gone(request: server.Request) -> Callable[[], bool]:
     A function that says whether the client of ``request`` has gone: the
     Deferred of ``notifyFinish`` fails once the connection is lost before
     the response ended. Call it before the reactor turns (a client lost
-    earlier would never be reported).
+    earlier would never be reported). A ``HookahRequest`` knows it itself:
+    no Deferred per request.
     """
+    if isinstance(request, HookahRequest):
+        return request.is_gone
     gone = False
 
     def lost(_: Failure) -> None:
@@ -248,8 +251,17 @@ class HookahRequest(server.Request):
     """
 
     too_large = False
+    gone = False
+    """Whether the connection was lost before the response ended."""
     _received = 0
     _max_body: Optional[int] = None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.gone = True
+        super().connectionLost(reason)
+
+    def is_gone(self) -> bool:
+        return self.gone
 
     def _limit(self) -> int:
         limit = self._max_body
