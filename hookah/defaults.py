@@ -70,6 +70,10 @@ CLAIM_LEASE = 30.0
 # the single SQLite writer keeps serving the requests queued in between.
 PURGE_BATCH = 10_000
 
+# Seconds the SQLite writer waits, when others are queued behind the write
+# it took, so that they share its commit and fsync (storage/sqlite/worker.py).
+SQLITE_COMMIT_DELAY = 0.001
+
 # Limits at the socket (hookah.web.channel): seconds a request head may
 # take, bytes per second a body must average, connections carrying requests
 # and open streams at most, and the listen queue for bursts.

@@ -151,6 +151,7 @@ class SQLiteStore:
         *,
         synchronous: str = "FULL",
         batch_limit: int = 500,
+        commit_delay: float = defaults.SQLITE_COMMIT_DELAY,
     ) -> None:
         if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"unsupported synchronous mode {synchronous!r}")
@@ -158,7 +159,7 @@ class SQLiteStore:
         self._reactor = reactor
         self._synchronous = synchronous.upper()
         self._worker = SQLWorker(
-            self._connect, reactor, path=path, batch_limit=batch_limit
+            self._connect, reactor, path=path, batch_limit=batch_limit, commit_delay=commit_delay
         )
 
     @property

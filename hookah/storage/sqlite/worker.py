@@ -13,6 +13,14 @@ runs in its own SAVEPOINT so that one failing operation (a duplicate id,
 say) errbacks its own Deferred and rolls back only its own work while the
 rest of the batch commits.
 
+When the worker finds others already queued behind the operation it just
+took (the server is busy), it waits ``commit_delay`` (about a millisecond)
+before it starts, so that what arrives meanwhile shares the commit: under
+load a transaction and its fsync cost more CPU (the kernel's journal, the
+hand-back to the reactor thread) than that millisecond costs in latency,
+and batches grew from about 7 operations to over 20 in the dispatch bench.
+A lone operation (the queue empty behind it) is never delayed.
+
 This module knows nothing of Hookah's schema: an operation is any function
 of the connection, and ``connect`` (run on the worker thread) opens and
 prepares the connection.
@@ -23,6 +31,7 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
+import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -81,12 +90,15 @@ class SQLWorker:
     """
 
     def __init__(
-        self, connect: Callable[[], sqlite3.Connection], reactor: Any, *, path: str, batch_limit: int
+        self, connect: Callable[[], sqlite3.Connection], reactor: Any, *, path: str, batch_limit: int,
+        commit_delay: float = 0.0, sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._connect = connect
         self._reactor = reactor
         self._path = path
         self._batch_limit = batch_limit
+        self._commit_delay = commit_delay
+        self._sleep = sleep
         # Operations for the thread, in order; ``None`` tells it to stop.
         # A SimpleQueue (C, one lock) rather than a Condition over a deque:
         # each write submitted costs a put instead of a Python-level lock
@@ -191,6 +203,7 @@ class SQLWorker:
         exitFailure: Optional[Failure] = None
         pending = self._pending
         limit = self._batch_limit
+        delay, sleep = self._commit_delay, self._sleep
         try:
             stopping = False
             while not stopping:
@@ -198,6 +211,9 @@ class SQLWorker:
                 if op is None:
                     break
                 batch = [op]
+                if delay and not pending.empty():
+                    # Busy: let more join this commit (module docstring).
+                    sleep(delay)
                 while len(batch) < limit and not pending.empty():
                     op = pending.get_nowait()
                     if op is None:
