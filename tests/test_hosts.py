@@ -249,6 +249,43 @@ class HostGateTests(TestCase):
         gate.unreserve("k")
         self.assertEqual(gate.room("k"), 3)
 
+    def test_a_fast_host_may_hold_more_waiting_a_slow_or_stalled_one_does_not(self) -> None:
+        # Waiting places beyond max_waiting: what the host works through in
+        # WAIT_HORIZON (0.1 s) at its pace, at most max_burst.
+        clock = clock_at()
+        gate = HostGate(clock, limit=16, max_waiting=64, max_burst=176)
+        # Not measured yet: taken for a fast host (2 ms per attempt).
+        self.assertEqual(gate.room("new"), 16 + 176)
+        # 5 ms per attempt: 16 x 0.1 / 0.005 = 320, so max_burst.
+        for _ in range(40):
+            gate.started("fast")
+            gate.finished("fast", healthy=True, started=clock.seconds() - 0.005)
+        self.assertEqual(gate.room("fast"), 16 + 176)
+        verdicts = []
+        for _ in range(200):
+            verdict = gate.admit("fast")
+            verdicts.append(verdict)
+            if verdict == GO:
+                gate.started("fast")
+            elif verdict == WAIT:
+                gate.hold("fast", object())
+        self.assertEqual((verdicts.count(GO), verdicts.count(WAIT), verdicts.count(DEFER)), (16, 176, 8))
+        # 20 ms: 80 waiting places; 1 s: max_waiting.
+        for host, seconds, waiting in (("medium", 0.02, 80), ("slow", 1.0, 64)):
+            for _ in range(40):
+                gate.started(host)
+                gate.finished(host, healthy=True, started=clock.seconds() - seconds)
+            self.assertEqual(gate.room(host), 16 + waiting, host)
+        # A fast host whose attempts stall counts as slow as the stall.
+        gate.started("stalls")
+        self.assertEqual(gate.room("stalls"), 15 + 176)
+        clock.advance(1.0)
+        self.assertEqual(gate.room("stalls"), 15 + 64)
+        self.assertEqual(gate.admit("fast"), DEFER)  # the stall is its own host's
+        # Without max_burst, max_waiting holds for every host.
+        plain = HostGate(clock, limit=16, max_waiting=64)
+        self.assertEqual(plain.room("new"), 16 + 64)
+
 
 class CountingStore(MemoryStore):
     def __init__(self, clock: Clock) -> None:
@@ -296,6 +333,37 @@ class BusyHostTests(MemoryFlavour, TestCase):
         clock.pump([0.001] * 1000)  # one second
         self.assertEqual(len({s.url for s in client.sent}), 200)
         self.assertLessEqual(max(s.at for s in client.sent) - T0, 0.5)
+        self.assertLessEqual(client.max_per_host["one.example"], 16)
+
+    def test_a_burst_to_one_fast_host_within_its_burst_room_is_sent_from_memory(self) -> None:
+        # The same burst with room to hold it (max_burst): every delivery is
+        # claimed as it is stored and sent from memory as slots free; none
+        # is stored pushed back and claimed again (a store round trip and a
+        # timer on the fan-out's critical path).
+        clock = clock_at()
+        store = CountingStore(clock)
+
+        def answer(sent: Any) -> None:
+            clock.callLater(0.001, sent.respond, 200, (), b"ok")
+
+        client = FakeClient(clock, answer)
+        dispatcher = Dispatcher(
+            self.make_store(clock, store), client, clock, IdGenerator(clock.seconds), (5.0,), timeout=30.0, concurrency=256,
+            hosts=HostGate(clock, limit=16, max_waiting=64, max_burst=184), rand=lambda: 0.5,
+        )
+        dispatcher.startService()
+        burst = [
+            Delivery(id=f"M{n:04d}", url=f"http://one.example/cb/{n}", body=b"x", created_at=T0, next_attempt_at=T0)
+            for n in range(200)
+        ]
+        intake = dispatcher.intake(burst)
+        self.assertEqual({d.status for d in intake.deliveries}, {"delivering"})
+        self.successResultOf(intake.when_stored(dispatcher.store.add_deliveries(intake.deliveries)))
+        clock.pump([0.001] * 1000)
+        self.assertEqual(len({s.url for s in client.sent}), 200)
+        self.assertEqual((store.claimed, store.rescheduled), (0, 0))
+        # 200 / 16 slots x 1 ms, less the rounding of pump steps.
+        self.assertLessEqual(max(s.at for s in client.sent) - T0, 0.03)
         self.assertLessEqual(client.max_per_host["one.example"], 16)
 
     def test_the_first_burst_to_a_new_host_is_not_held_to_a_guessed_pace(self) -> None:

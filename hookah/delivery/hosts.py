@@ -64,6 +64,16 @@ MAX_BUSY_DEFER = 300.0
 # early, to be deferred again at the pace the host has shown by then (a host
 # whose attempts are out unanswered counts as slow as the oldest of them).
 INITIAL_DURATION = 0.002
+# A host that answers fast may hold more deliveries waiting in memory than
+# ``max_waiting``: as many as it works through in this many seconds at the
+# pace it has shown (at most ``max_burst``). A burst to one fast host (an
+# event's 200 notifications to subscribers on one host) is then sent from
+# memory, each the moment a slot frees, rather than stored pushed back and
+# claimed again in pieces (a store round trip and a timer each, on the
+# critical path of the fan-out). A waiting delivery holds one of the
+# dispatcher's slots, but for no longer than about this; a slow or stalled
+# host keeps ``max_waiting``.
+WAIT_HORIZON = 0.1
 
 
 class HostState:
@@ -124,6 +134,7 @@ class HostGate:
         max_hosts: int = 10000,
         window: float = defaults.BREAKER_WINDOW,
         first_pause: float = defaults.BREAKER_PAUSE,
+        max_burst: Optional[int] = None,
     ) -> None:
         self.clock = clock
         self.limit = limit
@@ -132,6 +143,8 @@ class HostGate:
         self.window = window
         self.first_pause = min(first_pause, cooldown)
         self.max_waiting = limit if max_waiting is None else max_waiting
+        # The most a fast host may hold waiting (``WAIT_HORIZON``).
+        self.max_burst = max(self.max_waiting, self.max_waiting if max_burst is None else max_burst)
         self.max_hosts = max_hosts
         self._hosts: OrderedDict[str, HostState] = OrderedDict()
 
@@ -205,9 +218,22 @@ class HostGate:
             return GO
         if state.in_flight < self.limit:
             return GO
-        if len(state.waiting) < self.max_waiting:
+        if len(state.waiting) < self._waiting_room(state):
             return WAIT
         return DEFER
+
+    def _waiting_room(self, state: HostState) -> int:
+        """How many deliveries may wait for the host in memory (``WAIT_HORIZON``)."""
+        if self.max_burst <= self.max_waiting:
+            return self.max_waiting
+        pace = self._pace(state, self.clock.seconds())
+        return max(self.max_waiting, min(self.max_burst, int(self.limit * WAIT_HORIZON / pace)))
+
+    @staticmethod
+    def _pace(state: HostState, now: float) -> float:
+        """Seconds per attempt the host has shown; attempts stalled since count as that slow."""
+        stalled = now - state.progress_at if state.in_flight else 0.0
+        return max(state.avg_duration, stalled, 0.001)
 
     def room(self, host: str) -> int:
         """
@@ -216,14 +242,14 @@ class HostGate:
         """
         state = self._hosts.get(host)
         if state is None:
-            return self.limit + self.max_waiting
+            return self._room(HostState())
         return self._room(state)
 
     def _room(self, state: HostState) -> int:
         if state.paused_until is not None:
             ready = self.clock.seconds() >= state.paused_until and not state.probing
             return 1 if ready and not state.reserved else 0
-        free = max(0, self.limit - state.in_flight) + max(0, self.max_waiting - len(state.waiting))
+        free = max(0, self.limit - state.in_flight) + max(0, self._waiting_room(state) - len(state.waiting))
         return max(0, free - state.reserved)
 
     def reserve(self, host: str) -> None:
@@ -254,8 +280,7 @@ class HostGate:
             return state.paused_until
         # Spread the backlog at the pace the host has shown (attempts that
         # have stalled since count as that slow).
-        stalled = now - state.progress_at if state.in_flight else 0.0
-        spacing = max(state.avg_duration, stalled, 0.001) / self.limit
+        spacing = self._pace(state, now) / self.limit
         state.cursor = max(state.cursor, now) + spacing
         longest = MAX_BUSY_DEFER if state.paused_until is None else max(state.pause, self.first_pause)
         return min(state.cursor, now + longest)
