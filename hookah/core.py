@@ -88,6 +88,13 @@ class Accepted:
     topic: Optional[str] = None
 
 
+def _has_options(request: DispatchRequest) -> bool:
+    """Whether a dispatch asks for anything other than an attempt now with the default retries and timeout."""
+    return bool(
+        request.delay or request.retries is not None or request.timeout is not None or request.errback or request.callback
+    )
+
+
 class HookahCore:
     """
     What the web layer talks to: it accepts dispatches and events, decides
@@ -217,18 +224,19 @@ class HookahCore:
         deliveries: List[Delivery] = []
         if self.distribution is not None:
             deliveries = await self.distribution(event, self.clock.seconds())
-        if request is not None:
-            deliveries = [
-                attr.evolve(
-                    d,
-                    retries=request.retries,
-                    timeout=request.timeout,
-                    errback=request.errback,
-                    callback=request.callback,
-                    next_attempt_at=event.created_at + request.delay,
-                )
-                for d in deliveries
-            ]
+        if request is not None and _has_options(request):
+            # The distribution's deliveries are due at once with the default
+            # retries and timeout and no reports: a copy each only when the
+            # request asks for something else (a copy per notification costs
+            # as much as building it, on the way to the first send).
+            changes = {
+                "retries": request.retries,
+                "timeout": request.timeout,
+                "errback": request.errback,
+                "callback": request.callback,
+                "next_attempt_at": event.created_at + request.delay,
+            }
+            deliveries = [d.replace(**changes) for d in deliveries]
         keep_after = event.created_at - self.history_age
         intake = self.dispatcher.intake(deliveries)
         await intake.when_stored(self.store.add_event(event, intake.deliveries, self.history_count, keep_after))

@@ -93,6 +93,37 @@ class CoreTests(SynchronousTestCase):
         self.assertEqual(sorted(s.url for s in self.client.sent), ["http://s0.example/", "http://s1.example/"])
         self.assertEqual(self.successResultOf(self.store.get_delivery("N0")).event_id, accepted.id)
 
+    def test_an_events_notifications_carry_the_dispatchs_options(self) -> None:
+        # Each option alone is enough to apply them all to every notification.
+        cases = [
+            ({}, (None, None, None, None, T0)),
+            ({"retries": 2}, (2, None, None, None, T0)),
+            ({"timeout": 5.0}, (None, 5.0, None, None, T0)),
+            ({"errback": "http://e.example/"}, (None, None, "http://e.example/", None, T0)),
+            ({"callback": "http://c.example/"}, (None, None, None, "http://c.example/", T0)),
+            ({"delay": 30.0}, (None, None, None, None, T0 + 30.0)),
+        ]
+
+        def subscribers(event: Event, now: float) -> Any:
+            return succeed([
+                Delivery(id=f"{event.id}-{i}", url=f"http://s{i}.example/", body=event.body, kind=KIND_WEBSUB,
+                         topic=event.topic, event_id=event.id, created_at=now, next_attempt_at=now)
+                for i in range(2)
+            ])
+
+        core = HookahCore(self.store, self.dispatcher, self.clock, IdGenerator(self.clock.seconds), distribution=subscribers)
+        self.client.answer = lambda sent: None  # attempts stay out: their records keep what was stored
+        self.addCleanup(self.client.fail_outstanding)
+        for options, expected in cases:
+            accepted = self.successResultOf(core.dispatch(self.request(url=None, topic="news", **options)))
+            for n in range(2):
+                stored = self.successResultOf(self.store.get_delivery(f"{accepted.id}-{n}"))
+                self.assertEqual(
+                    (stored.retries, stored.timeout, stored.errback, stored.callback, stored.next_attempt_at), expected, options
+                )
+        # The delayed one was not sent; the others were, at once.
+        self.assertEqual(len(self.client.sent), 2 * 5)
+
     def test_a_retry_wakes_the_dispatcher_at_once(self) -> None:
         accepted = self.successResultOf(self.core.dispatch(self.request(retries=0)))
         self.assertEqual(self.successResultOf(self.core.get_delivery(accepted.id)).status, FAILED)
