@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
-from twisted.internet.defer import Deferred
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -18,7 +19,7 @@ from hookah.ids import IdGenerator
 from hookah.model import Delivery
 from hookah.storage.memory import MemoryStore
 from tests.storeflavours import LaterFlavour, MemoryFlavour, run_on
-from tests.support import FakeClient, submit
+from tests.support import FakeClient, start_hookah, submit
 
 T0 = 1_700_000_000.0
 
@@ -570,3 +571,32 @@ class StarvationTests(MemoryFlavour, TestCase):
 
 
 run_on(globals(), LaterFlavour)
+
+
+class ServerBurstTests(TestCase):
+    def test_the_server_claims_one_events_200_notifications_to_one_host_at_once(self) -> Deferred:
+        # With the default --concurrency (256) and --host-concurrency (16), a
+        # host not measured yet (taken for a fast one) may have all of one
+        # event's 200 notifications claimed as they are stored, 16 sent and
+        # the rest waiting in memory; a slow host, a quarter of the slots.
+        async def go() -> None:
+            service, _ = await start_hookah(self)
+            burst = [
+                Delivery(id=f"W{n:04d}", url=f"http://127.0.0.1:9/cb/{n}", body=b"x", created_at=T0, next_attempt_at=0.0)
+                for n in range(200)
+            ]
+            intake = service.dispatcher.intake(burst)
+            claimed = [d.status for d in intake.deliveries].count("delivering")
+            # Not stored after all: the claims and places are given back.
+            failed = intake.when_stored(defer.fail(RuntimeError("not stored")))
+            failed.addErrback(lambda f: f.trap(RuntimeError))
+            await failed
+            self.assertEqual(claimed, 200)
+            self.assertEqual(service.dispatcher.in_flight, 0)
+            hosts = service.dispatcher.hosts
+            for _ in range(20):
+                hosts.started("http://127.0.0.1:10")
+                hosts.finished("http://127.0.0.1:10", healthy=True, started=hosts.clock.seconds() - 1.0)
+            self.assertEqual(hosts.room("http://127.0.0.1:10"), 16 + 64)
+
+        return ensureDeferred(go())
