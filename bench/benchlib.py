@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")  # the one next to this Python
@@ -48,6 +48,16 @@ def cpu_seconds(pid: int) -> float:
     """User and system CPU time a process has used so far."""
     fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_delay_seconds(pid: int) -> float:
+    """
+    Seconds the main thread of ``pid`` has spent runnable but not running
+    (``/proc/<pid>/schedstat``, second field: waiting for a CPU, and held
+    back by a cgroup quota).
+    """
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
 
 
 def descendants(pid: int) -> List[int]:
@@ -91,6 +101,16 @@ def postgres_cpu_seconds(cluster: Any) -> Optional[float]:
         return tree_cpu_seconds(int(f.readline()), ended=True)
 
 
+def machine_cpu_seconds() -> Tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine so far, summed over its cores (``/proc/stat``)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    tick = os.sysconf("SC_CLK_TCK")
+    return (total - idle) / tick, total / tick
+
+
 def rss(pid: int) -> Optional[int]:
     """A process's resident set size in bytes; None if ``/proc`` does not tell."""
     with open(f"/proc/{pid}/status") as f:
@@ -127,11 +147,14 @@ class Child:
     """
     A server process, stopped by ``stop`` whatever its state. Ready once
     ``port`` accepts connections or, with ``announce``, once it has printed
-    one JSON line (then in ``announced``).
+    one JSON line (then in ``announced``). ``started`` is called with the
+    process id as soon as the process exists, before it is ready (to put it
+    in a cgroup, say); if it raises, the process is stopped.
     """
 
     def __init__(self, name: str, argv: List[str], log_dir: str, port: Optional[int] = None,
-                 ready: float = 30.0, announce: bool = False) -> None:
+                 ready: float = 30.0, announce: bool = False,
+                 started: Optional[Callable[[int], None]] = None) -> None:
         self.name = name
         self.port = port
         self.announced: Any = None
@@ -142,6 +165,12 @@ class Child:
             stdout=subprocess.PIPE if announce else self.log, stderr=self.log if announce else subprocess.STDOUT,
             env={k: v for k, v in os.environ.items() if not k.startswith("HOOKAH_")},
         )
+        if started is not None:
+            try:
+                started(self.proc.pid)
+            except BaseException:
+                self.stop()
+                raise
         deadline = time.monotonic() + ready
         if announce:
             # The process prints one JSON line once it listens.

@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +40,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # benchlib and dispatch, beside this file
 sys.path.insert(1, os.path.dirname(HERE))  # tests.pgsupport, for a throwaway cluster
 import benchlib  # noqa: E402
-from benchlib import TWISTD, Child, free_port, postgres_cpu_seconds, tree_cpu_seconds  # noqa: E402
+from benchlib import (  # noqa: E402
+    TWISTD,
+    Child,
+    cpu_seconds,
+    free_port,
+    machine_cpu_seconds,
+    postgres_cpu_seconds,
+    run_delay_seconds,
+    tree_cpu_seconds,
+)
+from cpucap import CappedTree, CpuCaps  # noqa: E402
 from dispatch import run_count_load, sink_count, sink_time_of  # noqa: E402
 
 
@@ -79,24 +91,89 @@ class Databases:
                 print(f"could not drop {name}: {e}", file=sys.stderr)
 
 
-def hookah(work: str, twistd: str, url: str, workers: int, extra: List[str]) -> Tuple[Child, int]:
+def hookah(work: str, twistd: str, url: str, workers: int, extra: List[str],
+           tree: Optional[CappedTree] = None) -> Tuple[Child, int]:
     port = free_port()
     argv = [twistd, "-n", "--pidfile=", "hookah", "--listen", f"tcp:{port}:interface=127.0.0.1:backlog=4096",
             "--storage", url, "--allow-private-targets", "--workers", str(workers), *extra]
-    return Child(f"hookah-{workers}w-{time.monotonic_ns()}", argv, work, port=port), port
+    started = tree.cap_root if tree is not None else None
+    return Child(f"hookah-{workers}w-{time.monotonic_ns()}", argv, work, port=port, started=started), port
 
 
-def wait_for(sink: Child, count: int, deadline: float, what: str) -> None:
+def wait_for(sink: Child, count: int, deadline: float, what: str, tree: Optional[CappedTree] = None) -> None:
     while sink_count(sink) < count:
         if time.monotonic() > deadline:
             raise SystemExit(f"out of time waiting for {what} ({sink_count(sink)} of {count})")
+        if tree is not None:
+            tree.poll()  # a worker started again by the master is capped too
         time.sleep(0.05)
+
+
+def cap_workers(tree: CappedTree, n: int, sink: Child, baseline: int, deadline: float) -> int:
+    """Until each of the ``n`` serving processes has a group of its own; returns the deliveries made by then."""
+    while tree.poll() < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the {n} workers did not all start (capped alone: {tree.poll()})")
+        time.sleep(0.005)
+    return sink_count(sink) - baseline
+
+
+def worker_readings(tree: CappedTree) -> Dict[int, Tuple[float, float, float]]:
+    """Per capped worker: (CPU seconds, its main thread's seconds runnable but not running, its group's throttled seconds)."""
+    found = {}
+    for pid, group in tree.serving():
+        try:
+            found[pid] = (cpu_seconds(pid), run_delay_seconds(pid), group.stat()["throttled_s"])
+        except OSError:
+            continue  # it ended
+    return found
+
+
+def check_caps(tree: CappedTree, cores: float, at_first: Dict[int, Tuple[float, float, float]],
+               since: float) -> Tuple[List[str], List[float], List[float]]:
+    """
+    One line per capped worker, from the first delivery to now: the cores it
+    used (``/proc``); the share of the time its main thread (the reactor's)
+    waited for a CPU that another process held: runnable but not running
+    (``schedstat``) less the time the quota held it back (``cpu.stat``;
+    summed over the CPUs, so the share is close, not exact); its
+    throttled periods; and whether every one of its threads is in its
+    group. Then the cores each worker used, and each one's waiting share.
+    """
+    lines, cores_used, waits = [], [], []
+    elapsed = time.monotonic() - since
+    now = worker_readings(tree)
+    for pid, group in tree.serving():
+        if pid not in now or pid not in at_first:
+            lines.append(f"  worker {pid}: started or ended during the drain")
+            continue
+        (cpu0, delay0, throttled0), (cpu1, delay1, throttled1) = at_first[pid], now[pid]
+        used = (cpu1 - cpu0) / elapsed
+        waited = max(0.0, (delay1 - delay0) - (throttled1 - throttled0)) / elapsed
+        cores_used.append(used)
+        waits.append(waited)
+        stat = group.stat()
+        inside, threads = group.holds(pid)
+        lines.append(
+            f"  worker {pid}: {used:.2f} cores (cap {cores:g}); its reactor thread waited for a CPU held by another "
+            f"process {waited:.0%} of the time and was throttled {(throttled1 - throttled0) / elapsed:.0%} of it "
+            f"({stat['throttled']:.0f} of {stat['periods']:.0f} periods since capped); "
+            f"{inside} of {threads} threads in {group.name}"
+        )
+    return lines, cores_used, waits
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=20_000, help="deliveries in the backlog [20000]")
     parser.add_argument("--workers", default="1,2", help="worker counts to measure, comma-separated [1,2]")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds: each measures every worker count in turn, on a fresh copy [1]")
+    parser.add_argument("--cpu-cap", type=float, metavar="C",
+                        help="put each worker process (with --workers 1, the one process) in a cgroup of its own "
+                             "limited to C cores, e.g. 0.35 [no cap]")
+    parser.add_argument("--cpu-period-ms", type=float, default=100.0,
+                        help="the cgroup's scheduling period: the quota is C times it [100, the kernel's default]")
     parser.add_argument("--storage", help="an existing PostgreSQL database URL (its server gets the copies) [a throwaway cluster]")
     parser.add_argument("--twistd", default=TWISTD, help="the twistd to run Hookah with [next to this Python]")
     parser.add_argument("--hookah-option", action="append", default=[], help="extra hookah option (repeatable)")
@@ -104,15 +181,23 @@ def main() -> None:
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget
     counts = [int(n) for n in args.workers.split(",") if n.strip()]
+    # SIGTERM ends the benchmark through its cleanup (cgroups, servers, databases), as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    caps = CpuCaps(args.cpu_cap, round(args.cpu_period_ms * 1000)) if args.cpu_cap is not None else None
     info = benchlib.machine()
     work = tempfile.mkdtemp(prefix="hookah-bench-drain-")
     print(f"{info['date']}: {info['nproc']} CPUs ({info['cpu']}), {info['python']}, load average {info['load']}; "
           f"logs in {work}", flush=True)
-    databases = Databases(args.storage)
-    sink_port = free_port()
-    sink = Child("sink", [sys.executable, os.path.join(HERE, "dispatch.py"), "--serve-sink", str(sink_port)], work, port=sink_port)
-    results: List[Tuple[int, Dict[str, float]]] = []
+    if caps is not None:
+        print(f"workers {caps.describe()}", flush=True)
+    results: List[Tuple[int, Dict[str, Any]]] = []
+    databases: Optional[Databases] = None
+    sink: Optional[Child] = None
     try:
+        databases = Databases(args.storage)
+        sink_port = free_port()
+        sink = Child("sink", [sys.executable, os.path.join(HERE, "dispatch.py"), "--serve-sink", str(sink_port)],
+                     work, port=sink_port)
         template = f"hookah_drain_{os.getpid()}"
         url = databases.create(template)
         server, port = hookah(work, args.twistd, url, 1, args.hookah_option)
@@ -127,48 +212,124 @@ def main() -> None:
             server.stop()
         # As after an outage: every row due, none claimed.
         databases.admin("UPDATE deliveries SET next_attempt_at = 0", template)
-        for n in counts:
-            copy = databases.create(f"{template}_{n}", template=template)
-            baseline = sink_count(sink)
-            pg_before = postgres_cpu_seconds(databases.cluster)
-            t0 = time.monotonic()
-            server, _ = hookah(work, args.twistd, copy, n, args.hookah_option)
-            try:
-                wait_for(sink, baseline + args.count, deadline, f"{args.count:,} deliveries with {n} workers")
-                first = sink_time_of(sink, baseline + 1)
-                last = sink_time_of(sink, baseline + args.count)
-                assert first is not None and last is not None
-                cpu = tree_cpu_seconds(server.proc.pid)
-                pg_after = postgres_cpu_seconds(databases.cluster)
-            finally:
-                server.stop()
-            figures = {
-                "from_start": args.count / (last - t0),
-                "from_first": args.count / (last - first),
-                "seconds": last - t0,
-                "extra": sink_count(sink) - baseline - args.count,
-                "cpu_ms": cpu * 1000 / args.count,
-                "pg_ms": (pg_after - pg_before) * 1000 / args.count if pg_before is not None and pg_after is not None else None,
-            }
-            results.append((n, figures))
-            pg = f", PostgreSQL {figures['pg_ms']:.2f} ms" if figures["pg_ms"] is not None else ""
-            print(f"{n} worker(s): {args.count:,} drained in {figures['seconds']:.2f} s = {figures['from_start']:,.0f}/s "
-                  f"from start-up, {figures['from_first']:,.0f}/s from the first delivery; "
-                  f"{figures['extra']} more than the backlog arrived; CPU per delivery: Hookah {figures['cpu_ms']:.2f} ms"
-                  f"{pg}; load average now {os.getloadavg()[0]:.1f}", flush=True)
+        for round_ in range(1, args.repeat + 1):
+            for n in counts:
+                figures = drain_once(args, databases, sink, work, template, n, round_, caps, deadline)
+                results.append((n, figures))
     finally:
-        sink.stop()
-        databases.drop_all()
+        failures = caps.remove_all() if caps is not None else []
+        if sink is not None:
+            sink.stop()
+        if databases is not None:
+            databases.drop_all()
         shutil.rmtree(work, ignore_errors=True)
+        for line in failures:
+            print(line, file=sys.stderr)
+    report(results, args.cpu_cap)
+
+
+def drain_once(args: argparse.Namespace, databases: Databases, sink: Child, work: str, template: str, n: int,
+               round_: int, caps: Optional[CpuCaps], deadline: float) -> Dict[str, Any]:
+    """One drain of a fresh copy of the backlog by ``n`` workers; prints and returns its figures."""
+    name = f"{template}_{n}_{round_}"
+    copy = databases.create(name, template=template)
+    baseline = sink_count(sink)
+    load_before = os.getloadavg()[0]
+
+    def readings() -> Dict[str, float]:
+        busy, total = machine_cpu_seconds()
+        pg = postgres_cpu_seconds(databases.cluster)
+        return {"delivered": sink_count(sink) - baseline, "hookah": tree_cpu_seconds(server.proc.pid),
+                "pg": pg if pg is not None else -1.0, "sink": sink.cpu_seconds(), "busy": busy, "total": total}
+
+    tree = CappedTree(caps, f"{n}w{round_}", children_serve=n > 1) if caps is not None else None
+    t0 = time.monotonic()
+    server, _ = hookah(work, args.twistd, copy, n, args.hookah_option, tree)
+    caps_lines: List[str] = []
+    try:
+        early = None
+        if tree is not None:
+            early = cap_workers(tree, n, sink, baseline, deadline)
+        wait_for(sink, baseline + 1, deadline, f"the first delivery with {n} workers", tree)
+        # From here to the last delivery: the drain itself, without the start-up.
+        before = readings()
+        since = time.monotonic()
+        at_first = worker_readings(tree) if tree is not None else {}
+        wait_for(sink, baseline + args.count, deadline, f"{args.count:,} deliveries with {n} workers", tree)
+        after = readings()
+        first = sink_time_of(sink, baseline + 1)
+        last = sink_time_of(sink, baseline + args.count)
+        assert first is not None and last is not None
+        cpu = tree_cpu_seconds(server.proc.pid)
+        used = waits = None
+        if tree is not None:
+            caps_lines, used, waits = check_caps(tree, caps.cores if caps is not None else 0.0, at_first, since)
+    finally:
+        server.stop()
+        databases.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    drained = max(1, after["delivered"] - before["delivered"])
+    figures: Dict[str, Any] = {
+        "round": round_,
+        "from_start": args.count / (last - t0),
+        "from_first": args.count / (last - first),
+        "seconds": last - t0,
+        "extra": sink_count(sink) - baseline - args.count,
+        # CPU per delivery from the start (start-up included), and during the drain only.
+        "cpu_ms": cpu * 1000 / args.count,
+        "drain_ms": (after["hookah"] - before["hookah"]) * 1000 / drained,
+        "pg_ms": (after["pg"] - before["pg"]) * 1000 / drained if before["pg"] >= 0 else None,
+        "sink_ms": (after["sink"] - before["sink"]) * 1000 / drained,
+        # The whole machine's busy cores during the drain (everyone's work, not only this benchmark's).
+        "busy": (after["busy"] - before["busy"]) / (after["total"] - before["total"]) * (os.cpu_count() or 1),
+        "load": (load_before, os.getloadavg()[0]),
+        "used": used,
+        "waits": waits,
+        "early": early,
+    }
+    pg = f", PostgreSQL {figures['pg_ms']:.2f} ms" if figures["pg_ms"] is not None else ""
+    print(f"round {round_}, {n} worker(s): {args.count:,} drained in {figures['seconds']:.2f} s = "
+          f"{figures['from_start']:,.0f}/s from start-up, {figures['from_first']:,.0f}/s from the first delivery; "
+          f"{figures['extra']} more than the backlog arrived; CPU per delivery during the drain: Hookah "
+          f"{figures['drain_ms']:.2f} ms{pg}, sink {figures['sink_ms']:.2f} ms (Hookah's from start-up: "
+          f"{figures['cpu_ms']:.2f} ms); machine busy {figures['busy']:.2f} of {os.cpu_count()} cores; "
+          f"load average {load_before:.1f} -> {figures['load'][1]:.1f}", flush=True)
+    if tree is not None:
+        if n == 1:
+            print("  the worker was capped from its start")
+        else:
+            print(f"  {n} workers each capped alone after {early} deliveries (until then, held together to the "
+                  "master's capped group, which they were forked into)")
+        for line in caps_lines:
+            print(line, flush=True)
+    return figures
+
+
+def report(results: List[Tuple[int, Dict[str, Any]]], cap: Optional[float]) -> None:
+    """Every run, then the median of each worker count and its ratio to one worker's."""
+    cap_column = "" if cap is None else " cores used by each worker | most a worker waited for a CPU |"
     print()
-    print("| workers | drained/s (from start-up) | drained/s (from the first delivery) | vs 1 worker "
-          "| Hookah CPU per delivery | PostgreSQL CPU per delivery |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    one = next((f["from_first"] for n, f in results if n == 1), None)
+    print(f"| round | workers | drained/s (from start-up) | drained/s (from the first delivery) | vs 1 worker (same round) "
+          f"| Hookah CPU per delivery | PostgreSQL CPU per delivery | machine busy (cores) |{cap_column} load average |")
+    # CPU and busy cores: from the first delivery to the last.
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cap is not None else "") + "---|")
     for n, f in results:
+        one = next((g["from_first"] for m, g in results if m == 1 and g["round"] == f["round"]), None)
         ratio = f"{f['from_first'] / one:.2f}×" if one else ""
         pg = f"{f['pg_ms']:.2f} ms" if f["pg_ms"] is not None else "n/a"
-        print(f"| {n} | {f['from_start']:,.0f} | {f['from_first']:,.0f} | {ratio} | {f['cpu_ms']:.2f} ms | {pg} |")
+        busy = f"{f['busy']:.2f}"
+        used = ""
+        if cap is not None:
+            used = (f" {min(f['used']):.2f}–{max(f['used']):.2f} | {max(f['waits']):.0%} |" if f["used"] else " n/a | n/a |")
+        print(f"| {f['round']} | {n} | {f['from_start']:,.0f} | {f['from_first']:,.0f} | {ratio} | {f['drain_ms']:.2f} ms "
+              f"| {pg} | {busy} |{used} {f['load'][0]:.1f} → {f['load'][1]:.1f} |")
+    medians = {n: statistics.median(f["from_first"] for m, f in results if m == n) for n in dict(results)}
+    if len(results) > len(medians):
+        print()
+        print("| workers | median drained/s (from the first delivery) | vs 1 worker (medians) | runs |")
+        print("|---:|---:|---:|---:|")
+        for n, median in medians.items():
+            ratio = f"{median / medians[1]:.2f}×" if 1 in medians else ""
+            print(f"| {n} | {median:,.0f} | {ratio} | {sum(1 for m, _ in results if m == n)} |")
 
 
 if __name__ == "__main__":
