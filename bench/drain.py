@@ -7,15 +7,34 @@ processes (``--workers``) on one PostgreSQL database.
     python bench/drain.py --workers 1,2,4 --count 50000
     python bench/drain.py --storage postgresql://user@host/db   # an existing, empty database
 
+    python bench/drain.py --workers 1,2 --repeat 3 --cpu-cap 0.35   # each worker held to 0.35 of a core
+
 The backlog is made once: a Hookah accepts ``--count`` dispatches to the
 sink, each held back a day (``_delay``), and stops; the rows are then made
 due (``next_attempt_at = 0``, as after an outage), and that database is the
 template of one fresh copy per run (``CREATE DATABASE ... TEMPLATE``). Each
 run starts ``twistd -n hookah --workers N`` on its copy and measures until
 the sink has every delivery: drained/s from the server's start (start-up
-included) and from its first delivery, and the CPU time per delivery of
-Hookah's processes (the master and its workers) and, on a throwaway
-cluster, of PostgreSQL's (its backends included).
+included), from its first delivery, and over the middle 80 % (no start-up,
+no tail); from the first delivery to the last, the CPU time per delivery of
+Hookah's processes (the master and its workers), of the sink and, on a
+throwaway cluster, of PostgreSQL's (its backends included), and the
+machine's busy cores (everyone's work: on a shared machine, how much room
+there was); PostgreSQL's transactions and ``deliveries`` row updates per
+delivery (2 per delivery is the least: its claim and its outcome; more are
+hand-backs to a busy host and claims again). ``--repeat`` measures every
+worker count in turn, round after round, so slow moments of a shared
+machine fall on all of them; the medians close the report.
+
+``--cpu-cap C`` (Linux, root: cgroup v1's ``cpu`` controller, or v2's
+``cpu.max``; ``bench/cpucap.py``) puts each worker process, as soon as it
+exists, in a cgroup of its own held to C cores (with ``--workers 1``, the
+one serving process): a stand-in for "a free core per worker" on a machine
+without spare cores. Per run it shows that each worker was held (the cores
+it used, its throttled periods, its threads' cgroup) and how long its
+reactor thread waited for a CPU another process held. The cgroups are
+removed at the end, also on an error, Ctrl-C or ``SIGTERM``; those of a
+killed run are removed by the next.
 
 Without ``--storage`` a throwaway PostgreSQL cluster is made with the test
 suite's helper (``tests/pgsupport.py``: Debian's ``postgresql`` package,
@@ -71,6 +90,35 @@ class Databases:
 
         with psycopg.connect(self.url(database), autocommit=True) as connection:
             connection.execute(sql)
+
+    def counts(self, database: str) -> Tuple[float, float]:
+        """
+        Transactions ended in ``database`` so far (committed or rolled back,
+        ``pg_stat_database``), and rows of its ``deliveries`` table updated
+        (``pg_stat_user_tables``; 0 before the schema exists). Read once no
+        backend is connected to it but this one: each reports its counts as
+        it exits.
+        """
+        import psycopg
+
+        deadline = time.monotonic() + 10
+        with psycopg.connect(self.url(database), autocommit=True) as connection:
+            while time.monotonic() < deadline:
+                row = connection.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ).fetchone()
+                if not row or not row[0]:
+                    break
+                time.sleep(0.05)
+            connection.execute("SELECT pg_stat_clear_snapshot()")
+            row = connection.execute(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+            ).fetchone()
+            updated = connection.execute(
+                "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'deliveries'"
+            ).fetchone()
+        return (float(row[0]) if row and row[0] is not None else 0.0,
+                float(updated[0]) if updated and updated[0] is not None else 0.0)
 
     def url(self, database: str) -> str:
         if self.given is None:
@@ -178,6 +226,7 @@ def main() -> None:
     parser.add_argument("--twistd", default=TWISTD, help="the twistd to run Hookah with [next to this Python]")
     parser.add_argument("--hookah-option", action="append", default=[], help="extra hookah option (repeatable)")
     parser.add_argument("--budget", type=float, default=900.0, help="seconds before giving up [900]")
+    parser.add_argument("--keep-logs", metavar="DIR", help="write the servers' logs in DIR and keep them [a temporary directory, removed]")
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget
     counts = [int(n) for n in args.workers.split(",") if n.strip()]
@@ -185,7 +234,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     caps = CpuCaps(args.cpu_cap, round(args.cpu_period_ms * 1000)) if args.cpu_cap is not None else None
     info = benchlib.machine()
-    work = tempfile.mkdtemp(prefix="hookah-bench-drain-")
+    if args.keep_logs:
+        os.makedirs(args.keep_logs, exist_ok=True)
+    work = os.path.abspath(args.keep_logs) if args.keep_logs else tempfile.mkdtemp(prefix="hookah-bench-drain-")
     print(f"{info['date']}: {info['nproc']} CPUs ({info['cpu']}), {info['python']}, load average {info['load']}; "
           f"logs in {work}", flush=True)
     if caps is not None:
@@ -222,7 +273,8 @@ def main() -> None:
             sink.stop()
         if databases is not None:
             databases.drop_all()
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep_logs:
+            shutil.rmtree(work, ignore_errors=True)
         for line in failures:
             print(line, file=sys.stderr)
     report(results, args.cpu_cap)
@@ -231,8 +283,9 @@ def main() -> None:
 def drain_once(args: argparse.Namespace, databases: Databases, sink: Child, work: str, template: str, n: int,
                round_: int, caps: Optional[CpuCaps], deadline: float) -> Dict[str, Any]:
     """One drain of a fresh copy of the backlog by ``n`` workers; prints and returns its figures."""
-    name = f"{template}_{n}_{round_}"
+    name = f"{template}_{n}_{round_}_{time.monotonic_ns()}"
     copy = databases.create(name, template=template)
+    transactions_before, updates_before = databases.counts(name)
     baseline = sink_count(sink)
     load_before = os.getloadavg()[0]
 
@@ -259,19 +312,27 @@ def drain_once(args: argparse.Namespace, databases: Databases, sink: Child, work
         after = readings()
         first = sink_time_of(sink, baseline + 1)
         last = sink_time_of(sink, baseline + args.count)
-        assert first is not None and last is not None
+        # The middle 80 %: no start-up (a worker still starting while another delivers) and no tail.
+        tenth = sink_time_of(sink, baseline + args.count // 10)
+        ninth = sink_time_of(sink, baseline + args.count - args.count // 10)
+        assert first is not None and last is not None and tenth is not None and ninth is not None
         cpu = tree_cpu_seconds(server.proc.pid)
         used = waits = None
         if tree is not None:
             caps_lines, used, waits = check_caps(tree, caps.cores if caps is not None else 0.0, at_first, since)
     finally:
         server.stop()
+        # Counted once its connections have closed (each backend reports its counts as it exits).
+        transactions, updates = databases.counts(name)
+        transactions -= transactions_before + 1  # less this reading's own
+        updates -= updates_before
         databases.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     drained = max(1, after["delivered"] - before["delivered"])
     figures: Dict[str, Any] = {
         "round": round_,
         "from_start": args.count / (last - t0),
         "from_first": args.count / (last - first),
+        "middle": (args.count - 2 * (args.count // 10)) / (ninth - tenth) if ninth > tenth else float("nan"),
         "seconds": last - t0,
         "extra": sink_count(sink) - baseline - args.count,
         # CPU per delivery from the start (start-up included), and during the drain only.
@@ -279,6 +340,10 @@ def drain_once(args: argparse.Namespace, databases: Databases, sink: Child, work
         "drain_ms": (after["hookah"] - before["hookah"]) * 1000 / drained,
         "pg_ms": (after["pg"] - before["pg"]) * 1000 / drained if before["pg"] >= 0 else None,
         "sink_ms": (after["sink"] - before["sink"]) * 1000 / drained,
+        # Hookah's transactions per delivery, start-up included: how well each worker's writes are grouped.
+        "transactions": transactions / args.count,
+        # Each delivery's row is updated twice at least (its claim, its outcome): more are hand-backs and claims again.
+        "updates": updates / args.count,
         # The whole machine's busy cores during the drain (everyone's work, not only this benchmark's).
         "busy": (after["busy"] - before["busy"]) / (after["total"] - before["total"]) * (os.cpu_count() or 1),
         "load": (load_before, os.getloadavg()[0]),
@@ -288,11 +353,13 @@ def drain_once(args: argparse.Namespace, databases: Databases, sink: Child, work
     }
     pg = f", PostgreSQL {figures['pg_ms']:.2f} ms" if figures["pg_ms"] is not None else ""
     print(f"round {round_}, {n} worker(s): {args.count:,} drained in {figures['seconds']:.2f} s = "
-          f"{figures['from_start']:,.0f}/s from start-up, {figures['from_first']:,.0f}/s from the first delivery; "
+          f"{figures['from_start']:,.0f}/s from start-up, {figures['from_first']:,.0f}/s from the first delivery, "
+          f"{figures['middle']:,.0f}/s over the middle 80 %; "
           f"{figures['extra']} more than the backlog arrived; CPU per delivery during the drain: Hookah "
           f"{figures['drain_ms']:.2f} ms{pg}, sink {figures['sink_ms']:.2f} ms (Hookah's from start-up: "
-          f"{figures['cpu_ms']:.2f} ms); machine busy {figures['busy']:.2f} of {os.cpu_count()} cores; "
-          f"load average {load_before:.1f} -> {figures['load'][1]:.1f}", flush=True)
+          f"{figures['cpu_ms']:.2f} ms); {figures['transactions']:.2f} PostgreSQL transactions and "
+          f"{figures['updates']:.2f} row updates per delivery; "
+          f"machine busy {figures['busy']:.2f} of {os.cpu_count()} cores; load average {load_before:.1f} -> {figures['load'][1]:.1f}", flush=True)
     if tree is not None:
         if n == 1:
             print("  the worker was capped from its start")
@@ -309,9 +376,10 @@ def report(results: List[Tuple[int, Dict[str, Any]]], cap: Optional[float]) -> N
     cap_column = "" if cap is None else " cores used by each worker | most a worker waited for a CPU |"
     print()
     print(f"| round | workers | drained/s (from start-up) | drained/s (from the first delivery) | vs 1 worker (same round) "
-          f"| Hookah CPU per delivery | PostgreSQL CPU per delivery | machine busy (cores) |{cap_column} load average |")
+          f"| Hookah CPU per delivery | PostgreSQL CPU per delivery | PostgreSQL transactions per delivery "
+          f"| machine busy (cores) |{cap_column} load average |")
     # CPU and busy cores: from the first delivery to the last.
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cap is not None else "") + "---|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cap is not None else "") + "---|")
     for n, f in results:
         one = next((g["from_first"] for m, g in results if m == 1 and g["round"] == f["round"]), None)
         ratio = f"{f['from_first'] / one:.2f}×" if one else ""
@@ -321,15 +389,18 @@ def report(results: List[Tuple[int, Dict[str, Any]]], cap: Optional[float]) -> N
         if cap is not None:
             used = (f" {min(f['used']):.2f}–{max(f['used']):.2f} | {max(f['waits']):.0%} |" if f["used"] else " n/a | n/a |")
         print(f"| {f['round']} | {n} | {f['from_start']:,.0f} | {f['from_first']:,.0f} | {ratio} | {f['drain_ms']:.2f} ms "
-              f"| {pg} | {busy} |{used} {f['load'][0]:.1f} → {f['load'][1]:.1f} |")
+              f"| {pg} | {f['transactions']:.2f} | {busy} |{used} {f['load'][0]:.1f} → {f['load'][1]:.1f} |")
     medians = {n: statistics.median(f["from_first"] for m, f in results if m == n) for n in dict(results)}
-    if len(results) > len(medians):
-        print()
-        print("| workers | median drained/s (from the first delivery) | vs 1 worker (medians) | runs |")
-        print("|---:|---:|---:|---:|")
-        for n, median in medians.items():
-            ratio = f"{median / medians[1]:.2f}×" if 1 in medians else ""
-            print(f"| {n} | {median:,.0f} | {ratio} | {sum(1 for m, _ in results if m == n)} |")
+    middles = {n: statistics.median(f["middle"] for m, f in results if m == n) for n in dict(results)}
+    print()
+    print("| workers | median drained/s (from the first delivery) | vs 1 worker | median drained/s (middle 80 %) "
+          "| vs 1 worker | runs |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n, median in medians.items():
+        ratio = f"{median / medians[1]:.2f}×" if 1 in medians else ""
+        middle_ratio = f"{middles[n] / middles[1]:.2f}×" if 1 in middles else ""
+        print(f"| {n} | {median:,.0f} | {ratio} | {middles[n]:,.0f} | {middle_ratio} | "
+              f"{sum(1 for m, _ in results if m == n)} |")
 
 
 if __name__ == "__main__":
