@@ -508,6 +508,44 @@ class SlowWriteTests(MemoryFlavour, TestCase):
         # Pushed back at most about once each, in all.
         self.assertLessEqual(store.rescheduled, 2000)
 
+    def test_one_intake_to_several_hosts_claims_each_hosts_room(self) -> None:
+        # Interleaved deliveries to three hosts in one intake: each host gets
+        # as many claims as its room (one of them already has one in flight
+        # and one place reserved), the rest are stored pushed back; every
+        # claim has a token of its own and a lease for its own timeout.
+        clock = clock_at()
+        store = MemoryStore(clock)
+        client = FakeClient(clock, lambda sent: None)
+        self.addCleanup(client.fail_outstanding)
+        hosts = HostGate(clock, limit=2, max_waiting=1)
+        dispatcher = Dispatcher(
+            self.make_store(clock, store), client, clock, IdGenerator(clock.seconds), (5.0,), timeout=30.0, concurrency=256,
+            hosts=hosts, rand=lambda: 0.5,
+        )
+        dispatcher.startService()
+        hosts.started("http://b.example:80")
+        hosts.reserve("http://b.example:80")
+        burst = [
+            Delivery(id=f"H{n:02d}", url=f"http://{'abc'[n % 3]}.example/{n}", body=b"x", created_at=T0,
+                     next_attempt_at=T0, timeout=90.0 if n == 0 else None)
+            for n in range(15)
+        ]
+        intake = dispatcher.intake(burst)
+        claimed = [d for d in intake.deliveries if d.status == "delivering"]
+        by_host = {h: [d.id for d in claimed if d.url.startswith(f"http://{h}.")] for h in "abc"}
+        self.assertEqual(by_host, {"a": ["H00", "H03", "H06"], "b": ["H01"], "c": ["H02", "H05", "H08"]})
+        self.assertEqual({d.deferred for d in intake.deliveries if d.status != "delivering"}, {"host_busy"})
+        self.assertEqual(len({d.claim_token for d in claimed}), 7)
+        self.assertEqual({len(d.claim_token or "") for d in claimed}, {32})
+        self.assertEqual(claimed[0].claimed_until, T0 + 90.0 + 60.0)
+        self.assertEqual({d.claimed_until for d in claimed[1:]}, {T0 + 30.0 + 60.0})
+        # Every place is held until the write: no more room at any of them.
+        self.assertEqual([hosts.room(f"http://{h}.example:80") for h in "abc"], [0, 0, 0])
+        self.successResultOf(intake.when_stored(dispatcher.store.add_deliveries(intake.deliveries)))
+        self.assertEqual(sorted(s.url for s in client.sent), [
+            "http://a.example/0", "http://a.example/3", "http://b.example/1", "http://c.example/2", "http://c.example/5",
+        ])
+
     def test_a_failed_write_gives_its_places_at_the_host_back(self) -> None:
         clock = clock_at()
         store = MemoryStore(clock)

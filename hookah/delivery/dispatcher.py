@@ -207,10 +207,11 @@ class Dispatcher(Service):
         """Why a scheduled delivery is not attempted yet (``hookah.delivery.waiting``)."""
         return why_waiting(delivery, self.clock.seconds(), self.hosts)
 
-    def _lease(self, delivery: Delivery) -> float:
+    def _lease_from(self, now: float, timeout: Optional[float]) -> float:
+        """The end of a claim taken at ``now`` for an attempt with this timeout (the default: ``None``)."""
         if self.lease is not None:
-            return self.clock.seconds() + self.lease
-        return lease_until(self.clock.seconds(), delivery.timeout or self.timeout)
+            return now + self.lease
+        return lease_until(now, timeout or self.timeout)
 
     def claims(self) -> List[Any]:
         """(delivery id, claim token) of every claim held now, for lease renewal."""
@@ -233,27 +234,45 @@ class Dispatcher(Service):
         room = self.concurrency - len(self._in_flight) if self.running else 0
         stored: List[Delivery] = []
         start_now: List[Tuple[Delivery, str]] = []
+        # An event's notifications come in hundreds, often to few hosts: each
+        # host's room is asked once and counted down here (each place taken
+        # lowers it by one), the lease is reckoned once for the default
+        # timeout, and the claim tokens come from one draw of randomness.
+        rooms: Dict[str, int] = {}
+        reserved: Dict[str, int] = {}
+        lease = self._lease_from(now, None)
+        tokens = os.urandom(16 * min(room, len(deliveries))).hex() if room > 0 else ""
         for delivery in deliveries:
             due = delivery.next_attempt_at is None or delivery.next_attempt_at <= now
             if due and room > 0 and delivery.status == SCHEDULED:
                 host = host_key(delivery.url)
-                if self.hosts.room(host) > 0:
+                left = rooms.get(host)
+                if left is None:
+                    left = self.hosts.room(host)
+                if left > 0:
                     # Its place at the host is held from now until the write
                     # commits and it starts (or waits): the intakes of a burst
                     # that are still being written count against the host's
                     # room, so none is claimed only to find the host full.
-                    self.hosts.reserve(host)
+                    rooms[host] = left - 1
+                    reserved[host] = reserved.get(host, 0) + 1
+                    taken = 32 * len(start_now)
                     delivery = delivery.replace(
-                        status=DELIVERING, claimed_until=self._lease(delivery), claim_token=os.urandom(16).hex()
+                        status=DELIVERING,
+                        claimed_until=lease if delivery.timeout is None else self._lease_from(now, delivery.timeout),
+                        claim_token=tokens[taken : taken + 32],
                     )
                     start_now.append((delivery, host))
                     room -= 1
                 else:
                     # Its host is busy or paused: stored already pushed back,
                     # rather than claimed now only to be put back at once.
+                    rooms[host] = left
                     at, why = self._deferral(host)
                     delivery = delivery.replace(next_attempt_at=at, deferred=why)
             stored.append(delivery)
+        for host, count in reserved.items():
+            self.hosts.reserve(host, count)
         return Intake(stored, self, [(d, self._reserve(d.id), host) for d, host in start_now])
 
     def _stored(self, claimed: List[Tuple[Delivery, Deferred, str]], deliveries: List[Delivery]) -> None:

@@ -252,13 +252,13 @@ class HostGate:
         free = max(0, self.limit - state.in_flight) + max(0, self._waiting_room(state) - len(state.waiting))
         return max(0, free - state.reserved)
 
-    def reserve(self, host: str) -> None:
+    def reserve(self, host: str, count: int = 1) -> None:
         """
-        Hold one place of ``room`` for a delivery claimed now but started
-        only once its write commits: ``admit(host, reserved=True)`` uses the
-        place up, ``unreserve`` gives it back (the write failed).
+        Hold ``count`` places of ``room`` for deliveries claimed now but
+        started only once their write commits: ``admit(host, reserved=True)``
+        uses one place up, ``unreserve`` gives one back (the write failed).
         """
-        self.state(host).reserved += 1
+        self.state(host).reserved += count
 
     def unreserve(self, host: str) -> None:
         state = self._hosts.get(host)
