@@ -13,7 +13,7 @@ cgroup v1 (a ``cgroup`` mount with the ``cpu`` controller:
 otherwise cgroup v2 (a ``cgroup2`` mount offering ``cpu``: ``cpu.max``).
 The groups are made next to the cgroup this process is in (v1) or at the
 root of the v2 mount (v2 forbids enabling a controller below a group that
-holds processes), named ``hookah-bench-<this pid>-<label>``, and removed by
+holds processes), named ``hookah-bench-<this pid>-<sequence>-<label>``, and removed by
 ``remove_all``: the processes still in them are moved back to the parent
 first. Groups left by a benchmark that was killed (its pid gone) are
 removed when the next one starts. On v2 the ``cpu`` controller, once
@@ -86,7 +86,8 @@ class Group:
     def __init__(self, caps: CpuCaps, label: str) -> None:
         self.caps = caps
         self.label = label
-        self.name = f"{PREFIX}{os.getpid()}-{label}"
+        caps.made += 1
+        self.name = f"{PREFIX}{os.getpid()}-{caps.made}-{label}"
         self.path = os.path.join(caps.parent, self.name)
         # The path as /proc/<pid>/cgroup shows it.
         self.cgroup_path = os.path.join(caps.parent_cgroup_path, self.name)
@@ -181,6 +182,7 @@ class CpuCaps:
         self.cores = cores
         self.period_us = period_us
         self.groups: List[Group] = []
+        self.made = 0  # groups made so far: each name is new
         self.version, self.parent, self.parent_cgroup_path = self._hierarchy()
         self._remove_stale()
         # One probe: a group can be made and given a quota (root, writable mount).

@@ -376,7 +376,7 @@ def report(results: List[Tuple[int, Dict[str, Any]]], cap: Optional[float]) -> N
     cap_column = "" if cap is None else " cores used by each worker | most a worker waited for a CPU |"
     print()
     print(f"| round | workers | drained/s (from start-up) | drained/s (from the first delivery) | vs 1 worker (same round) "
-          f"| Hookah CPU per delivery | PostgreSQL CPU per delivery | PostgreSQL transactions per delivery "
+          f"| Hookah CPU per delivery | PostgreSQL CPU per delivery | PostgreSQL transactions, row updates per delivery "
           f"| machine busy (cores) |{cap_column} load average |")
     # CPU and busy cores: from the first delivery to the last.
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cap is not None else "") + "---|")
@@ -389,7 +389,7 @@ def report(results: List[Tuple[int, Dict[str, Any]]], cap: Optional[float]) -> N
         if cap is not None:
             used = (f" {min(f['used']):.2f}–{max(f['used']):.2f} | {max(f['waits']):.0%} |" if f["used"] else " n/a | n/a |")
         print(f"| {f['round']} | {n} | {f['from_start']:,.0f} | {f['from_first']:,.0f} | {ratio} | {f['drain_ms']:.2f} ms "
-              f"| {pg} | {f['transactions']:.2f} | {busy} |{used} {f['load'][0]:.1f} → {f['load'][1]:.1f} |")
+              f"| {pg} | {f['transactions']:.2f}, {f['updates']:.2f} | {busy} |{used} {f['load'][0]:.1f} → {f['load'][1]:.1f} |")
     medians = {n: statistics.median(f["from_first"] for m, f in results if m == n) for n in dict(results)}
     middles = {n: statistics.median(f["middle"] for m, f in results if m == n) for n in dict(results)}
     print()
