@@ -15,7 +15,7 @@ import base64
 import json
 import os
 import random
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import attr
 from twisted.application.service import Service
@@ -154,6 +154,11 @@ class Dispatcher(Service):
         # The newest claim this dispatcher was handed on it (``_adopt``).
         self._tokens: Dict[str, Optional[str]] = {}
         self._in_flight: Dict[str, Deferred] = {}
+        # Deliveries whose outcome or hand-back this dispatcher is writing:
+        # the write ends the claim in the store before its answer arrives
+        # here, so a renewal that finds it gone meanwhile lost nothing
+        # (``still_holds``). Until ``_release``.
+        self._ending: Set[str] = set()
         # Metric children by label value (attempts by status code, finished
         # deliveries by status), looked up once each.
         self._attempt_counters: Dict[Optional[int], Any] = {}
@@ -216,6 +221,17 @@ class Dispatcher(Service):
     def claims(self) -> List[Any]:
         """(delivery id, claim token) of every claim held now, for lease renewal."""
         return [(i, t) for i, t in self._tokens.items() if t is not None]
+
+    def still_holds(self, delivery_id: str, token: str) -> bool:
+        """
+        Whether the claim ``token`` on the delivery is still this
+        dispatcher's to keep: not ended by its own outcome or hand-back
+        (written, or being written), nor replaced by a newer claim it
+        adopted. A renewal that finds such a claim gone in the store lost
+        nothing; one that finds a claim held this way gone, lost it to
+        another deliverer.
+        """
+        return self._tokens.get(delivery_id) == token and delivery_id not in self._ending
 
     def wake(self) -> None:
         """Look for due work now (another node announced some)."""
@@ -297,12 +313,14 @@ class Dispatcher(Service):
     def _reserve(self, delivery_id: str) -> Deferred:
         slot: Deferred = Deferred()
         self._in_flight[delivery_id] = slot
+        self._ending.discard(delivery_id)
         return slot
 
     def _release(self, delivery_id: str, slot: Deferred, wake: bool = True) -> None:
         if self._in_flight.get(delivery_id) is slot:
             del self._in_flight[delivery_id]
             self._tokens.pop(delivery_id, None)
+            self._ending.discard(delivery_id)
         slot.callback(None)
         if self._starved:
             # A poll that found no room armed no timer: the first slot
@@ -486,6 +504,7 @@ class Dispatcher(Service):
         again; either way the store holds the newer claim now.
         """
         token = self._tokens.get(delivery_id)
+        self._ending.add(delivery_id)
         d = self.store.reschedule(delivery_id, at, why, claim_token=token)
         d.addCallback(self._rescheduled, delivery_id, at, why, token)
         return d
@@ -506,6 +525,7 @@ class Dispatcher(Service):
         after it) leaves the new claim to hand back, due now.
         """
         token = self._tokens.get(delivery_id)
+        self._ending.add(delivery_id)
         d = self.store.finish_attempt(delivery_id, attempt, status, next_attempt_at, follow_ups, claim_token=token)
         d.addCallbacks(
             self._finished, self._finish_refused,

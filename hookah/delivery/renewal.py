@@ -7,6 +7,13 @@ leases of everything it holds (in flight, or waiting for a slot to its host)
 every third of the lease, in one statement; a claim reported lost was taken
 over by another node, whose outcome will stand (ours is then refused when
 written: ``ClaimLost``).
+
+A claim the store no longer has is not always lost: the dispatcher's own
+outcome or hand-back may have ended it while the renewal was out (its
+write commits before its answer reaches the dispatcher, which lists the
+claim until then; on a loaded node, or one whose writes are grouped, that
+is often). Only the claims the dispatcher still holds once the answer is
+in (``Dispatcher.still_holds``) are reported lost.
 """
 
 from __future__ import annotations
@@ -42,9 +49,11 @@ class LeaseRenewer(TimerService):
         if not claims:
             return succeed(None)
         now = self.now()
+        tokens = dict(claims)
         d = self.store.renew_claims(claims, now, now + self.lease)
 
-        def renewed(lost: List[str]) -> None:
+        def renewed(gone: List[str]) -> None:
+            lost = [i for i in gone if self.dispatcher.still_holds(i, tokens[i])]
             if lost:
                 self.lost += len(lost)
                 log.warn("{count} claims were lost before they could be renewed: {ids}",
