@@ -28,6 +28,15 @@ class IEventListener(Interface):
 
 
 class IDeliveryOutcomeListener(Interface):
+    def wants(delivery, attempt):  # type: ignore[misc]
+        """
+        Whether to be told (``delivery_finished``) that ``delivery``, as it
+        was before ``attempt``, reached a final state with ``attempt`` as
+        its last. Asked first, without side effects: a listener that acts on
+        a few outcomes (a ``410`` to a WebSub callback) then costs the
+        dispatcher no finished record for every other delivery.
+        """
+
     def delivery_finished(delivery):  # type: ignore[misc]
         """
         ``delivery`` (with its attempts, the last one included) reached a

@@ -26,6 +26,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web import server
 from twisted.web.resource import Resource
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from hookah import __version__
@@ -41,9 +42,11 @@ from hookah.model import (
     KIND_ERRBACK,
     KIND_WEBSUB,
     SCHEDULED,
+    Attempt,
     Delivery,
 )
 from hookah.delivery.signing import Signer
+from hookah.listeners import IDeliveryOutcomeListener
 from hookah.storage.interface import IStore, StorageUnavailable
 from hookah.storage.memory import MemoryStore
 from tests.storeflavours import LaterFlavour, LaterStore, MemoryFlavour, SQLiteFlavour, run_on
@@ -520,6 +523,55 @@ class ReportTests(DispatcherTestCase):
         self.assertEqual(self.get(dispatcher, "D1").status, FAILED)
         self.assertEqual(client.to("cb.example"), [])
         self.assertEqual(len(self.all_deliveries(dispatcher)), 1)
+
+
+@implementer(IDeliveryOutcomeListener)
+class Listener:
+    """An outcome listener that wants the finished deliveries ``wanted`` picks."""
+
+    def __init__(self, wanted: Callable[[Delivery, Attempt], bool]) -> None:
+        self.wanted = wanted
+        self.asked: List[Tuple[str, Optional[int]]] = []
+        self.told: List[Delivery] = []
+
+    def wants(self, delivery: Delivery, attempt: Attempt) -> bool:
+        self.asked.append((delivery.id, attempt.status_code))
+        return self.wanted(delivery, attempt)
+
+    def delivery_finished(self, delivery: Delivery) -> None:
+        self.told.append(delivery)
+
+
+class OutcomeListenerTests(DispatcherTestCase):
+    def test_listeners_are_told_of_the_final_outcomes_they_want(self) -> None:
+        # D1 is delivered, D2 answered 410 (final), D3 retried after a 500
+        # (not final: no listener is asked), D4 answered 410 with an errback
+        # (its report needs the finished record anyway).
+        codes = {"/1": 200, "/2": 410, "/3": 500, "/4": 410}
+        gone = Listener(lambda delivery, attempt: attempt.status_code == 410)
+        nothing = Listener(lambda delivery, attempt: False)
+        verifyObject(IDeliveryOutcomeListener, gone)
+        clock, client, dispatcher = self.fake(
+            lambda sent: (codes.get(sent.url[len("http://a.example"):], 200), (), b""), outcome_listeners=[gone, nothing],
+        )
+        self.submit(
+            dispatcher,
+            self.delivery("D1", "http://a.example/1"),
+            self.delivery("D2", "http://a.example/2"),
+            self.delivery("D3", "http://a.example/3", retries=1),
+            self.delivery("D4", "http://a.example/4", errback="http://err.example/"),
+        )
+        clock.advance(0)
+        # D4's errback report (delivered) is asked about too.
+        asked = [("D1", 200), ("D2", 410), ("D4", 410), ("report", 200)]
+        for listener in (gone, nothing):
+            self.assertEqual(sorted((i if i.startswith("D") else "report", c) for i, c in listener.asked), asked)
+        self.assertEqual(nothing.told, [])
+        self.assertEqual(sorted((d.id, d.status, [a.status_code for a in d.attempts]) for d in gone.told), [
+            ("D2", "failed", [410]), ("D4", "failed", [410]),
+        ])
+        # The 410s were stored before the listener heard of them.
+        self.assertEqual(self.get(dispatcher, "D2").status, "failed")
 
 
 class LifecycleTests(DispatcherTestCase):

@@ -484,6 +484,15 @@ class HubTests(MemoryFlavour, SynchronousTestCase):
         self.assertIsNone(self.successResultOf(waiting))
         self.assertEqual(self.hub._pending, 0)
 
+    def test_the_hub_wants_to_hear_only_of_a_410_to_a_notification(self) -> None:
+        # Asked before the dispatcher builds the finished record.
+        notification = Delivery(id="D1", url=CALLBACK, body=b"x", kind=KIND_WEBSUB, topic=TOPIC, status=DELIVERING)
+        self.assertTrue(self.hub.wants(notification, Attempt(T0, 410, "HTTP 410")))
+        for status_code in (200, 404, 500, None):
+            self.assertFalse(self.hub.wants(notification, Attempt(T0, status_code, "x")), status_code)
+        webhook = Delivery(id="D2", url=CALLBACK, body=b"x", kind=KIND_DISPATCH, status=DELIVERING)
+        self.assertFalse(self.hub.wants(webhook, Attempt(T0, 410, "HTTP 410")))
+
     def test_410_removes_subscription(self) -> None:
         d = self.hub.submit(sub())
         self.client.pop().echo()

@@ -67,6 +67,7 @@ from hookah.model import (
     CANCELLED_UNSUBSCRIBED,
     TextEnum,
     KIND_WEBSUB,
+    Attempt,
     Delivery,
     Subscription,
 )
@@ -595,6 +596,10 @@ class WebSubHub(Service):
         return True
 
     # -- the end of subscriptions ------------------------------------------------
+
+    def wants(self, delivery: Delivery, attempt: Attempt) -> bool:
+        """``IDeliveryOutcomeListener``: only a WebSub notification answered ``410 Gone``."""
+        return delivery.kind == KIND_WEBSUB and delivery.topic is not None and attempt.status_code == 410
 
     def delivery_finished(self, delivery: Delivery) -> Optional[Deferred]:
         """
