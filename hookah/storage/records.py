@@ -8,6 +8,7 @@ in what a row holds, so the mapping lives here once.
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring_ascii as _json_text
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hookah.model import DELIVERED, FAILED, Attempt, Delivery, Event, Headers
@@ -20,9 +21,15 @@ DELIVERY_COLUMNS = (
 
 
 def dump_headers(headers: Headers) -> str:
+    """
+    ``json.dumps([[name, value], ...])``, the same text, built from the C
+    string encoder json.dumps itself uses: half its cost, which counts on
+    the way to the first send of a WebSub event (the 200 rows of one event
+    carry a Link and a signature header each).
+    """
     if not headers:
         return "[]"  # most deliveries: json.dumps costs a microsecond or two for it
-    return json.dumps([[name, value] for name, value in headers])
+    return "[" + ", ".join(["[" + _json_text(name) + ", " + _json_text(value) + "]" for name, value in headers]) + "]"
 
 
 def load_headers(text: str) -> Headers:
