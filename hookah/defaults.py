@@ -70,8 +70,9 @@ CLAIM_LEASE = 30.0
 # the single SQLite writer keeps serving the requests queued in between.
 PURGE_BATCH = 10_000
 
-# Seconds the SQLite writer waits, when others are queued behind the write
-# it took, so that they share its commit and fsync (storage/sqlite/worker.py).
+# Seconds the SQLite writer waits when the server is busy (writes queued
+# behind the one it took, or the last commit less than this ago), so that
+# more share its commit and fsync (storage/sqlite/worker.py).
 SQLITE_COMMIT_DELAY = 0.001
 
 # Limits at the socket (hookah.web.channel): seconds a request head may

@@ -1,8 +1,10 @@
 """
-``SQLWorker``'s commit delay: a write with others queued behind it waits a
-moment so that what arrives meanwhile shares its commit; a lone write never
-waits. Real thread, real reactor; the delay itself is a function the test
-controls, so nothing here depends on how long anything takes.
+``SQLWorker``'s commit delay: a write with others queued behind it, or one
+that comes less than the delay after the last commit, waits a moment so
+that what arrives meanwhile shares its commit; a write after a pause never
+waits. Real thread, real reactor; the delay and the worker's clock are
+functions the test controls, so nothing here depends on how long anything
+takes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class CommitDelayTests(TestCase):
         self.sleeping = threading.Event()
         self.resume = threading.Event()
         self.addCleanup(self.resume.set)
+        # The worker's clock: it moves only when a test moves it.
+        self.now = 1000.0
 
     def sleep(self, seconds: float) -> None:
         """The worker's delay: noted, and held until the test says go."""
@@ -51,7 +55,9 @@ class CommitDelayTests(TestCase):
             connection.execute("CREATE TABLE IF NOT EXISTS t (v TEXT)")
             return connection
 
-        worker = SQLWorker(connect, reactor, path=path, batch_limit=100, commit_delay=delay, sleep=self.sleep)
+        worker = SQLWorker(
+            connect, reactor, path=path, batch_limit=100, commit_delay=delay, sleep=self.sleep, clock=lambda: self.now
+        )
         yield worker.start()
         self.addCleanup(worker.stop)
         return worker
@@ -79,6 +85,19 @@ class CommitDelayTests(TestCase):
         yield worker.submit(insert("a"), write=True)
         self.assertEqual(self.sleeps, [])
         self.assertEqual(worker.transactions - before, 1)
+        # Long after that commit: still alone, still not delayed.
+        self.now += 1.0
+        yield worker.submit(insert("b"), write=True)
+        self.assertEqual(self.sleeps, [])
+
+    @inlineCallbacks
+    def test_a_write_soon_after_a_commit_waits(self) -> _Gen:
+        worker = yield self.start(delay=0.001)
+        yield worker.submit(insert("a"), write=True)
+        self.now += 0.0005  # within the delay of that commit: the server is busy
+        self.resume.set()  # the delay passes at once
+        yield worker.submit(insert("b"), write=True)
+        self.assertEqual(self.sleeps, [0.001])
 
     @inlineCallbacks
     def test_writes_queued_behind_one_wait_and_what_comes_meanwhile_joins_them(self) -> _Gen:
