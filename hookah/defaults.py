@@ -73,7 +73,7 @@ PURGE_BATCH = 10_000
 # Seconds the SQLite writer waits when the server is busy (writes queued
 # behind the one it took, or the last commit less than this ago), so that
 # more share its commit and fsync (storage/sqlite/worker.py).
-SQLITE_COMMIT_DELAY = 0.001
+SQLITE_COMMIT_DELAY = 0.0002
 
 # Limits at the socket (hookah.web.channel): seconds a request head may
 # take, bytes per second a body must average, connections carrying requests
