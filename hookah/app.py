@@ -291,5 +291,7 @@ class HookahService(MultiService):
             await self.site.close_connections()
             await self.client.close()
             await self.store.close()
+            # Under --workers the last counts go to the shared files too.
+            self.metrics.fold()
 
         return ensureDeferred(stop())

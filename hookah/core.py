@@ -127,8 +127,8 @@ class HookahCore:
         self.history_count = history_count
         self.history_age = history_age
         self.metrics = metrics or Metrics()
-        self._url_dispatches = self.metrics.dispatches.labels("url")
-        self._topic_dispatches = self.metrics.dispatches.labels("topic")
+        self._url_dispatches = self.metrics.tally(self.metrics.dispatches.labels("url"))
+        self._topic_dispatches = self.metrics.tally(self.metrics.dispatches.labels("topic"))
         # Requests whose idempotency key is being stored right now: a
         # concurrent repeat waits for the first instead of queueing twice.
         self._pending_keys: Dict[str, List[Deferred]] = {}

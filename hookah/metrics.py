@@ -33,6 +33,43 @@ class _StateCollector(Collector):
             yield family
 
 
+class Tally:
+    """
+    Increments of one counter child kept as a plain int on the hot path and
+    added to the child whenever metrics are collected (a scrape, the status
+    page, ``Metrics.refresh`` under ``--workers``): prometheus_client takes
+    a lock and checks the metric on every ``inc``, and the counters a
+    webhook moves cost about 3 % of the reactor thread under dispatch load.
+    Reactor thread only, like everything that collects.
+    """
+
+    __slots__ = ("_child", "count")
+
+    def __init__(self, child: Counter) -> None:
+        self._child = child
+        self.count = 0
+
+    def inc(self) -> None:
+        self.count += 1
+
+    def fold(self) -> None:
+        count = self.count
+        if count:
+            self.count = 0
+            self._child.inc(count)
+
+
+class _Folder(Collector):
+    """Registered before every metric, so each collection starts by folding the tallies in."""
+
+    def __init__(self, fold: Callable[[], None]) -> None:
+        self._fold = fold
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        self._fold()
+        return iter(())
+
+
 class Metrics:
     """
     Under ``--workers`` (``PROMETHEUS_MULTIPROC_DIR`` set by the master, see
@@ -45,6 +82,8 @@ class Metrics:
         self.shared_dir = shared_dir if shared_dir is not None else os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
         self._local: List[Tuple[Gauge, Tuple[str, ...], GaugeReader]] = []
         self.registry = CollectorRegistry(auto_describe=True)
+        self._tallies: List[Tally] = []
+        self.registry.register(_Folder(self.fold))
         self.dispatches = Counter(
             "hookah_dispatches_accepted", "Requests accepted by /dispatch", ["target"], registry=self.registry
         )
@@ -89,8 +128,20 @@ class Metrics:
         elif not shared_only:
             self._state.gauges[name] = (doc, labels, read)
 
+    def tally(self, child: Counter) -> Tally:
+        """A ``Tally`` for ``child`` (a counter, or one of its label children), folded in at each collection."""
+        tally = Tally(child)
+        self._tallies.append(tally)
+        return tally
+
+    def fold(self) -> None:
+        """Add every tally's count to its counter."""
+        for tally in self._tallies:
+            tally.fold()
+
     def refresh(self) -> None:
-        """Publish this worker's ``local`` gauges for the others' scrapes (a timer calls it)."""
+        """Publish this worker's tallies and ``local`` gauges for the others' scrapes (a timer calls it)."""
+        self.fold()
         for gauge, labels, read in self._local:
             if not labels:
                 for _, value in read():

@@ -22,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from hookah.logs import JsonLineObserver
+from hookah.metrics import Metrics as HookahMetrics
 from hookah.model import DELIVERED, FAILED, Delivery, Subscription
 from hookah.web.recent import id_at, newest_deliveries
 from hookah.storage.memory import MemoryStore
@@ -146,6 +147,18 @@ class Metrics(TestCase):
             self.assertTrue((await response.content()).endswith(b"# EOF\n"))
 
         return ensureDeferred(go())
+
+
+    def test_tallied_counts_show_at_every_collection(self) -> None:
+        metrics = HookahMetrics(shared_dir="")
+        url = metrics.tally(metrics.dispatches.labels("url"))
+        for _ in range(3):
+            url.inc()
+        self.assertEqual(metrics.registry.get_sample_value("hookah_dispatches_accepted_total", {"target": "url"}), 3.0)
+        url.inc()
+        found = samples(metrics.render().decode())
+        self.assertEqual(found["hookah_dispatches_accepted_total"][(("target", "url"),)], 4.0)
+        self.assertEqual(metrics.registry.get_sample_value("hookah_dispatches_accepted_total", {"target": "url"}), 4.0)
 
 
 class StatusPageContent(TestCase):

@@ -159,8 +159,8 @@ class Dispatcher(Service):
         # here, so a renewal that finds it gone meanwhile lost nothing
         # (``still_holds``). Until ``_release``.
         self._ending: Set[str] = set()
-        # Metric children by label value (attempts by status code, finished
-        # deliveries by status), looked up once each.
+        # Tallies of metric children by label value (attempts by status
+        # code, finished deliveries by status), made once each.
         self._attempt_counters: Dict[Optional[int], Any] = {}
         self._outcome_counters: Dict[str, Any] = {}
         self._timer: Optional[IDelayedCall] = None
@@ -674,15 +674,17 @@ class Dispatcher(Service):
         # few label values there are are looked up once.
         attempts = self._attempt_counters.get(attempt.status_code)
         if attempts is None:
-            attempts = self._attempt_counters[attempt.status_code] = self.metrics.attempts.labels(
-                result_class(attempt.status_code)
+            attempts = self._attempt_counters[attempt.status_code] = self.metrics.tally(
+                self.metrics.attempts.labels(result_class(attempt.status_code))
             )
         attempts.inc()
         self.metrics.attempt_seconds.observe(now - started)
         if decision.final:
             finished_counter = self._outcome_counters.get(decision.status)
             if finished_counter is None:
-                finished_counter = self._outcome_counters[decision.status] = self.metrics.deliveries.labels(decision.status)
+                finished_counter = self._outcome_counters[decision.status] = self.metrics.tally(
+                    self.metrics.deliveries.labels(decision.status)
+                )
             finished_counter.inc()
         if decision.status != DELIVERED:
             # Successes are counted in the metrics and kept in storage; a log
