@@ -6,7 +6,7 @@ once, never claimed and returned in a loop).
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -470,6 +470,17 @@ class SlowWriteStore(CountingStore):
 
 
 class SlowWriteTests(MemoryFlavour, TestCase):
+    def unanswered(self, clock: Clock, hosts: HostGate) -> Tuple[FakeClient, Dispatcher]:
+        """A started dispatcher on a memory store whose client never answers (the test looks at what it sent)."""
+        client = FakeClient(clock, lambda sent: None)
+        self.addCleanup(client.fail_outstanding)
+        dispatcher = Dispatcher(
+            self.make_store(clock, MemoryStore(clock)), client, clock, IdGenerator(clock.seconds), (5.0,), timeout=30.0,
+            concurrency=256, hosts=hosts, rand=lambda: 0.5,
+        )
+        dispatcher.startService()
+        return client, dispatcher
+
     def test_intake_claims_no_more_than_the_host_can_take_while_writes_are_out(self) -> None:
         # 2,000 dispatches to one host at 2,000/s, each written 30 ms after
         # it is taken in; the host answers in 20 ms with 16 slots (800/s).
@@ -514,15 +525,8 @@ class SlowWriteTests(MemoryFlavour, TestCase):
         # and one place reserved), the rest are stored pushed back; every
         # claim has a token of its own and a lease for its own timeout.
         clock = clock_at()
-        store = MemoryStore(clock)
-        client = FakeClient(clock, lambda sent: None)
-        self.addCleanup(client.fail_outstanding)
         hosts = HostGate(clock, limit=2, max_waiting=1)
-        dispatcher = Dispatcher(
-            self.make_store(clock, store), client, clock, IdGenerator(clock.seconds), (5.0,), timeout=30.0, concurrency=256,
-            hosts=hosts, rand=lambda: 0.5,
-        )
-        dispatcher.startService()
+        client, dispatcher = self.unanswered(clock, hosts)
         hosts.started("http://b.example:80")
         hosts.reserve("http://b.example:80")
         burst = [
@@ -548,15 +552,8 @@ class SlowWriteTests(MemoryFlavour, TestCase):
 
     def test_a_failed_write_gives_its_places_at_the_host_back(self) -> None:
         clock = clock_at()
-        store = MemoryStore(clock)
-        client = FakeClient(clock, lambda sent: None)
-        self.addCleanup(client.fail_outstanding)
         hosts = HostGate(clock, limit=2, max_waiting=0)
-        dispatcher = Dispatcher(
-            self.make_store(clock, store), client, clock, IdGenerator(clock.seconds), (5.0,), timeout=30.0, concurrency=256,
-            hosts=hosts, rand=lambda: 0.5,
-        )
-        dispatcher.startService()
+        client, dispatcher = self.unanswered(clock, hosts)
         first = dispatcher.intake([Delivery(id=f"X{n}", url="http://two.example/", body=b"x", created_at=T0, next_attempt_at=T0) for n in range(2)])
         self.assertEqual([d.status for d in first.deliveries], ["delivering", "delivering"])
         self.assertEqual(hosts.room("http://two.example:80"), 0)

@@ -84,6 +84,22 @@ def storage_error(error: BaseException) -> Optional[StorageUnavailable]:
     return None
 
 
+def _on_connection(pool: Any, use: Callable[[Any], T]) -> T:
+    """
+    ``use`` a pooled connection (on a pool thread); a lost server becomes
+    ``StorageUnavailable`` and has the pool check its other connections.
+    """
+    try:
+        with pool.connection() as connection:
+            return use(connection)
+    except BaseException as e:
+        error = storage_error(e)
+        if error is not None:
+            pool.check()
+            raise error from e
+        raise
+
+
 @implementer(IStore, ISharedStore)
 class PostgresStore:
     """``IStore`` on PostgreSQL; see the module docstring."""
@@ -218,16 +234,11 @@ class PostgresStore:
             return fail(StorageUnavailable("the PostgreSQL store is closed"))
 
         def call() -> T:
-            try:
-                with pool.connection() as connection:
-                    with connection.cursor() as cursor:
-                        return work(cursor)
-            except BaseException as e:
-                error = storage_error(e)
-                if error is not None:
-                    pool.check()
-                    raise error from e
-                raise
+            def on_cursor(connection: Any) -> T:
+                with connection.cursor() as cursor:
+                    return work(cursor)
+
+            return _on_connection(pool, on_cursor)
 
         d = deferToThreadPool(self._reactor, self._threads, call)
         if notify is not None:
@@ -239,15 +250,7 @@ class PostgresStore:
         pool = self._pool
         if pool is None:
             raise StorageUnavailable("the PostgreSQL store is closed")
-        try:
-            with pool.connection() as connection:
-                return transact(connection, batch)
-        except BaseException as e:
-            error = storage_error(e)
-            if error is not None:
-                pool.check()
-                raise error from e
-            raise
+        return _on_connection(pool, lambda connection: transact(connection, batch))
 
     def _write(self, op: Operation, notify: Optional[str] = None) -> Deferred[Any]:
         """Queue ``op`` for the next batch of writes."""
