@@ -12,6 +12,9 @@ from typing import Any, Dict, List
 from urllib.parse import quote
 
 import attr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, fail
@@ -159,6 +162,41 @@ class Metrics(TestCase):
         found = samples(metrics.render().decode())
         self.assertEqual(found["hookah_dispatches_accepted_total"][(("target", "url"),)], 4.0)
         self.assertEqual(metrics.registry.get_sample_value("hookah_dispatches_accepted_total", {"target": "url"}), 4.0)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.one_of(
+        st.sampled_from([0.0, 0.005, 0.01, 0.025, 0.1, 1.0, 60.0, 61.0]),
+        st.floats(min_value=0, max_value=1e6, allow_nan=False),
+    ), max_size=30))
+    def test_histogram_tally_collects_what_observe_would(self, amounts: List[float]) -> None:
+        metrics = HookahMetrics(shared_dir="")
+        registry = CollectorRegistry()
+        reference = Histogram(
+            "hookah_attempt_duration_seconds", "reference", registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        for amount in amounts:
+            metrics.attempt_timings.observe(amount)
+            reference.observe(amount)
+        self.assertFalse(metrics.attempt_timings.direct)
+        got = samples(metrics.render().decode())
+        want = samples(generate_latest(registry).decode())
+        for name in ("hookah_attempt_duration_seconds_bucket", "hookah_attempt_duration_seconds_count"):
+            self.assertEqual(got[name], want[name])
+        self.assertAlmostEqual(got["hookah_attempt_duration_seconds_sum"][()], want["hookah_attempt_duration_seconds_sum"][()])
+
+    def test_histogram_tally_without_the_expected_internals_observes_directly(self) -> None:
+        observed: List[float] = []
+
+        class Other:
+            def observe(self, amount: float) -> None:
+                observed.append(amount)
+
+        tally = HookahMetrics(shared_dir="").histogram_tally(Other())  # type: ignore[arg-type]
+        self.assertTrue(tally.direct)
+        tally.observe(0.5)
+        tally.fold()
+        self.assertEqual(observed, [0.5])
 
 
 class StatusPageContent(TestCase):

@@ -678,7 +678,7 @@ class Dispatcher(Service):
                 self.metrics.attempts.labels(result_class(attempt.status_code))
             )
         attempts.inc()
-        self.metrics.attempt_seconds.observe(now - started)
+        self.metrics.attempt_timings.observe(now - started)
         if decision.final:
             finished_counter = self._outcome_counters.get(decision.status)
             if finished_counter is None:
