@@ -18,12 +18,13 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import datetimeToString, parse_qs
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from hookah import defaults
 from hookah.web.channel import HookahChannel, Refuser, SocketLimits
+from hookah.web.query import QueryCache
 from hookah.storage.interface import StorageUnavailable
 
 log = Logger()
@@ -255,6 +256,8 @@ class HookahRequest(server.Request):
     """Whether the connection was lost before the response ended."""
     _received = 0
     _max_body: Optional[int] = None
+    # One per process: the reactor thread is the only one parsing requests.
+    queries = QueryCache()
 
     def connectionLost(self, reason: Failure) -> None:
         self.gone = True
@@ -286,8 +289,9 @@ class HookahRequest(server.Request):
         ``http.Request.requestReceived`` for a site that leaves bodies to
         the resources (``parsePOSTFormSubmission=False``, as ``make_site``
         makes it): the same ``method``, ``uri``, ``path``, ``args`` and
-        ``clientproto`` (the query parsed by Twisted's ``parse_qs``), without
-        the ``Content-Type`` look-up that only serves form parsing.
+        ``clientproto`` (the query parsed by Twisted's ``parse_qs``, through
+        a ``QueryCache`` for the queries a process sees again and again),
+        without the ``Content-Type`` look-up that only serves form parsing.
         """
         if self._parsePOSTFormSubmission:
             super().requestReceived(command, path, version)
@@ -296,7 +300,7 @@ class HookahRequest(server.Request):
         self.method, self.uri, self.clientproto = command, path, version
         base, mark, query = path.partition(b"?")
         self.path = base
-        self.args = parse_qs(query, 1) if mark else {}
+        self.args = self.queries(query) if mark else {}
         self.process()
 
     def handleContentChunk(self, data: bytes) -> None:
