@@ -85,6 +85,7 @@ class AnswerSendTestCase(TestCase):
         service, base = await start_hookah(self)
         port = int(base.rsplit(":", 1)[1])
         self.patch(fastwrite.fast_path, "enabled", False)
+        self.patch(fastwrite.fast_path, "counting", True)
         sends = fastwrite.fast_path.sends
         without = await self.exchange(port, request)
         self.assertEqual(fastwrite.fast_path.sends, sends, "nothing is sent directly with the fast path off")

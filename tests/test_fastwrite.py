@@ -4,7 +4,8 @@ The stream fast path (``hookah.fastwrite``) over real loopback sockets.
 With and without it, a reader receives the same bytes: in each format,
 chunked (HTTP/1.1) or not (HTTP/1.0), through history replay, lone and
 burst events, keep-alives, a reader that stops reading and catches up, the
-end of the stream, and the ``too_slow`` close. And it stands aside, with one
+end of the stream, and the ``too_slow`` close; a write after the write side
+was shut is dropped, as ``transport.write`` drops it. And it stands aside, with one
 log line, for a transport it does not know (TLS) or a Twisted whose
 transport is not what it expects.
 
@@ -21,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import reactor, ssl, tcp
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -33,7 +34,7 @@ from hookah.web import httpstream
 from hookah.fastwrite import FastPath
 from tests.streamsupport import StreamHarness
 from tests.streamwire import ResponseReader
-from tests.support import self_signed_tls
+from tests.support import poll, self_signed_tls
 
 QUERIES = {"json": b"format=json", "sse": b"format=sse", "length": b"delimited=length"}
 # Large enough that a reader catching up never makes a stream give up.
@@ -116,6 +117,8 @@ class WireTestCase(TestCase):
     def setUp(self) -> None:
         # One listening port per harness, whatever the number of readers.
         self.ports: Dict[StreamHarness, Any] = {}
+        # The tests tell direct sends from transport writes by their count.
+        self.patch(fastwrite.fast_path, "counting", True)
 
     def open(
         self,
@@ -284,7 +287,7 @@ class SelfCheckTests(WireTestCase):
 
     def test_tls_streams_write_through_the_transport(self) -> Deferred:
         async def go() -> None:
-            fresh = FastPath()
+            fresh = FastPath(counting=True)
             self.patch(httpstream, "fast_path", fresh)
             logged = self.logged()
             h = StreamHarness()
@@ -314,7 +317,7 @@ class SelfCheckTests(WireTestCase):
         """A TCP transport whose buffer is not what this Twisted's is: off for good, said once."""
 
         async def go() -> None:
-            fresh = FastPath()
+            fresh = FastPath(counting=True)
             self.patch(httpstream, "fast_path", fresh)
             logged = self.logged()
 
@@ -344,7 +347,7 @@ class SelfCheckTests(WireTestCase):
 
     def test_plain_tcp_passes_the_check(self) -> Deferred:
         async def go() -> None:
-            fresh = FastPath()
+            fresh = FastPath(counting=True)
             self.patch(httpstream, "fast_path", fresh)
             logged = self.logged()
             h = StreamHarness()
@@ -357,5 +360,82 @@ class SelfCheckTests(WireTestCase):
             self.assertGreater(fresh.sends, 0)
             self.assertEqual(logged, [])
             await self.close_all(h, client)
+
+        return ensureDeferred(go())
+
+    def test_sends_are_counted_only_when_asked(self) -> Deferred:
+        async def go() -> None:
+            fresh = FastPath()
+            self.patch(httpstream, "fast_path", fresh)
+            h = StreamHarness()
+            first = self.open(h, "json")
+            await first.received(0)
+            h.clock.advance(1)
+            h.publish(h.event("t", b"{}"))
+            await first.received(1)
+            self.assertTrue(fresh.enabled)
+            self.assertEqual(fresh.sends, 0, "not counted unless asked")
+            # Writers made from now on count.
+            fresh.counting = True
+            second = self.open(h, "json")
+            await second.received(0)
+            h.clock.advance(1)
+            h.publish(h.event("t", b"{}"))
+            await second.received(1)
+            await first.received(2)
+            self.assertGreater(fresh.sends, 0)
+            self.assertEqual(second.ids(), ["E000002"])
+            self.assertEqual(first.ids(), ["E000001", "E000002"])
+            closed = h.registry.close_all()
+            await first.lost
+            await second.lost
+            await closed
+
+        return ensureDeferred(go())
+
+    def test_a_shut_write_side_drops_the_write(self) -> Deferred:
+        """After ``loseWriteConnection``, a write is dropped as ``transport.write`` drops it: no send, no error."""
+
+        async def go() -> None:
+            fresh = FastPath(counting=True)
+            received: List[bytes] = []
+            made: Deferred = Deferred()
+
+            class Server(Protocol):
+                def connectionMade(self) -> None:
+                    made.callback(self.transport)
+
+                def dataReceived(self, data: bytes) -> None:
+                    received.append(data)
+
+            port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")  # type: ignore[attr-defined]
+            self.addCleanup(port.stopListening)
+            peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+            self.addCleanup(peer.close)
+            peer.setblocking(False)
+            transport = await made
+            write = fresh.writer(transport)
+            write(b"before")
+            transport.loseWriteConnection()
+            got = bytearray()
+
+            def at_end() -> bool:
+                try:
+                    data = peer.recv(4096)
+                except BlockingIOError:
+                    return False
+                got.extend(data)
+                return not data
+
+            await poll("the peer sees the write side shut", at_end)
+            self.assertEqual(bytes(got), b"before")
+            write(b"after")
+            self.assertEqual(fresh.sends, 1, "only the write before the shut was sent")
+            # The read side still works, and nothing more arrives.
+            peer.send(b"ping")
+            await poll("the server reads on", lambda: b"".join(received) == b"ping")
+            self.assertEqual(peer.recv(4096), b"")
+            self.assertTrue(transport.connected)
+            transport.abortConnection()
 
         return ensureDeferred(go())
