@@ -104,6 +104,53 @@ class FastPollTests(SynchronousTestCase):
         # The loop still serves other sockets.
         self.assertEqual(self.echo(reactor, echo, b"still"), b"STILL")
 
+    def test_calls_from_threads_run_between_socket_events(self) -> None:
+        """
+        A call queued while one socket's event is handled runs before the
+        next socket's event of the same poll, not after all of them.
+        """
+        reactor = self.reactor()
+        self.assertTrue(fastpoll.install(reactor))
+        happened: List[str] = []
+
+        class Recorder(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                happened.append("read")
+                if len(happened) == 1:
+                    reactor.callFromThread(happened.append, "call")
+
+        port = self.listen(reactor, Recorder)
+        clients = [socket.create_connection(("127.0.0.1", port.getHost().port)) for _ in range(2)]
+        for client in clients:
+            self.addCleanup(client.close)
+        turn_until(reactor, lambda: len(reactor.getReaders()) >= 3)  # the port and both connections
+        for client in clients:
+            client.sendall(b"x")
+        # Loopback has both bytes at the server's sockets already: one poll returns both.
+        reactor.doIteration(1.0)
+        self.assertEqual(happened, ["read", "call", "read"])
+
+    def test_a_failing_call_from_a_thread_is_logged_and_the_rest_run(self) -> None:
+        reactor = self.reactor()
+        self.assertTrue(fastpoll.install(reactor))
+        happened: List[str] = []
+
+        def fail() -> None:
+            raise RuntimeError("bad call")
+
+        class Caller(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                reactor.callFromThread(fail)
+                reactor.callFromThread(happened.append, "after")
+
+        port = self.listen(reactor, Caller)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        client.sendall(b"x")
+        turn_until(reactor, lambda: bool(happened))
+        self.assertEqual(happened, ["after"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_another_reactor_keeps_its_own_poll_step(self) -> None:
         reactor = SelectReactor()
         self.addCleanup(reactor.removeAll)
@@ -116,6 +163,10 @@ class FastPollTests(SynchronousTestCase):
         reactor._doReadOrWrite = None  # type: ignore[assignment]
         self.assertIn("_doReadOrWrite", fastpoll.check(reactor) or "")
         self.assertFalse(fastpoll.install(reactor))
+        other = self.reactor()
+        other.threadCallQueue = None  # type: ignore[assignment]
+        self.assertIn("threadCallQueue", fastpoll.check(other) or "")
+        self.assertFalse(fastpoll.install(other))
 
     def test_uninstall_gives_back_the_class_poll_step(self) -> None:
         reactor = self.reactor()
