@@ -46,6 +46,20 @@ class RequestTests(TestCase):
         self.assertEqual(conn.response.headers["transfer-encoding"], "chunked")
         self.assertEqual(conn.response.headers["cache-control"], "no-cache")
 
+    def test_an_open_stream_has_only_its_keepalive_timer(self) -> None:
+        # No deadline runs while a stream is open: its connection's timer
+        # is gone at once rather than waking for nothing a while later.
+        conn = self.h.connect("topic=t")
+        conn.read()
+        self.assertEqual(conn.response.status, 200)
+        (keepalive,) = [c for c in self.h.clock.getDelayedCalls() if c.active()]
+        self.assertAlmostEqual(keepalive.getTime(), self.h.clock.seconds() + 30.0)
+        # The stream still keeps itself alive, and its end leaves no timer.
+        self.h.clock.advance(30.0)
+        self.assertEqual(len([c for c in self.h.clock.getDelayedCalls() if c.active()]), 1)
+        conn.drop()
+        self.assertEqual([c for c in self.h.clock.getDelayedCalls() if c.active()], [])
+
     def test_stream_provides_interfaces(self) -> None:
         from twisted.internet.interfaces import IPushProducer
         from zope.interface.verify import verifyObject

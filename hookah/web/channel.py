@@ -452,6 +452,21 @@ class HookahChannel(HTTPChannel):
         if due and self.transport is not None:
             self._timer = self.callLater(max(0.0, min(min(due) - now, self._step)), self._tick)
 
+    def response_stays_open(self) -> None:
+        """
+        A response that stays open (a stream) has begun. While a request is
+        handled no deadline runs (the head is in, the body read, the idle
+        timeout off until the response ends), so the timer would only wake
+        once more to find nothing due: for thousands of streams opened
+        together, thousands of timer calls at once, in the middle of their
+        events. Cancelled here instead; the next deadline to begin arms it.
+        """
+        timer = self._timer
+        if timer is not None and self._head_from is None and self._window_from is None and self._idle_from is None:
+            if timer.active():
+                timer.cancel()
+            self._timer = None
+
     def setTimeout(self, period: Optional[float]) -> Optional[float]:
         """``TimeoutMixin.setTimeout``: the idle timeout, on the connection's one timer."""
         previous = self.timeOut

@@ -60,6 +60,7 @@ from hookah.model import Event
 from hookah.streams.format import FrameCache, StreamFormat, chunk
 from hookah.streams.registry import ILiveStream, TopicRegistry
 from hookah.fastwrite import fast_path
+from hookah.web.channel import HookahChannel
 
 __all__ = ["HTTPStream", "HISTORY_PAGE", "CLOSE_GRACE", "EXPECT_TAIL"]
 
@@ -168,6 +169,8 @@ class HTTPStream:
         request.setHeader(b"X-Accel-Buffering", b"no")
         request.write(b"")
         channel = request.channel
+        if isinstance(channel, HookahChannel):
+            channel.response_stays_open()
         if isinstance(channel, HTTPChannel) and channel.transport is not None:
             self._transport = channel.transport
             self._chunked = bool(request.chunked)
