@@ -19,6 +19,23 @@ Figures:
   keeping a few requests in flight;
 - latency: from sending the publish request to a reader receiving the
   event, one event at a time, over all readers (p50/p99);
+- one event at a time, deliveries per server CPU-second: readers / server
+  CPU time per event in that same phase.
+  The phase starts with ``--latency-warm-up`` events (20) sent the same
+  way and not measured. Linux ACKs the first segments a socket receives
+  at once, up to 16 (``TCP_MAX_QUICKACKS``; again after a receive gap
+  longer than the retransmission timeout, 200 ms or more), and only then
+  delays ACKs; on loopback that ACK is made and taken inside the server's
+  ``send``, about 1 µs each, billed to the server. How many of a reader's
+  16 are left when the phase begins depends on how many segments the
+  fan-out phase sent that reader: a server that coalesces a burst's
+  events into fewer sends (or whose SQLite commits release several events
+  together) leaves more of them and pays them in the first one-event
+  events instead (5,000 readers: up to 5,000 extra packets and 3-5 ms of
+  server CPU per event for the first dozen events). The warm-up spends
+  them on every reader whatever came before (events one at a time stay
+  well under 200 ms apart at these sizes), so the phase measures the
+  steady per-event cost of any server alike;
 - memory per idle stream: server RSS growth from opening N idle streams,
   divided by N.
 """
@@ -215,16 +232,21 @@ class Publisher:
                 self.send(refill)
 
 
-def measure_latency(bench: Bench, server: Server, events: int) -> Tuple[float, float, float, float]:
+def measure_latency(bench: Bench, server: Server, events: int, warm_up: int = 0) -> Tuple[float, float, float, float]:
     """
     One event at a time: latency p50/p99 over all receipts, the median time
     until the last reader has the event, and server CPU seconds per event.
+    The first ``warm_up`` events are sent the same way and not measured
+    (the readers' quick ACKs, see the module docstring).
     """
     publisher = Publisher(bench, b'{"phase": "latency"}')
     samples: List[float] = []
     lasts: List[float] = []
     cpu0 = server.cpu_seconds()
-    for _ in range(events):
+    for i in range(warm_up + events):
+        if i == warm_up:
+            samples, lasts = [], []
+            cpu0 = server.cpu_seconds()
         for r in bench.readers:
             r.times = []
         base = bench.readers[0].got
@@ -289,6 +311,7 @@ def run_storage(
     memory_streams: int,
     deadline: float,
     twistd_options: Sequence[str] = (),
+    latency_warm_up: int = 20,
 ) -> Tuple[List[Row], Optional[float]]:
     """Every measurement against one Hookah process on ``storage``."""
     rows: List[Row] = []
@@ -306,7 +329,7 @@ def run_storage(
             measure_fanout(bench, server, max(5, 2000 // n))  # warm-up
             events = max(10, fanout_deliveries // n)
             rate, cpu = measure_fanout(bench, server, events)
-            p50, p99, last, cpu_per_event = measure_latency(bench, server, latency_events)
+            p50, p99, last, cpu_per_event = measure_latency(bench, server, latency_events, latency_warm_up)
             bench.close_readers()
             single = n / cpu_per_event if cpu_per_event else float("inf")
             rows.append((storage, n, events, rate, cpu, p50, p99, last, single))
@@ -344,7 +367,9 @@ def section(rows: Sequence[Row], per_stream: Optional[float], memory_streams: in
         "such a burst Hookah queues each frame for the reactor's next write pass, so several events leave "
         "in one `send` per socket; that is why it exceeds the one-event figures. When server CPU is below "
         "100 %, the single client process (not Hookah) was the limit.",
-        "- *One event*: events published one at a time (the next only after every reader has the previous). "
+        "- *One event*: events published one at a time (the next only after every reader has the previous), "
+        "measured after `--latency-warm-up` (20) such events that are not (they spend the readers' first 16 immediate TCP ACKs, "
+        "which Linux sends before it starts delaying ACKs and which loopback bills to the server's `send`). "
         "A lone event is written to each socket at once. \"Last reader after\" is wall time from sending the "
         "publish to the last reader receiving it; it includes the client walking its 1,000 sockets in "
         "Python, which is most of it. \"Deliveries per server CPU-s\" is readers / server CPU time per "
@@ -366,6 +391,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--sizes", default="100,1000", help="numbers of streams, comma-separated")
     parser.add_argument("--deliveries", type=int, default=200_000, help="deliveries per fan-out measurement")
     parser.add_argument("--latency-events", type=int, default=50)
+    parser.add_argument("--latency-warm-up", type=int, default=20,
+                        help="one-at-a-time events sent before the measured ones (readers' quick ACKs; see above)")
     parser.add_argument("--memory-streams", type=int, default=2000)
     parser.add_argument("--budget", type=float, default=300.0, help="seconds before giving up")
     parser.add_argument("--storage", action="append", help="Hookah's --storage, repeatable [default: memory: and a fresh sqlite: file]")
@@ -383,7 +410,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for i, storage in enumerate(storages):
             found, measured = run_storage(
                 storage, sizes, args.deliveries, args.latency_events,
-                args.memory_streams if i == 0 else 0, deadline, args.twistd_option,
+                args.memory_streams if i == 0 else 0, deadline, args.twistd_option, args.latency_warm_up,
             )
             rows.extend(found)
             per_stream = measured if i == 0 else per_stream
