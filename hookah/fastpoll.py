@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import errno
 import select
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 from twisted.logger import Logger
 
@@ -69,14 +69,23 @@ def check(reactor: Any) -> Optional[str]:
         return "EPollReactor has no _selectables dict"
     if not callable(getattr(reactor, "_doReadOrWrite", None)):
         return "EPollReactor has no _doReadOrWrite"
-    if "callWithLogger" not in EPollReactor.doPoll.__code__.co_names:
+    if "callWithLogger" not in _names(EPollReactor.doPoll):
         return "EPollReactor.doPoll no longer calls callWithLogger"
     if not isinstance(getattr(reactor, "threadCallQueue", None), list):
         return "the reactor has no threadCallQueue list"
     for method in (type(reactor).callFromThread, type(reactor).runUntilCurrent):
-        if "threadCallQueue" not in method.__code__.co_names:
-            return f"{method.__qualname__} no longer uses threadCallQueue"
+        if "threadCallQueue" not in _names(method):
+            return f"{getattr(method, '__qualname__', repr(method))} no longer uses threadCallQueue"
     return None
+
+
+def _names(function: Any) -> Tuple[str, ...]:
+    """
+    The global and attribute names ``function``'s code uses; none for one
+    without Python code (a wrapper, a C function), so that ``check`` reports
+    it rather than raising from ``install`` at startup.
+    """
+    return tuple(getattr(getattr(function, "__code__", None), "co_names", ()))
 
 
 def _poll_step(reactor: Any) -> Callable[[Optional[float]], None]:

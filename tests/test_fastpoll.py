@@ -168,6 +168,34 @@ class FastPollTests(SynchronousTestCase):
         self.assertIn("threadCallQueue", fastpoll.check(other) or "")
         self.assertFalse(fastpoll.install(other))
 
+    def test_a_reactor_with_a_wrapped_callFromThread_keeps_its_own(self) -> None:
+        """A method that is not plain Python code (instrumented, say) is reported, not a crash at startup."""
+
+        class Counted:
+            def __init__(self, method: Callable[..., Any]) -> None:
+                self.method = method
+                self.calls = 0
+
+            def __get__(self, reactor: Any, owner: Any) -> Any:
+                if reactor is None:
+                    return self
+
+                def call(*args: Any, **kwargs: Any) -> Any:
+                    self.calls += 1
+                    return self.method(reactor, *args, **kwargs)
+
+                return call
+
+        class Instrumented(EPollReactor):
+            callFromThread = Counted(EPollReactor.callFromThread)  # type: ignore[assignment]
+
+        reactor = Instrumented()
+        self.addCleanup(reactor._poller.close)
+        self.addCleanup(reactor.removeAll)
+        self.assertIn("threadCallQueue", fastpoll.check(reactor) or "")
+        self.assertFalse(fastpoll.install(reactor))
+        self.assertNotIn("doIteration", vars(reactor))
+
     def test_uninstall_gives_back_the_class_poll_step(self) -> None:
         reactor = self.reactor()
         fastpoll.install(reactor)
