@@ -92,7 +92,9 @@ class HistogramTally:
         self._sum = 0.0
 
     def observe(self, amount: float) -> None:
-        if self.direct:
+        # NaN is below no bound, so observe() counts it in no bucket (only in
+        # the sum), where bisect would put it in the first.
+        if self.direct or amount != amount:
             self._histogram.observe(amount)
             return
         # The first bound >= amount: the bucket observe() would count it in.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from typing import Any, Dict, List
 from urllib.parse import quote
 
@@ -165,7 +166,8 @@ class Metrics(TestCase):
 
     @settings(max_examples=200, deadline=None)
     @given(st.lists(st.one_of(
-        st.sampled_from([0.0, 0.005, 0.01, 0.025, 0.1, 1.0, 60.0, 61.0]),
+        # Negative (a clock stepped back), infinite and NaN ones too.
+        st.sampled_from([0.0, 0.005, 0.01, 0.025, 0.1, 1.0, 60.0, 61.0, -1.0, math.inf, -math.inf, math.nan]),
         st.floats(min_value=0, max_value=1e6, allow_nan=False),
     ), max_size=30))
     def test_histogram_tally_collects_what_observe_would(self, amounts: List[float]) -> None:
@@ -183,7 +185,11 @@ class Metrics(TestCase):
         want = samples(generate_latest(registry).decode())
         for name in ("hookah_attempt_duration_seconds_bucket", "hookah_attempt_duration_seconds_count"):
             self.assertEqual(got[name], want[name])
-        self.assertAlmostEqual(got["hookah_attempt_duration_seconds_sum"][()], want["hookah_attempt_duration_seconds_sum"][()])
+        got_sum, want_sum = got["hookah_attempt_duration_seconds_sum"][()], want["hookah_attempt_duration_seconds_sum"][()]
+        if not math.isfinite(want_sum):
+            self.assertEqual(repr(got_sum), repr(want_sum))  # nan, inf or -inf alike
+        else:
+            self.assertAlmostEqual(got_sum, want_sum)
 
     def test_histogram_tally_without_the_expected_internals_observes_directly(self) -> None:
         observed: List[float] = []
