@@ -43,11 +43,22 @@ def turn_until(reactor: Any, done: Callable[[], bool], turns: int = 200) -> None
 
 
 class FastPollTests(SynchronousTestCase):
-    def reactor(self) -> EPollReactor:
-        reactor = EPollReactor()
+    def reactor(self, kind: type = EPollReactor) -> Any:
+        reactor = kind()
         self.addCleanup(reactor._poller.close)
         self.addCleanup(reactor.removeAll)
         return reactor
+
+    def assert_keeps_its_own(self, reactor: Any, reason: str) -> None:
+        """``reactor`` is refused with a reason naming ``reason``, and keeps its class's poll step."""
+        self.assertIn(reason, fastpoll.check(reactor) or "")
+        self.assertFalse(fastpoll.install(reactor))
+        self.assertNotIn("doIteration", vars(reactor))
+
+    def connect(self, port: Any) -> socket.socket:
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        return client
 
     def listen(self, reactor: EPollReactor, protocol: type) -> Any:
         port = reactor.listenTCP(0, Factory.forProtocol(protocol), interface="127.0.0.1")
@@ -61,8 +72,7 @@ class FastPollTests(SynchronousTestCase):
 
     def echo(self, reactor: EPollReactor, port: Any, data: bytes) -> bytes:
         """Send ``data`` to an ``Echo`` port and turn the reactor until the answer is back."""
-        client = socket.create_connection(("127.0.0.1", port.getHost().port))
-        self.addCleanup(client.close)
+        client = self.connect(port)
         client.setblocking(False)
         client.sendall(data)
         answer = bytearray()
@@ -120,9 +130,7 @@ class FastPollTests(SynchronousTestCase):
                     reactor.callFromThread(happened.append, "call")
 
         port = self.listen(reactor, Recorder)
-        clients = [socket.create_connection(("127.0.0.1", port.getHost().port)) for _ in range(2)]
-        for client in clients:
-            self.addCleanup(client.close)
+        clients = [self.connect(port) for _ in range(2)]
         turn_until(reactor, lambda: len(reactor.getReaders()) >= 3)  # the port and both connections
         for client in clients:
             client.sendall(b"x")
@@ -144,8 +152,7 @@ class FastPollTests(SynchronousTestCase):
                 reactor.callFromThread(happened.append, "after")
 
         port = self.listen(reactor, Caller)
-        client = socket.create_connection(("127.0.0.1", port.getHost().port))
-        self.addCleanup(client.close)
+        client = self.connect(port)
         client.sendall(b"x")
         turn_until(reactor, lambda: bool(happened))
         self.assertEqual(happened, ["after"])
@@ -154,19 +161,15 @@ class FastPollTests(SynchronousTestCase):
     def test_another_reactor_keeps_its_own_poll_step(self) -> None:
         reactor = SelectReactor()
         self.addCleanup(reactor.removeAll)
-        self.assertIn("SelectReactor", fastpoll.check(reactor) or "")
-        self.assertFalse(fastpoll.install(reactor))
-        self.assertNotIn("doIteration", vars(reactor))
+        self.assert_keeps_its_own(reactor, "SelectReactor")
 
     def test_a_reactor_that_is_not_as_expected_keeps_its_own(self) -> None:
         reactor = self.reactor()
-        reactor._doReadOrWrite = None  # type: ignore[assignment]
-        self.assertIn("_doReadOrWrite", fastpoll.check(reactor) or "")
-        self.assertFalse(fastpoll.install(reactor))
+        reactor._doReadOrWrite = None
+        self.assert_keeps_its_own(reactor, "_doReadOrWrite")
         other = self.reactor()
-        other.threadCallQueue = None  # type: ignore[assignment]
-        self.assertIn("threadCallQueue", fastpoll.check(other) or "")
-        self.assertFalse(fastpoll.install(other))
+        other.threadCallQueue = None
+        self.assert_keeps_its_own(other, "threadCallQueue")
 
     def test_a_reactor_with_a_wrapped_callFromThread_keeps_its_own(self) -> None:
         """A method that is not plain Python code (instrumented, say) is reported, not a crash at startup."""
@@ -189,12 +192,7 @@ class FastPollTests(SynchronousTestCase):
         class Instrumented(EPollReactor):
             callFromThread = Counted(EPollReactor.callFromThread)  # type: ignore[assignment]
 
-        reactor = Instrumented()
-        self.addCleanup(reactor._poller.close)
-        self.addCleanup(reactor.removeAll)
-        self.assertIn("threadCallQueue", fastpoll.check(reactor) or "")
-        self.assertFalse(fastpoll.install(reactor))
-        self.assertNotIn("doIteration", vars(reactor))
+        self.assert_keeps_its_own(self.reactor(Instrumented), "threadCallQueue")
 
     def test_uninstall_gives_back_the_class_poll_step(self) -> None:
         reactor = self.reactor()

@@ -154,9 +154,10 @@ class WireTestCase(TestCase):
         self.addCleanup(abort)
         return client
 
-    async def close_all(self, h: StreamHarness, client: WireClient) -> None:
+    async def close_all(self, h: StreamHarness, *clients: WireClient) -> None:
         closed = h.registry.close_all()
-        await client.lost
+        for client in clients:
+            await client.lost
         await closed
 
 
@@ -306,10 +307,7 @@ class SelfCheckTests(WireTestCase):
             # One line for the kind, however many streams use it.
             self.assertEqual(len(logged), 1, logged)
             self.assertIn("TLS", logged[0]["kind"])
-            closed = h.registry.close_all()
-            for client in clients:
-                await client.lost
-            await closed
+            await self.close_all(h, *clients)
 
         return ensureDeferred(go())
 
@@ -386,10 +384,7 @@ class SelfCheckTests(WireTestCase):
             self.assertGreater(fresh.sends, 0)
             self.assertEqual(second.ids(), ["E000002"])
             self.assertEqual(first.ids(), ["E000001", "E000002"])
-            closed = h.registry.close_all()
-            await first.lost
-            await second.lost
-            await closed
+            await self.close_all(h, first, second)
 
         return ensureDeferred(go())
 

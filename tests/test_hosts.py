@@ -309,10 +309,12 @@ class CountingStore(MemoryStore):
 
 
 class BusyHostTests(MemoryFlavour, TestCase):
-    def test_a_burst_to_one_fast_host_is_delivered_at_its_pace(self) -> None:
-        # 200 notifications of one event to subscribers on one host: those
-        # beyond the host's slots are stored already spread out (never
-        # claimed and put back), and all arrive within a fraction of a second.
+    def fast_host(self, prefix: str, host: str, **gate: Any) -> Tuple[Clock, CountingStore, FakeClient, Dispatcher, List[Delivery]]:
+        """
+        A running dispatcher with 256 slots and 16 per host (``gate``: the
+        rest of ``HostGate``'s settings), a receiver that answers every
+        request after 1 ms, and 200 deliveries of one event to ``host``.
+        """
         clock = clock_at()
         store = CountingStore(clock)
 
@@ -322,13 +324,20 @@ class BusyHostTests(MemoryFlavour, TestCase):
         client = FakeClient(clock, answer)
         dispatcher = Dispatcher(
             self.make_store(clock, store), client, clock, IdGenerator(clock.seconds), (5.0,), timeout=30.0, concurrency=256,
-            hosts=HostGate(clock, limit=16, max_waiting=64), rand=lambda: 0.5,
+            hosts=HostGate(clock, limit=16, **gate), rand=lambda: 0.5,
         )
         dispatcher.startService()
         burst = [
-            Delivery(id=f"E{n:04d}", url=f"http://one.example/cb/{n}", body=b"x", created_at=T0, next_attempt_at=T0)
+            Delivery(id=f"{prefix}{n:04d}", url=f"http://{host}/cb/{n}", body=b"x", created_at=T0, next_attempt_at=T0)
             for n in range(200)
         ]
+        return clock, store, client, dispatcher, burst
+
+    def test_a_burst_to_one_fast_host_is_delivered_at_its_pace(self) -> None:
+        # 200 notifications of one event to subscribers on one host: those
+        # beyond the host's slots are stored already spread out (never
+        # claimed and put back), and all arrive within a fraction of a second.
+        clock, store, client, dispatcher, burst = self.fast_host("E", "one.example", max_waiting=64)
         self.successResultOf(submit(dispatcher, burst))
         self.assertEqual(store.rescheduled, 0)
         clock.pump([0.001] * 1000)  # one second
@@ -341,22 +350,7 @@ class BusyHostTests(MemoryFlavour, TestCase):
         # claimed as it is stored and sent from memory as slots free; none
         # is stored pushed back and claimed again (a store round trip and a
         # timer on the fan-out's critical path).
-        clock = clock_at()
-        store = CountingStore(clock)
-
-        def answer(sent: Any) -> None:
-            clock.callLater(0.001, sent.respond, 200, (), b"ok")
-
-        client = FakeClient(clock, answer)
-        dispatcher = Dispatcher(
-            self.make_store(clock, store), client, clock, IdGenerator(clock.seconds), (5.0,), timeout=30.0, concurrency=256,
-            hosts=HostGate(clock, limit=16, max_waiting=64, max_burst=184), rand=lambda: 0.5,
-        )
-        dispatcher.startService()
-        burst = [
-            Delivery(id=f"M{n:04d}", url=f"http://one.example/cb/{n}", body=b"x", created_at=T0, next_attempt_at=T0)
-            for n in range(200)
-        ]
+        clock, store, client, dispatcher, burst = self.fast_host("M", "one.example", max_waiting=64, max_burst=184)
         intake = dispatcher.intake(burst)
         self.assertEqual({d.status for d in intake.deliveries}, {"delivering"})
         self.successResultOf(intake.when_stored(dispatcher.store.add_deliveries(intake.deliveries)))
@@ -373,22 +367,7 @@ class BusyHostTests(MemoryFlavour, TestCase):
         # pushed back before any answer is in. They must come back at about
         # the pace of a fast host, not of a guess: at a 50 ms guess the last
         # one left 0.5 s after the event, ten times the later events' time.
-        clock = clock_at()
-        store = CountingStore(clock)
-
-        def answer(sent: Any) -> None:
-            clock.callLater(0.001, sent.respond, 200, (), b"ok")
-
-        client = FakeClient(clock, answer)
-        dispatcher = Dispatcher(
-            self.make_store(clock, store), client, clock, IdGenerator(clock.seconds), (5.0,), timeout=30.0, concurrency=256,
-            hosts=HostGate(clock, limit=16), rand=lambda: 0.5,
-        )
-        dispatcher.startService()
-        burst = [
-            Delivery(id=f"F{n:04d}", url=f"http://new.example/cb/{n}", body=b"x", created_at=T0, next_attempt_at=T0)
-            for n in range(200)
-        ]
+        clock, _, client, dispatcher, burst = self.fast_host("F", "new.example")
         self.successResultOf(submit(dispatcher, burst))
         clock.pump([0.001] * 1000)
         self.assertEqual(len({s.url for s in client.sent}), 200)

@@ -442,15 +442,20 @@ class HookahChannel(HTTPChannel):
         if self._idle_from is not None and timeout is not None and now >= self._idle_from + timeout:
             self._idle_from = None
             self.timeoutConnection()
+        due = self._deadlines()
+        if due and self.transport is not None:
+            self._timer = self.callLater(max(0.0, min(min(due) - now, self._step)), self._tick)
+
+    def _deadlines(self) -> List[float]:
+        """When each running deadline falls due."""
         due = []
         if self._head_from is not None:
             due.append(self._head_from + self.limits.head_timeout)
         if self._window_from is not None:
             due.append(self._window_from + BODY_WINDOW)
-        if self._idle_from is not None and timeout is not None:
-            due.append(self._idle_from + timeout)
-        if due and self.transport is not None:
-            self._timer = self.callLater(max(0.0, min(min(due) - now, self._step)), self._tick)
+        if self._idle_from is not None and self.timeOut is not None:
+            due.append(self._idle_from + self.timeOut)
+        return due
 
     def response_stays_open(self) -> None:
         """
@@ -462,7 +467,7 @@ class HookahChannel(HTTPChannel):
         events. Cancelled here instead; the next deadline to begin arms it.
         """
         timer = self._timer
-        if timer is not None and self._head_from is None and self._window_from is None and self._idle_from is None:
+        if timer is not None and not self._deadlines():
             if timer.active():
                 timer.cancel()
             self._timer = None
